@@ -1,0 +1,121 @@
+"""lowbit.kernels: Pallas int8 / int4 matmuls, their references and one dispatch.
+
+Kernels (one file each, each with ``reference`` and an ``xla`` path):
+
+* :func:`w8a8_matmul`: int8 x int8 -> int32, per-token x per-channel scales;
+* :func:`w4a16_matmul`: float x int4 packed, per-channel or group scales;
+* :func:`w4a8_matmul`: int8 x int4 packed (unpacked to int8 in the kernel).
+
+:func:`qmatmul` picks the kernel from the operands and the backend from the
+platform (GPU: Pallas Triton; TPU: Pallas Mosaic; CPU: the XLA path), with an
+``implementation=`` override.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lowbit.kernels import w4a8, w4a16, w8a8
+from lowbit.kernels._pallas import BlockSizes, default_block_sizes, float_dot_dtype, platform
+from lowbit.kernels.w4a8 import w4a8_matmul
+from lowbit.kernels.w4a16 import w4a16_matmul
+from lowbit.kernels.w8a8 import w8a8_matmul
+from lowbit.quant import QArray, QuantSpec, dequantize, quantize
+
+Implementation = Literal["pallas", "xla", "reference"]
+
+
+def kernel_for(w: QArray, act_spec: QuantSpec | None) -> str | None:
+  """Name of the Pallas kernel that handles this weight / activation pairing, or None."""
+  if w.ndim != 2 or w.zero_point is not None or w.channel_axes not in ((), (1,)):
+    return None
+  if w.group_axis not in (None, 0):
+    return None
+  a8 = (act_spec is not None and act_spec.bits <= 8 and act_spec.symmetric
+        and act_spec.group_size is None and not act_spec.pack
+        and tuple(a % 2 for a in act_spec.channel_axes) in ((), (0,)))
+  if act_spec is not None and not a8:
+    return None
+  if w.packed and w.pack_axis == 0 and w.bits <= 4:
+    if w.group_size is not None and (w.shape[0] // 2) % w.group_size:
+      return None
+    return "w4a8" if a8 else "w4a16"
+  if not w.packed and a8 and w.group_size is None:
+    return "w8a8"
+  return None
+
+
+def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
+            implementation: Implementation | None = None, out_dtype=None,
+            block_sizes: BlockSizes | None = None) -> jax.Array:
+  """``y = q_a(x) @ dequantize(w)`` through the fastest correct path.
+
+  ``x [..., K]`` float; ``w [K, N]`` QArray; ``act_spec`` (optional) quantizes
+  ``x`` dynamically, on ``x`` flattened to ``[M, K]`` (``channel_axes=(0,)``
+  is per-token). Returns ``[..., N]`` in ``out_dtype`` (default ``x.dtype``).
+
+  ``implementation``: ``None`` uses the Pallas kernel on GPU/TPU when one
+  handles the pairing and the XLA path otherwise (and always on CPU);
+  ``"pallas"`` forces the kernel (interpreted on CPU) and raises a
+  ``ValueError`` when none applies; ``"xla"`` the XLA path; ``"reference"``
+  dequantize-then-dot in f32.
+  """
+  x = jnp.asarray(x)
+  out_dtype = out_dtype or x.dtype
+  lead, k = x.shape[:-1], x.shape[-1]
+  if w.ndim != 2 or w.shape[0] != k:
+    raise ValueError(f"qmatmul: x has K={k} but w has shape {w.shape}; expected [{k}, N].")
+  x2 = x.reshape(-1, k)
+  xq = quantize(x2, act_spec) if act_spec is not None else None
+  name = kernel_for(w, act_spec)
+  impl = implementation
+  if impl is None:
+    impl = "pallas" if (name is not None and platform() in ("gpu", "tpu")) else "xla"
+  if impl not in ("pallas", "xla", "reference"):
+    raise ValueError(f"qmatmul: implementation={impl!r}; use 'pallas', 'xla', 'reference' or None.")
+  if impl == "pallas" and name is None:
+    raise ValueError(
+        f"qmatmul: no Pallas kernel takes w (bits={w.bits}, packed={w.packed}, "
+        f"group_size={w.group_size}, symmetric={w.symmetric}) with act_spec={act_spec}; "
+        "use implementation='xla'.")
+  if impl == "reference" or (impl == "xla" and name is None):
+    xin = dequantize(xq) if xq is not None else x2
+    if impl == "reference":
+      y = jnp.dot(xin.astype(jnp.float32), dequantize(w), precision=lax.Precision.HIGHEST)
+    else:
+      y = _dequant_dot(xin.astype(x.dtype), w)
+  elif name == "w8a8":
+    fn = w8a8.w8a8_matmul if impl == "pallas" else w8a8.xla
+    y = fn(xq, w, out_dtype=jnp.float32, **_bs(impl, block_sizes))
+  elif name == "w4a8":
+    fn = w4a8.w4a8_matmul if impl == "pallas" else w4a8.xla
+    y = fn(xq, w, out_dtype=jnp.float32, **_bs(impl, block_sizes))
+  else:
+    fn = w4a16.w4a16_matmul if impl == "pallas" else w4a16.xla
+    y = fn(x2, w, out_dtype=jnp.float32, **_bs(impl, block_sizes))
+  return y.astype(out_dtype).reshape(*lead, w.shape[1])
+
+
+def _bs(impl, block_sizes):
+  return {"block_sizes": block_sizes} if impl == "pallas" else {}
+
+
+def _dequant_dot(x: jax.Array, w: QArray) -> jax.Array:
+  """Generic XLA path: codes to ``x.dtype``, per-channel scale after the dot when possible."""
+  dt = float_dot_dtype(x.dtype)
+  prec = lax.Precision.HIGHEST if dt == jnp.float32 else None
+  x = x.astype(dt)
+  if w.group_axis is None and w.zero_point is None and w.channel_axes in ((), (1,)):
+    acc = lax.dot(x, w.codes.astype(dt), precision=prec, preferred_element_type=jnp.float32)
+    return acc * w.scale.astype(jnp.float32)
+  return lax.dot(x, dequantize(w, dt), precision=prec, preferred_element_type=jnp.float32)
+
+
+__all__ = [
+    "BlockSizes", "default_block_sizes", "kernel_for", "qmatmul", "w4a8", "w4a8_matmul",
+    "w4a16", "w4a16_matmul", "w8a8", "w8a8_matmul",
+]

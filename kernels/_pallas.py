@@ -1,0 +1,338 @@
+"""Backend plumbing shared by lowbit's Pallas matmul kernels.
+
+One kernel body (:func:`matmul_body`) serves the three kernels and both
+accelerator backends: a ``(M/bm, N/bn, split_k)`` grid of programs, each
+looping over its share of K inside the kernel (the Triton style; on TPU the
+same body runs under Mosaic with full-K blocks in VMEM). Per-kernel files build
+it with their dtypes and scales and hold the public wrapper and ``reference``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+Backend = Literal["gpu", "tpu", "interpret"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of a matmul kernel.
+
+  Attributes:
+    bm: rows of x per program (M is padded up to a multiple of it).
+    bn: columns of the output per program (must divide N).
+    bk: K-step inside the program, counted in rows of the weight array as
+      stored (packed int4: one row holds two K positions, K/2 rows in all).
+      Grouped scales need ``bk`` to divide the group size (lowbit lowers it to
+      the group size when larger).
+    split_k: programs that share one output tile, each summing a slice of K;
+      their f32 partial sums are added after the kernel (for small M, where
+      ``M/bm * N/bn`` programs cannot fill the GPU).
+    num_warps, num_stages: Triton compiler parameters (GPU only).
+  """
+
+  bm: int = 64
+  bn: int = 128
+  bk: int = 64
+  split_k: int = 1
+  num_warps: int = 4
+  num_stages: int = 3
+
+  def __post_init__(self):
+    for f in ("bm", "bn", "bk", "split_k", "num_warps", "num_stages"):
+      v = getattr(self, f)
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"BlockSizes.{f}={v!r} must be a positive integer.")
+    for f in ("bm", "bn", "bk"):
+      v = getattr(self, f)
+      if v & (v - 1):
+        raise ValueError(f"BlockSizes.{f}={v} must be a power of two (Triton tiles are).")
+
+
+def default_block_sizes(kernel: str, backend: Backend, m: int, k: int, n: int) -> BlockSizes:
+  """Tuned defaults per backend (GPU numbers from ``experiments/bench_kernels.py``).
+
+  ``kernel`` is ``"w8a8"``, ``"w4a16"`` or ``"w4a8"``; ``k`` the logical K.
+  The tuned tile is halved (down to 16) until it divides N and the stored K rows.
+  """
+  bs = _tuned_block_sizes(kernel, backend, m)
+  rows = k // 2 if kernel != "w8a8" else k
+  floor = 128 if backend == "tpu" else 16
+  bn, bk = bs.bn, bs.bk
+  while n % bn and bn > floor:
+    bn //= 2
+  while rows % bk and bk > floor:
+    bk //= 2
+  return dataclasses.replace(bs, bn=bn, bk=bk)
+
+
+def _tuned_block_sizes(kernel: str, backend: Backend, m: int) -> BlockSizes:
+  if backend == "tpu":
+    return BlockSizes(bm=128 if m > 64 else max(8, _pow2_at_least(m)), bn=256, bk=256)
+  # GPU numbers: best of the sweep in experiments/bench_kernels.py on an H200,
+  # jax 0.11.2, 2026-11-27 (docs/kernels.md).
+  if m <= 16:  # decode: memory-bound on the weight; spread K over programs
+    if kernel == "w8a8":
+      return BlockSizes(bm=16, bn=128, bk=128, split_k=4, num_warps=4, num_stages=4)
+    return BlockSizes(bm=16, bn=64, bk=128, split_k=8, num_warps=4, num_stages=3)
+  if m <= 64:
+    if kernel == "w4a16":
+      return BlockSizes(bm=64, bn=128, bk=128, split_k=2, num_warps=4, num_stages=3)
+    return BlockSizes(bm=64, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4)
+  if m <= 256:
+    if kernel == "w4a16":
+      return BlockSizes(bm=128, bn=128, bk=64, num_warps=8, num_stages=3)
+    return BlockSizes(bm=64, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4)
+  if kernel == "w4a16":
+    return BlockSizes(bm=128, bn=256, bk=64, num_warps=8, num_stages=3)
+  return BlockSizes(bm=128, bn=128, bk=128, num_warps=8, num_stages=3)
+
+
+def _pow2_at_least(v: int) -> int:
+  p = 1
+  while p < v:
+    p *= 2
+  return p
+
+
+def platform() -> str:
+  """The default JAX backend's platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``."""
+  return jax.default_backend()
+
+
+def float_dot_dtype(dtype) -> jnp.dtype:
+  """dtype for a float dot on the XLA path: XLA:CPU has no bf16 x bf16 -> f32 dot, so f32 there."""
+  dtype = jnp.dtype(dtype)
+  if platform() == "cpu" and dtype in (jnp.bfloat16, jnp.float16):
+    return jnp.dtype(jnp.float32)
+  return dtype
+
+
+def compiler_params(backend: Backend, bs: BlockSizes, n_grid: int):
+  if backend == "gpu":
+    from jax.experimental.pallas import triton as plgpu
+    return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+  if backend == "tpu":
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_grid)
+  return None
+
+
+def unpack_tile(p: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Signed nibbles of a packed uint8 tile, as int32: ``(p<<28)>>28``, ``(p<<24)>>28``."""
+  w = p.astype(jnp.int32)
+  return (lax.shift_right_arithmetic(lax.shift_left(w, 28), 28),
+          lax.shift_right_arithmetic(lax.shift_left(w, 24), 28))
+
+
+def matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, k: int, bk: int, steps: int,
+                packed: bool, group: int | None, int_dot: bool, split: bool,
+                precision):
+  """One program's tile of ``out = (x * xs) @ dequant(w)``.
+
+  Refs: ``x_ref [bm, K]`` (float or int8), ``xs_ref [bm, 1]`` f32 per-token
+  scale or ``None``, ``w_ref [K or K/2, bn]`` int8 or packed uint8,
+  ``ws_ref [K/group or 1, bn]`` weight scale, ``o_ref [bm, bn]`` (or
+  ``[1, bm, bn]`` with split-K, holding f32 partial sums).
+
+  For each K-step the packed tile gives ``lo`` (rows ``k0:k0+bk``) and ``hi``
+  (rows ``K/2+k0 : K/2+k0+bk``) of the weight; each is dotted with its slice
+  of x, accumulating in int32 (int8 x) or f32. Grouped scales multiply each
+  partial sum in f32 before it is added (``bk`` divides the group, so a tile
+  lies in one group); per-channel scales multiply the total once at the end.
+  """
+  half = k // 2
+  s = pl.program_id(2) if split else 0
+  acc_dtype = jnp.int32 if (int_dot and group is None) else jnp.float32
+  dot_dtype = jnp.int8 if int_dot else x_ref.dtype
+  part_dtype = jnp.int32 if int_dot else jnp.float32
+  bm, bn = (o_ref.shape[-2], o_ref.shape[-1])
+
+  def dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=part_dtype, precision=precision)
+
+  def body(t, acc):
+    r0 = (s * steps + t) * bk
+    if packed:
+      lo, hi = unpack_tile(w_ref[pl.ds(r0, bk), :])
+      parts = ((r0, lo), (half + r0, hi))
+    else:
+      parts = ((r0, w_ref[pl.ds(r0, bk), :]),)
+    for x0, wt in parts:
+      d = dot(x_ref[:, pl.ds(x0, bk)], wt.astype(dot_dtype))
+      if group is not None:
+        sc = ws_ref[pl.ds(x0 // group, 1), :].astype(jnp.float32)
+        acc = acc + d.astype(jnp.float32) * sc
+      else:
+        acc = acc + d
+    return acc
+
+  acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), acc_dtype))
+  out = acc.astype(jnp.float32)
+  if group is None:
+    out = out * ws_ref[...].astype(jnp.float32)
+  if xs_ref is not None:
+    out = out * xs_ref[...].astype(jnp.float32)
+  if split:
+    o_ref[0] = out.astype(o_ref.dtype)
+  else:
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def run_matmul(x, xs, w, ws, *, k: int, n: int, packed: bool, group: int | None,
+               int_dot: bool, out_dtype, bs: BlockSizes, backend: Backend, name: str):
+  """Pad M, build the grid and BlockSpecs, call :func:`matmul_body`; returns ``[M, N]``.
+
+  Shapes: ``x [M, K]``, ``xs [M, 1] | None``, ``w [K or K/2, N]``,
+  ``ws [groups, N]``. Assumes the caller validated divisibility.
+  """
+  m = x.shape[0]
+  bm, bn, bk = bs.bm, bs.bn, bs.bk
+  if group is not None and bk > group:
+    bk = group
+  w_rows = k // 2 if packed else k
+  m_pad = -(-m // bm) * bm
+  if m_pad != m:
+    x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
+    if xs is not None:
+      xs = jnp.pad(xs, ((0, m_pad - m), (0, 0)), constant_values=1.0)
+  split_k = bs.split_k
+  while split_k > 1 and (w_rows // bk) % split_k:
+    split_k //= 2
+  steps = w_rows // bk // split_k
+  split = split_k > 1
+  grid = (m_pad // bm, n // bn) + ((split_k,) if split else ())
+  nd = len(grid)
+
+  def im(f):
+    return (lambda i, j, s: f(i, j)) if split else f
+
+  in_specs = [pl.BlockSpec((bm, k), im(lambda i, j: (i, 0)))]
+  args = [x]
+  if xs is not None:
+    in_specs.append(pl.BlockSpec((bm, 1), im(lambda i, j: (i, 0))))
+    args.append(xs)
+  in_specs += [pl.BlockSpec((w_rows, bn), im(lambda i, j: (0, j))),
+               pl.BlockSpec((ws.shape[0], bn), im(lambda i, j: (0, j)))]
+  args += [w, ws]
+  if split:
+    out_shape = jax.ShapeDtypeStruct((split_k, m_pad, n), jnp.float32)
+    out_spec = pl.BlockSpec((1, bm, bn), lambda i, j, s: (s, i, j))
+  else:
+    out_shape = jax.ShapeDtypeStruct((m_pad, n), out_dtype)
+    out_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
+  precision = lax.Precision.HIGHEST if (not int_dot and x.dtype == jnp.float32) else None
+
+  has_xs = xs is not None
+
+  def kernel(*refs):
+    if not has_xs:
+      x_ref, w_ref, ws_ref, o_ref = refs
+      xs_ref = None
+    else:
+      x_ref, xs_ref, w_ref, ws_ref, o_ref = refs
+    matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, k=k, bk=bk, steps=steps,
+                packed=packed, group=group, int_dot=int_dot, split=split,
+                precision=precision)
+
+  out = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec,
+      compiler_params=compiler_params(backend, bs, nd),
+      interpret=backend == "interpret", name=name)(*args)
+  if split:
+    out = out.sum(axis=0).astype(out_dtype)
+  return out[:m]
+
+
+def check_block_fit(name: str, k: int, n: int, packed: bool, group: int | None,
+                    bs: BlockSizes, backend: Backend) -> None:
+  """Raise a ``ValueError`` naming the shape and the fix when tiles cannot cover it."""
+  w_rows = k // 2 if packed else k
+  bk = min(bs.bk, group) if group is not None else bs.bk
+  if n % bs.bn:
+    raise ValueError(
+        f"{name}: N={n} is not a multiple of BlockSizes.bn={bs.bn}; pass "
+        "block_sizes with a bn that divides N, or implementation='xla'.")
+  if w_rows % bk:
+    raise ValueError(
+        f"{name}: the weight's {w_rows} stored K rows (K={k}{', packed' if packed else ''}) "
+        f"are not a multiple of the K-step bk={bk}; pass block_sizes with a bk "
+        "that divides them, or implementation='xla'.")
+  if group is not None:
+    if group % bk:
+      raise ValueError(f"{name}: group size {group} is not a multiple of bk={bk}.")
+    if packed and (k // 2) % group:
+      raise ValueError(
+          f"{name}: with int4 packed in halves, group size {group} must divide K/2="
+          f"{k // 2}; use implementation='xla' for this shape.")
+  if backend == "tpu" and (bk % 128 or bs.bn % 128):
+    raise ValueError(
+        f"{name}: Mosaic TPU needs bk and bn to be multiples of 128 (got bk={bk}, "
+        f"bn={bs.bn}); groups smaller than 128 run with implementation='xla' on TPU.")
+
+
+def resolve_backend(backend: str | None) -> Backend:
+  """``None`` picks the platform's Pallas backend; CPU runs the kernel interpreted."""
+  if backend is None:
+    p = platform()
+    return "interpret" if p == "cpu" else p  # type: ignore[return-value]
+  if backend not in ("gpu", "tpu", "interpret"):
+    raise ValueError(f"backend={backend!r}: use 'gpu', 'tpu', 'interpret' or None.")
+  return backend  # type: ignore[return-value]
+
+
+def weight_operands(w, name: str, packed: bool):
+  """``(values, scale [groups or 1, N], group)`` of a ``[K, N]`` weight QArray, validated."""
+  from lowbit.quant import QArray
+  if not isinstance(w, QArray):
+    raise ValueError(f"{name}: w must be a lowbit.quant.QArray, got {type(w).__name__}.")
+  if w.ndim != 2:
+    raise ValueError(f"{name}: w must be a [K, N] matrix, got shape {w.shape}.")
+  if w.zero_point is not None:
+    raise ValueError(
+        f"{name}: w is asymmetric (has a zero point); the Pallas kernels take "
+        "symmetric weights. Use implementation='xla' or a symmetric spec.")
+  if packed:
+    if w.pack_axis != 0 or w.bits > 4:
+      raise ValueError(
+          f"{name}: w must be int4 packed along K (QuantSpec(bits=4, pack=True, "
+          f"pack_axis=0)); got bits={w.bits}, pack_axis={w.pack_axis}.")
+  elif w.packed:
+    raise ValueError(f"{name}: w is packed int4; call w4a16_matmul or w4a8_matmul.")
+  if w.channel_axes not in ((), (1,)):
+    raise ValueError(
+        f"{name}: w's scale must be per-output-channel (channel_axes=(1,)) or "
+        f"per-tensor, got channel_axes={w.channel_axes}.")
+  k, n = w.shape
+  group = None
+  scale = w.scale
+  if w.group_axis is not None:
+    if w.group_axis != 0:
+      raise ValueError(f"{name}: w must be grouped along K (group_axis=0), got {w.group_axis}.")
+    group = w.group_size
+  scale = jnp.broadcast_to(scale, (scale.shape[0], n))
+  return w.qvalue, scale, group
+
+
+def act_operands(x, name: str):
+  """``(int8 codes [M, K], f32 scale [M, 1])`` of a per-token (or per-tensor) int8 QArray."""
+  from lowbit.quant import QArray
+  if not isinstance(x, QArray):
+    raise ValueError(
+        f"{name}: x must be an int8 lowbit.quant.QArray (per-token scales), got "
+        f"{type(x).__name__}; quantize it with QuantSpec(bits=8, channel_axes=(0,)).")
+  if x.ndim != 2 or x.packed or x.zero_point is not None or x.group_axis is not None:
+    raise ValueError(
+        f"{name}: x must be a symmetric, unpacked, ungrouped [M, K] QArray; got "
+        f"shape={x.shape}, packed={x.packed}, zero_point={x.zero_point is not None}, "
+        f"group_size={x.group_size}.")
+  if x.channel_axes not in ((), (0,)):
+    raise ValueError(f"{name}: x's scale must be per-token (channel_axes=(0,)), got {x.channel_axes}.")
+  m = x.shape[0]
+  return x.qvalue, jnp.broadcast_to(x.scale.astype(jnp.float32), (m, 1))

@@ -1,0 +1,92 @@
+"""W4A16: bf16 (or f32) activations x int4 weights packed two per byte.
+
+``out[m, n] = sum_g s[g, n] * sum_{k in g} x[m, k] * q[k, n]``: the weight is
+unpacked in the kernel, each group's partial sum is scaled in f32 (per-channel:
+one group spanning K).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lowbit.kernels import _pallas
+from lowbit.kernels._pallas import BlockSizes
+from lowbit.quant import QArray, dequantize, unpack_int4_halves
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "backend"))
+def w4a16_matmul(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
+                 block_sizes: BlockSizes | None = None, backend: str | None = None) -> jax.Array:
+  """Pallas W4A16 matmul.
+
+  Args:
+    x: ``[M, K]`` bf16, f16 or f32 activations.
+    w: ``[K, N]`` int4 QArray packed along K as ``[K/2, N]`` uint8, scale
+      ``[1, N]`` (per-channel) or ``[K/G, N]`` (group G, G dividing K/2).
+    out_dtype: default ``x.dtype``.
+    block_sizes, backend: as in :func:`lowbit.kernels.w8a8_matmul`.
+
+  Returns:
+    ``[M, N]`` in ``out_dtype``.
+  """
+  backend = _pallas.resolve_backend(backend)
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"w4a16_matmul: x must be float (bf16/f32), got {x.dtype}.")
+  wq, ws, group = _pallas.weight_operands(w, "w4a16_matmul", packed=True)
+  (m, k), n = x.shape, w.shape[1]
+  if w.shape[0] != k:
+    raise ValueError(f"w4a16_matmul: x is [{m}, {k}] but w is {w.shape}; K must match.")
+  bs = block_sizes or _pallas.default_block_sizes("w4a16", backend, m, k, n)
+  _pallas.check_block_fit("w4a16_matmul", k, n, True, group, bs, backend)
+  return _pallas.run_matmul(x, None, wq, ws, k=k, n=n, packed=True, group=group,
+                            int_dot=False, out_dtype=out_dtype or x.dtype, bs=bs,
+                            backend=backend, name="lowbit_w4a16")
+
+
+def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None,
+                       dot_dtype, acc_dtype) -> jax.Array:
+  """``sum_g s[g] * (x_g @ q_g)`` over both packed halves, in f32: ``[M, N]``.
+
+  ``x [M, K]``, ``wq [K/2, N]`` packed, ``ws [K/G or 1, N]``. The half-split
+  layout means ``x @ q == x[:, :K/2] @ lo + x[:, K/2:] @ hi``: no interleave.
+  """
+  m, k = x.shape
+  h = k // 2
+  lo, hi = unpack_int4_halves(wq, dot_dtype)
+  xs = (x[:, :h].astype(dot_dtype), x[:, h:].astype(dot_dtype))
+  ws = ws.astype(jnp.float32)
+  # f32 operands: full f32 products (GPUs default to TF32 otherwise).
+  prec = lax.Precision.HIGHEST if jnp.dtype(dot_dtype) == jnp.float32 else None
+  if group is None:
+    acc = sum(lax.dot(a, b, precision=prec, preferred_element_type=acc_dtype)
+              for a, b in zip(xs, (lo, hi)))
+    return acc.astype(jnp.float32) * ws
+  g = h // group
+  out = 0.0
+  for half, (a, b) in enumerate(zip(xs, (lo, hi))):
+    part = jnp.einsum("mgk,gkn->mgn", a.reshape(m, g, group), b.reshape(g, group, -1),
+                      precision=prec, preferred_element_type=acc_dtype)
+    out = out + jnp.einsum("mgn,gn->mn", part.astype(jnp.float32), ws[half * g:(half + 1) * g],
+                           precision=lax.Precision.HIGHEST)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
+def xla(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None) -> jax.Array:
+  """The XLA path: unpack the halves to ``x.dtype``, two dots, scales in f32."""
+  wq, ws, group = _pallas.weight_operands(w, "w4a16.xla", packed=True)
+  if group is not None and (w.shape[0] // 2) % group:
+    return reference(x, w, out_dtype=out_dtype or x.dtype)
+  out = grouped_halves_dot(x, wq, ws, group, _pallas.float_dot_dtype(x.dtype), jnp.float32)
+  return out.astype(out_dtype or x.dtype)
+
+
+def reference(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None) -> jax.Array:
+  """Dequantize the weight to f32, ``jnp.dot`` at highest precision."""
+  out = jnp.dot(x.astype(jnp.float32), dequantize(w), precision=lax.Precision.HIGHEST)
+  return out.astype(out_dtype or x.dtype)

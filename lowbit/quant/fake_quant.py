@@ -1,0 +1,197 @@
+"""Differentiable fake quantization for QAT: STE, learned step size, learned clipping."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lowbit.quant.quantize import (QuantParams, _calibrate, _stat_range, expand_scale,
+                                   to_blocks)
+from lowbit.quant.spec import Layout, QuantSpec
+
+
+class LearnedClip(NamedTuple):
+  """Learnable weight clipping (OmniQuant's LWC), shaped like ``Layout.scale_shape``.
+
+  The clipping range is ``hi = sigmoid(gamma) * max(x)`` and, for asymmetric
+  specs, ``lo = sigmoid(beta) * min(x)`` (symmetric: ``hi = sigmoid(gamma) *
+  max|x|``, ``lo = -hi``), with the statistics taken from the current tensor
+  and the clip strengths ``gamma``, ``beta`` trained.
+  """
+
+  gamma: jax.Array
+  beta: jax.Array | None = None
+
+
+@jax.custom_vjp
+def round_ste(v: jax.Array) -> jax.Array:
+  """``round(v)`` forward, identity gradient (the straight-through estimator)."""
+  return jnp.round(v)
+
+
+round_ste.defvjp(lambda v: (jnp.round(v), None), lambda _, g: (g,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fq(xb, s, z, qmin: int, qmax: int, grad_scale: float):
+  v = jnp.clip(xb / s + z, qmin, qmax)
+  return (jnp.round(v) - z) * s
+
+
+def _fq_fwd(xb, s, z, qmin, qmax, grad_scale):
+  u = xb / s + z
+  v = jnp.clip(u, qmin, qmax)
+  r = jnp.round(v)
+  return (r - z) * s, (xb, s, z, u, r)
+
+
+def _sum_to(g: jax.Array, shape) -> jax.Array:
+  axes = tuple(a for a, (gd, d) in enumerate(zip(g.shape, shape)) if d == 1 and gd != 1)
+  return jnp.sum(g, axis=axes, keepdims=True).reshape(shape)
+
+
+def _fq_bwd(qmin, qmax, grad_scale, res, g):
+  xb, s, z, u, r = res
+  inside = (u >= qmin) & (u <= qmax)
+  dx = jnp.where(inside, g, 0.0)
+  # d y / d s: inside round(x/s + z) - z - x/s; below qmin - z; above qmax - z.
+  ds_el = jnp.where(inside, r - z - xb / s, jnp.where(u < qmin, qmin - z, qmax - z))
+  ds = _sum_to(g * ds_el, s.shape) * grad_scale
+  # d y / d z: 0 inside (the code moves with z), -s outside.
+  dz = _sum_to(jnp.where(inside, 0.0, -g * s), jnp.shape(z))
+  return dx, ds, dz
+
+
+_fq.defvjp(_fq_fwd, _fq_bwd)
+
+
+def fake_quant(x: jax.typing.ArrayLike, spec: QuantSpec,
+               params: QuantParams | LearnedClip | None = None) -> jax.Array:
+  """Quantize-dequantize ``x`` with gradients for QAT; returns ``x.dtype``.
+
+  Forward, with ``s, z`` broadcast as in the ``QArray`` invariant::
+
+      y = (round(clip(x / s + z, qmin, qmax)) - z) * s
+
+  Backward (custom VJP), with ``u = x / s + z`` and ``inside = qmin <= u <= qmax``:
+
+  * ``dy/dx = 1`` inside, ``0`` outside (straight-through estimator);
+  * ``dy/ds = round(u) - z - x / s`` inside, ``qmin - z`` / ``qmax - z``
+    below / above (LSQ, Esser et al. 2019), summed over the elements sharing
+    the scale and multiplied by the LSQ gradient scale ``1 / sqrt(N * qmax)``,
+    ``N`` the number of elements per scale entry, when ``s`` is learned;
+  * ``dy/dz = 0`` inside, ``-s`` outside.
+
+  ``params`` selects what is learned:
+
+  * ``None``: ``s, z`` from :func:`calibrate` on ``stop_gradient(x)`` (the
+    dynamic quantizer; only ``x`` gets a gradient);
+  * :class:`QuantParams`: a learned scale (and zero point), LSQ;
+  * :class:`LearnedClip`: learned clip strengths; ``s, z`` are computed from
+    the clipped range and ``gamma``/``beta`` get gradients through them
+    (``z`` rounded with :func:`round_ste`).
+
+  Shapes: ``x`` any; ``params`` leaves ``spec.resolve(x.shape).scale_shape``.
+  """
+  x = jnp.asarray(x)
+  layout = spec.resolve(x.shape)
+  xb = to_blocks(x.astype(jnp.float32), layout)
+  grad_scale = 1.0
+  if params is None:
+    p = _calibrate(jax.lax.stop_gradient(x), spec, layout)
+    s = jax.lax.stop_gradient(p.scale.astype(jnp.float32))
+    z = None if p.zero_point is None else jax.lax.stop_gradient(p.zero_point.astype(jnp.float32))
+  elif isinstance(params, LearnedClip):
+    s, z = _clip_to_scale(jax.lax.stop_gradient(xb), params, spec, layout)
+  elif isinstance(params, QuantParams):
+    if tuple(params.scale.shape) != layout.scale_shape:
+      raise ValueError(
+          f"fake_quant: params.scale has shape {tuple(params.scale.shape)}; this "
+          f"spec on shape {layout.shape} needs {layout.scale_shape}.")
+    s = params.scale.astype(jnp.float32)
+    z = None if params.zero_point is None else params.zero_point.astype(jnp.float32)
+    grad_scale = lsq_grad_scale(spec, layout)
+  else:
+    raise ValueError(
+        f"fake_quant: params must be None, QuantParams or LearnedClip, got "
+        f"{type(params).__name__}.")
+  if (z is None) != spec.symmetric:
+    raise ValueError(
+        f"fake_quant: spec.symmetric={spec.symmetric} does not match params "
+        f"({'no ' if z is None else ''}zero point).")
+  sb = expand_scale(s, layout) if s.ndim == len(layout.shape) else s
+  zb = jnp.zeros((1,) * xb.ndim, jnp.float32) if z is None else (
+      expand_scale(z, layout) if z.ndim == len(layout.shape) else z)
+  y = _fq(xb, sb, zb, spec.qmin, spec.qmax, grad_scale)
+  return y.reshape(x.shape).astype(x.dtype)
+
+
+def lsq_grad_scale(spec: QuantSpec, layout: Layout) -> float:
+  """LSQ's step-size gradient scale ``1 / sqrt(N * qmax)``, ``N`` elements per scale."""
+  return float(1.0 / jnp.sqrt(layout.elements_per_scale * spec.qmax))
+
+
+def _clip_to_scale(xb, clip: LearnedClip, spec: QuantSpec, layout: Layout):
+  """Blocked ``(s, z)`` from learned clip strengths (differentiable in gamma/beta)."""
+  stat_spec = spec if spec.calibration != "mse" else _absmax(spec)
+  lo, hi = _stat_range(xb, layout, stat_spec)
+  gamma = expand_scale(clip.gamma.astype(jnp.float32), layout)
+  hi = jax.nn.sigmoid(gamma) * hi
+  if spec.symmetric:
+    s = jnp.where(hi > 0, hi / spec.qmax, 1.0)
+    return s, None
+  if clip.beta is None:
+    raise ValueError("fake_quant: an asymmetric LearnedClip needs beta (the min strength).")
+  beta = expand_scale(clip.beta.astype(jnp.float32), layout)
+  lo = jnp.minimum(jax.nn.sigmoid(beta) * lo, 0.0)
+  hi = jnp.maximum(hi, 0.0)
+  rng = hi - lo
+  s = jnp.where(rng > 0, rng / (spec.qmax - spec.qmin), 1.0)
+  z = spec.qmin - round_ste(lo / s)
+  return s, z
+
+
+def _absmax(spec: QuantSpec) -> QuantSpec:
+  import dataclasses
+  return dataclasses.replace(spec, calibration="absmax")
+
+
+def init_learned_scale(x: jax.typing.ArrayLike, spec: QuantSpec) -> QuantParams:
+  """LSQ initialization: the calibrated scale (and zero point) of ``x``, in f32."""
+  x = jnp.asarray(x)
+  p = _calibrate(x, spec, spec.resolve(x.shape))
+  return QuantParams(p.scale.astype(jnp.float32),
+                     None if p.zero_point is None else p.zero_point.astype(jnp.float32))
+
+
+def init_learned_clip(x: jax.typing.ArrayLike, spec: QuantSpec,
+                      max_strength: float = 0.995) -> LearnedClip:
+  """Clip strengths whose range matches ``calibrate(x, spec)``.
+
+  ``gamma = logit(min(r, max_strength))`` with ``r = hi_calibrated / hi_absmax``
+  per scale entry (``max_strength < 1`` keeps the sigmoid off its flat tail, so
+  the clip can still learn); ``beta`` likewise for the minimum.
+  """
+  x = jnp.asarray(x)
+  layout = spec.resolve(x.shape)
+  xb = to_blocks(x.astype(jnp.float32), layout)
+  lo_abs, hi_abs = _stat_range(xb, layout, _absmax(spec))
+  lo_c, hi_c = _stat_range(xb, layout, spec) if spec.calibration == "percentile" else (lo_abs, hi_abs)
+  if spec.calibration == "mse":
+    p = _calibrate(x, spec, layout)
+    pa = _calibrate(x, _absmax(spec), layout)
+    r = (p.scale.astype(jnp.float32) / pa.scale.astype(jnp.float32)).reshape(layout.scale_shape)
+    r_hi = r_lo = r
+  else:
+    def ratio(c, a):
+      return jnp.where(jnp.abs(a) > 0, c / jnp.where(a == 0, 1.0, a), 1.0).reshape(layout.scale_shape)
+    r_hi, r_lo = ratio(hi_c, hi_abs), ratio(lo_c, lo_abs)
+
+  def logit(r):
+    r = jnp.clip(r, 1e-3, max_strength)
+    return jnp.log(r) - jnp.log1p(-r)
+
+  return LearnedClip(logit(r_hi), None if spec.symmetric else logit(r_lo))

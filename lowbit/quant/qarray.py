@@ -1,0 +1,85 @@
+"""`QArray`: quantized values with their scale, as a pytree."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit.quant import packing
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QArray:
+  """A quantized tensor.
+
+  Invariant (elementwise, for the logical shape ``shape``)::
+
+      x ~= (q - zero_point) * broadcast(scale)
+
+  where ``q`` are the signed integer codes (``unpack_int4(qvalue)`` when
+  ``packed``), ``zero_point`` is 0 when absent, and ``broadcast`` repeats each
+  scale entry over the axes it is shared along: every axis not in
+  ``channel_axes``, and ``group_size`` consecutive elements of ``group_axis``.
+  :func:`lowbit.quant.dequantize` computes the right-hand side.
+
+  Leaves (arrays): ``qvalue``, ``scale``, ``zero_point``.
+
+  * ``qvalue``: ``shape`` int8 codes, or when ``packed``, uint8 with
+    ``shape[pack_axis] // 2`` along ``pack_axis`` (0.5 byte per code).
+  * ``scale``: float, of rank ``len(shape)``: ``shape[a]`` on a channel axis,
+    ``shape[group_axis] // group_size`` on the group axis, 1 elsewhere.
+  * ``zero_point``: like ``scale`` (float, integer-valued when lowbit made it),
+    or ``None`` for symmetric quantization.
+
+  Static metadata: ``bits``, ``shape``, ``channel_axes``, ``group_axis``,
+  ``group_size``, ``pack_axis`` (``None`` when not packed).
+  """
+
+  qvalue: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array | None
+  bits: int = dataclasses.field(metadata=dict(static=True))
+  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  channel_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  group_axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+  group_size: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+  pack_axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+  @property
+  def packed(self) -> bool:
+    return self.pack_axis is not None
+
+  @property
+  def symmetric(self) -> bool:
+    return self.zero_point is None
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def codes(self) -> jax.Array:
+    """The int8 codes in the logical ``shape`` (unpacked if needed)."""
+    if self.packed:
+      return packing.unpack_int4(self.qvalue, self.pack_axis)
+    return self.qvalue
+
+  @property
+  def nbytes(self) -> int:
+    """True bytes held: values (packed where packed) + scales + zero points."""
+    n = _nbytes(self.qvalue) + _nbytes(self.scale)
+    if self.zero_point is not None:
+      n += _nbytes(self.zero_point)
+    return n
+
+  @property
+  def bytes_per_element(self) -> float:
+    return self.nbytes / int(np.prod(self.shape))
+
+
+def _nbytes(a) -> int:
+  return int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize

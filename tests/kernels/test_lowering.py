@@ -1,0 +1,69 @@
+"""Lower each kernel for the platforms it targets, on the CPU machine.
+
+Interpret mode accepts things the real lowerings reject (unsigned or mixed
+dots, int8 shifts, slicing Triton cannot express), so a kernel must also lower
+through Pallas' Triton backend for cuda and its Mosaic backend for tpu. This
+checks Pallas' lowering (kernel -> Triton IR / Mosaic MLIR); the Triton
+compiler itself runs only on a GPU (the device script runs the kernels there).
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from lowbit import kernels as K
+from lowbit.kernels import BlockSizes
+from lowbit.quant import QuantSpec, quantize
+
+M, KD, N = 16, 1024, 512
+
+
+def operands():
+  x = jnp.ones((M, KD), jnp.float32)
+  w = jnp.ones((KD, N), jnp.float32)
+  xq = quantize(x, QuantSpec(bits=8, channel_axes=(0,)))
+  w8 = quantize(w, QuantSpec(bits=8, channel_axes=(1,)))
+  w4 = quantize(w, QuantSpec(bits=4, channel_axes=(1,), pack=True))
+  w4g = quantize(w, QuantSpec(bits=4, channel_axes=(1,), group_size=128, pack=True,
+                              scale_dtype=jnp.bfloat16))
+  xb = x.astype(jnp.bfloat16)
+  return {
+      "w8a8": (K.w8a8_matmul, xq, w8),
+      "w4a8": (K.w4a8_matmul, xq, w4),
+      "w4a8-g128": (K.w4a8_matmul, xq, w4g),
+      "w4a16": (K.w4a16_matmul, xb, w4),
+      "w4a16-g128": (K.w4a16_matmul, xb, w4g),
+  }
+
+
+def lower(fn, a, b, backend, platform, bs):
+  f = jax.jit(lambda a, b: fn(a, b, backend=backend, block_sizes=bs))
+  return f.trace(a, b).lower(lowering_platforms=(platform,)).as_text()
+
+
+GPU_BLOCKS = [None, BlockSizes(bm=64, bn=128, bk=64), BlockSizes(bm=16, bn=64, bk=128, split_k=4)]
+
+
+@pytest.mark.parametrize("bs", GPU_BLOCKS, ids=["default", "64x128x64", "splitk4"])
+@pytest.mark.parametrize("name", list(operands()))
+def test_lowers_for_cuda_through_triton(name, bs):
+  fn, a, b = operands()[name]
+  txt = lower(fn, a, b, "gpu", "cuda", bs)
+  kernel = "lowbit_" + name.split("-")[0]
+  assert kernel in txt
+  assert "__gpu$xla.gpu.triton" in txt or "triton_kernel_call" in txt
+
+
+@pytest.mark.parametrize("name", list(operands()))
+def test_lowers_for_tpu_through_mosaic(name):
+  fn, a, b = operands()[name]
+  try:
+    txt = lower(fn, a, b, "tpu", "tpu", BlockSizes(bm=16, bn=256, bk=128))
+  except ValueError as e:
+    if "Unsupported TPU device kind" in str(e) and name.startswith("w4"):
+      # Mosaic asks the TPU generation before lowering the packed-int4 kernels
+      # (unsigned loads and int32 shifts): that check needs a TPU device kind,
+      # which a CPU-only machine cannot provide. w8a8 lowers fully here.
+      pytest.skip("Mosaic TPU lowering of packed int4 needs a TPU device kind (not on CPU)")
+    raise
+  assert "tpu_custom_call" in txt

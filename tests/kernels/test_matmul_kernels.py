@@ -1,0 +1,159 @@
+"""Every kernel against its `reference` and a float64 numpy oracle, on fresh inputs.
+
+On CPU the Pallas kernels run interpreted. Set ``LOWBIT_TEST_BACKEND=gpu`` to
+run the same checks compiled on a GPU (the device script does).
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowbit import kernels as K
+from lowbit.kernels import BlockSizes
+from lowbit.quant import QuantSpec, dequantize, quantize
+
+BACKEND = os.environ.get("LOWBIT_TEST_BACKEND", "interpret")
+_SEED = [0]
+
+
+def fresh_key():
+  _SEED[0] += 1
+  return jax.random.key(int.from_bytes(os.urandom(4), "little") ^ _SEED[0])
+
+
+def rel(a, b):
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def make(m, k, n, *, wbits, group, scale_dtype=jnp.float32, act=True, xdtype=jnp.float32):
+  k1, k2 = jax.random.split(fresh_key())
+  x = jax.random.normal(k1, (m, k), jnp.float32)
+  w = jax.random.normal(k2, (k, n), jnp.float32)
+  wspec = QuantSpec(bits=wbits, channel_axes=(1,), group_size=group, pack=wbits == 4,
+                    scale_dtype=scale_dtype)
+  wq = quantize(w, wspec)
+  xa = quantize(x, QuantSpec(bits=8, channel_axes=(0,))) if act else x.astype(xdtype)
+  return xa, wq
+
+
+def oracle(xa, wq):
+  """float64 numpy: dequantize both operands, matmul."""
+  xd = np.asarray(dequantize(xa) if not isinstance(xa, jax.Array) else xa.astype(jnp.float32),
+                  np.float64)
+  return xd @ np.asarray(dequantize(wq), np.float64)
+
+
+# (m, k, n, block sizes): multiples of the blocks, ragged M (decode and prefill),
+# and split-K.
+SHAPES = [
+    (16, 256, 128, BlockSizes(bm=16, bn=64, bk=64)),
+    (5, 512, 128, BlockSizes(bm=16, bn=64, bk=64, split_k=2)),
+    (1, 256, 64, None),
+    (70, 256, 128, BlockSizes(bm=32, bn=64, bk=32)),
+]
+
+CASES = [
+    ("w8a8", K.w8a8, K.w8a8_matmul, dict(wbits=8, group=None)),
+    ("w4a8", K.w4a8, K.w4a8_matmul, dict(wbits=4, group=None)),
+    ("w4a8-g64", K.w4a8, K.w4a8_matmul, dict(wbits=4, group=64)),
+    ("w4a16", K.w4a16, K.w4a16_matmul, dict(wbits=4, group=None, act=False)),
+    ("w4a16-g32", K.w4a16, K.w4a16_matmul, dict(wbits=4, group=32, act=False)),
+    ("w4a16-g128-bf16scale", K.w4a16, K.w4a16_matmul,
+     dict(wbits=4, group=128, act=False, scale_dtype=jnp.bfloat16)),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_kernel_f32_matches_reference_and_float64(case, shape):
+  name, mod, fn, kw = case
+  m, k, n, bs = shape
+  xa, wq = make(m, k, n, **kw)
+  out = fn(xa, wq, out_dtype=jnp.float32, block_sizes=bs, backend=BACKEND)
+  assert out.shape == (m, n) and out.dtype == jnp.float32
+  ref = mod.reference(xa, wq, out_dtype=jnp.float32)
+  assert rel(out, ref) < 1e-5
+  assert rel(out, oracle(xa, wq)) < 1e-5
+  assert rel(mod.xla(xa, wq, out_dtype=jnp.float32), oracle(xa, wq)) < 1e-5
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_kernel_bf16_output(case):
+  name, mod, fn, kw = case
+  kw = dict(kw)
+  if not kw.get("act", True):
+    kw["xdtype"] = jnp.bfloat16
+  xa, wq = make(24, 256, 128, **kw)
+  out = fn(xa, wq, out_dtype=jnp.bfloat16, block_sizes=BlockSizes(bm=16, bn=64, bk=64),
+           backend=BACKEND)
+  assert out.dtype == jnp.bfloat16
+  assert rel(out, oracle(xa, wq)) < 1e-2
+
+
+@pytest.mark.parametrize("name,fn", [("w8a8", K.w8a8_matmul), ("w4a8", K.w4a8_matmul)])
+def test_int32_accumulation_is_exact(name, fn):
+  """With unit scales the output is the integer dot product itself, exactly."""
+  m, k, n = 9, 512, 128
+  rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+  xc = rng.integers(-127, 128, (m, k))
+  lim = 127 if name == "w8a8" else 7
+  wc = rng.integers(-lim, lim + 1, (k, n))
+  xa = quantize(jnp.asarray(xc, jnp.float32), QuantSpec(bits=8, channel_axes=(0,)),
+                params=_unit(m, 1))
+  wspec = QuantSpec(bits=8 if name == "w8a8" else 4, channel_axes=(1,), pack=name != "w8a8")
+  wq = quantize(jnp.asarray(wc, jnp.float32), wspec, params=_unit(1, n))
+  out = fn(xa, wq, out_dtype=jnp.float32, block_sizes=BlockSizes(bm=16, bn=64, bk=64),
+           backend=BACKEND)
+  np.testing.assert_array_equal(np.asarray(out), (xc @ wc).astype(np.float32))
+
+
+def _unit(*shape):
+  from lowbit.quant import QuantParams
+  return QuantParams(jnp.ones(shape, jnp.float32))
+
+
+def test_bad_shapes_raise_clear_errors():
+  xa, wq = make(4, 256, 96, wbits=4, group=None, act=False)
+  with pytest.raises(ValueError, match="N=96 is not a multiple of BlockSizes.bn=64"):
+    K.w4a16_matmul(xa, wq, block_sizes=BlockSizes(bm=16, bn=64, bk=64), backend=BACKEND)
+  xa, wq = make(4, 256, 128, wbits=4, group=None, act=False)
+  with pytest.raises(ValueError, match="K must match"):
+    K.w4a16_matmul(xa[:, :128], wq, backend=BACKEND)
+  with pytest.raises(ValueError, match="int4 packed along K"):
+    K.w4a16_matmul(xa, quantize(jnp.ones((256, 128)), QuantSpec(bits=8, channel_axes=(1,))),
+                   backend=BACKEND)
+  with pytest.raises(ValueError, match="asymmetric"):
+    K.w4a16_matmul(xa, quantize(jnp.ones((256, 128)), QuantSpec(
+        bits=4, symmetric=False, channel_axes=(1,), pack=True)), backend=BACKEND)
+  with pytest.raises(ValueError, match="must be a power of two"):
+    BlockSizes(bm=24)
+
+
+def test_dispatch_picks_kernels_and_matches_reference():
+  k1, k2 = jax.random.split(fresh_key())
+  x = jax.random.normal(k1, (2, 3, 256), jnp.float32)
+  w = jax.random.normal(k2, (256, 128), jnp.float32)
+  a8 = QuantSpec(bits=8, channel_axes=(0,))
+  cases = [
+      (QuantSpec(bits=8, channel_axes=(1,)), a8, "w8a8"),
+      (QuantSpec(bits=4, channel_axes=(1,), pack=True, group_size=64), None, "w4a16"),
+      (QuantSpec(bits=4, channel_axes=(1,), pack=True), a8, "w4a8"),
+      (QuantSpec(bits=8, channel_axes=(1,)), None, None),
+      (QuantSpec(bits=4, symmetric=False, channel_axes=(1,), group_size=32, pack=True), None, None),
+  ]
+  for wspec, aspec, expected in cases:
+    wq = quantize(w, wspec)
+    assert K.kernel_for(wq, aspec) == expected
+    ref = K.qmatmul(x, wq, act_spec=aspec, implementation="reference")
+    for impl in ("xla",) + (("pallas",) if expected else ()):
+      y = K.qmatmul(x, wq, act_spec=aspec, implementation=impl)
+      assert y.shape == (2, 3, 128)
+      assert rel(y, ref) < 1e-5, (wspec, aspec, impl)
+    if expected is None:
+      with pytest.raises(ValueError, match="no Pallas kernel"):
+        K.qmatmul(x, wq, act_spec=aspec, implementation="pallas")
