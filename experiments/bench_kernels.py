@@ -26,11 +26,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
+from lowbit.kernels import BlockSizes, default_block_sizes
 
 from lowbit import kernels as K
-from lowbit.kernels import BlockSizes, default_block_sizes
 from lowbit.quant import QuantSpec, dequantize, quantize
 
 PEAK = {"bf16": 989e12, "int8": 1979e12}

@@ -18,12 +18,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from jax import lax
-
 from lowbit.kernels import w4a8, w4a16, w8a8
 from lowbit.kernels._pallas import BlockSizes, default_block_sizes, float_dot_dtype, platform
 from lowbit.kernels.w4a8 import w4a8_matmul
 from lowbit.kernels.w4a16 import w4a16_matmul
 from lowbit.kernels.w8a8 import w8a8_matmul
+
 from lowbit.quant import QArray, QuantSpec, dequantize, quantize
 
 Implementation = Literal["pallas", "xla", "reference"]

@@ -333,6 +333,7 @@ def act_operands(x, name: str):
         f"shape={x.shape}, packed={x.packed}, zero_point={x.zero_point is not None}, "
         f"group_size={x.group_size}.")
   if x.channel_axes not in ((), (0,)):
-    raise ValueError(f"{name}: x's scale must be per-token (channel_axes=(0,)), got {x.channel_axes}.")
+    raise ValueError(
+        f"{name}: x's scale must be per-token (channel_axes=(0,)), got {x.channel_axes}.")
   m = x.shape[0]
   return x.qvalue, jnp.broadcast_to(x.scale.astype(jnp.float32), (m, 1))

@@ -12,9 +12,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-
 from lowbit.kernels import _pallas
 from lowbit.kernels._pallas import BlockSizes
+
 from lowbit.quant import QArray, dequantize, unpack_int4_halves
 
 
@@ -64,11 +64,11 @@ def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | 
   prec = lax.Precision.HIGHEST if jnp.dtype(dot_dtype) == jnp.float32 else None
   if group is None:
     acc = sum(lax.dot(a, b, precision=prec, preferred_element_type=acc_dtype)
-              for a, b in zip(xs, (lo, hi)))
+              for a, b in zip(xs, (lo, hi), strict=False))
     return acc.astype(jnp.float32) * ws
   g = h // group
   out = 0.0
-  for half, (a, b) in enumerate(zip(xs, (lo, hi))):
+  for half, (a, b) in enumerate(zip(xs, (lo, hi), strict=False)):
     part = jnp.einsum("mgk,gkn->mgn", a.reshape(m, g, group), b.reshape(g, group, -1),
                       precision=prec, preferred_element_type=acc_dtype)
     out = out + jnp.einsum("mgn,gn->mn", part.astype(jnp.float32), ws[half * g:(half + 1) * g],

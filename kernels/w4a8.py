@@ -11,10 +11,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-
 from lowbit.kernels import _pallas
 from lowbit.kernels._pallas import BlockSizes
 from lowbit.kernels.w4a16 import grouped_halves_dot
+
 from lowbit.quant import QArray, dequantize
 
 

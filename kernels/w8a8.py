@@ -10,9 +10,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-
 from lowbit.kernels import _pallas
 from lowbit.kernels._pallas import BlockSizes
+
 from lowbit.quant import QArray, dequantize
 
 

@@ -14,12 +14,17 @@
 True
 """
 
-from lowbit.quant.fake_quant import (LearnedClip, fake_quant, init_learned_clip,
-                                     init_learned_scale, lsq_grad_scale, round_ste)
+from lowbit.quant.fake_quant import (
+                                     LearnedClip,
+                                     fake_quant,
+                                     init_learned_clip,
+                                     init_learned_scale,
+                                     lsq_grad_scale,
+                                     round_ste,
+)
 from lowbit.quant.packing import pack_int4, unpack_int4, unpack_int4_halves
 from lowbit.quant.qarray import QArray
-from lowbit.quant.quantize import (QuantParams, calibrate, dequantize, quantization_error,
-                                   quantize)
+from lowbit.quant.quantize import QuantParams, calibrate, dequantize, quantization_error, quantize
 from lowbit.quant.spec import Layout, QuantSpec
 
 __all__ = [

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from lowbit.quant.quantize import (QuantParams, _calibrate, _stat_range, expand_scale,
-                                   to_blocks)
+from lowbit.quant.quantize import QuantParams, _calibrate, _stat_range, expand_scale, to_blocks
 from lowbit.quant.spec import Layout, QuantSpec
 
 
@@ -49,7 +49,8 @@ def _fq_fwd(xb, s, z, qmin, qmax, grad_scale):
 
 
 def _sum_to(g: jax.Array, shape) -> jax.Array:
-  axes = tuple(a for a, (gd, d) in enumerate(zip(g.shape, shape)) if d == 1 and gd != 1)
+  pairs = enumerate(zip(g.shape, shape, strict=True))
+  axes = tuple(a for a, (gd, d) in pairs if d == 1 and gd != 1)
   return jnp.sum(g, axis=axes, keepdims=True).reshape(shape)
 
 
@@ -155,7 +156,6 @@ def _clip_to_scale(xb, clip: LearnedClip, spec: QuantSpec, layout: Layout):
 
 
 def _absmax(spec: QuantSpec) -> QuantSpec:
-  import dataclasses
   return dataclasses.replace(spec, calibration="absmax")
 
 
@@ -179,7 +179,10 @@ def init_learned_clip(x: jax.typing.ArrayLike, spec: QuantSpec,
   layout = spec.resolve(x.shape)
   xb = to_blocks(x.astype(jnp.float32), layout)
   lo_abs, hi_abs = _stat_range(xb, layout, _absmax(spec))
-  lo_c, hi_c = _stat_range(xb, layout, spec) if spec.calibration == "percentile" else (lo_abs, hi_abs)
+  if spec.calibration == "percentile":
+    lo_c, hi_c = _stat_range(xb, layout, spec)
+  else:
+    lo_c, hi_c = lo_abs, hi_abs
   if spec.calibration == "mse":
     p = _calibrate(x, spec, layout)
     pa = _calibrate(x, _absmax(spec), layout)
@@ -187,7 +190,8 @@ def init_learned_clip(x: jax.typing.ArrayLike, spec: QuantSpec,
     r_hi = r_lo = r
   else:
     def ratio(c, a):
-      return jnp.where(jnp.abs(a) > 0, c / jnp.where(a == 0, 1.0, a), 1.0).reshape(layout.scale_shape)
+      r = jnp.where(jnp.abs(a) > 0, c / jnp.where(a == 0, 1.0, a), 1.0)
+      return r.reshape(layout.scale_shape)
     r_hi, r_lo = ratio(hi_c, hi_abs), ratio(lo_c, lo_abs)
 
   def logit(r):

@@ -6,7 +6,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from lowbit.quant import packing
@@ -78,12 +77,12 @@ def _range_to_params(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> QuantPara
   """
   if spec.symmetric:
     amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    s = jnp.where(amax > 0, amax / spec.qmax, 1.0)
+    s = jnp.where(amax == 0, 1.0, amax / spec.qmax)  # NaN stays NaN
     return QuantParams(s.astype(spec.scale_dtype), None)
   lo = jnp.minimum(lo, 0.0)
   hi = jnp.maximum(hi, 0.0)
   rng = hi - lo
-  s = jnp.where(rng > 0, rng / (spec.qmax - spec.qmin), 1.0).astype(spec.scale_dtype)
+  s = jnp.where(rng == 0, 1.0, rng / (spec.qmax - spec.qmin)).astype(spec.scale_dtype)
   z = spec.qmin - jnp.round(lo / s.astype(jnp.float32))
   return QuantParams(s, z.astype(spec.scale_dtype))
 

@@ -10,9 +10,9 @@ compiler itself runs only on a GPU (the device script runs the kernels there).
 import jax
 import jax.numpy as jnp
 import pytest
+from lowbit.kernels import BlockSizes
 
 from lowbit import kernels as K
-from lowbit.kernels import BlockSizes
 from lowbit.quant import QuantSpec, quantize
 
 M, KD, N = 16, 1024, 512

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lowbit.kernels import BlockSizes
 
 from lowbit import kernels as K
-from lowbit.kernels import BlockSizes
 from lowbit.quant import QuantSpec, dequantize, quantize
 
 BACKEND = os.environ.get("LOWBIT_TEST_BACKEND", "interpret")

@@ -1,0 +1,58 @@
+"""The package as a newcomer gets it: a wheel that imports, and the README's commands."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_non_editable_wheel_imports_lowbit_and_kernels(tmp_path):
+  wheels = tmp_path / "wheels"
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                  "-q", "-w", str(wheels), str(ROOT)], check=True, cwd=tmp_path)
+  (whl,) = wheels.glob("lowbit-*.whl")
+  site = tmp_path / "site"
+  subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                  str(site), str(whl)], check=True, cwd=tmp_path)
+  code = ("import lowbit, lowbit.kernels, lowbit.quant; "
+          "print(lowbit.__file__); print(lowbit.kernels.__file__); "
+          "print(lowbit.kernels.w4a16_matmul.__name__)")
+  env = dict(os.environ, PYTHONPATH=str(site))
+  boot = "import site, sys; sys.path.insert(0, %r); site.main(); " % str(site)
+  out = subprocess.run([sys.executable, "-S", "-c", boot + code],
+                       check=True, capture_output=True, text=True, cwd=tmp_path, env=env).stdout
+  lines = out.split()
+  assert lines[0].startswith(str(site)) and lines[1].startswith(str(site)), out
+  assert lines[1].endswith(os.path.join("lowbit", "kernels", "__init__.py"))
+  assert lines[2] == "w4a16_matmul"
+
+
+def readme_commands():
+  blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+  return [b.strip() for b in blocks]
+
+
+def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
+  main_cmd, test_cmd = readme_commands()[:2]
+  assert "pip install" in main_cmd and "lowbit" in main_cmd
+  assert "pytest" in test_cmd
+  assert test_cmd in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_main_command_runs():
+  main_cmd = readme_commands()[0]
+  tail = main_cmd.split("&&")[-1].strip()       # ".venv/bin/lowbit demo"
+  args = tail.split()[1:]
+  exe = pathlib.Path(sys.executable).parent / "lowbit"
+  cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lowbit.cli"]
+  out = subprocess.run(cmd + args + ["--k", "512", "--n", "128"], check=True,
+                       capture_output=True, text=True, timeout=300).stdout
+  rows = {ln.split("  ")[0]: ln.split() for ln in out.splitlines() if ln.startswith("int")}
+  assert set(rows) >= {"int8 per-channel", "int4 group 128"}
+  err8 = float(rows["int8 per-channel"][2])
+  err4 = float(rows["int4 group 128"][3])
+  bpw4 = float(rows["int4 group 128"][5])
+  assert err8 < 0.05 and err4 < 0.3 and bpw4 <= 0.52
