@@ -24,7 +24,7 @@ from lowbit.kernels.w4a8 import w4a8_matmul
 from lowbit.kernels.w4a16 import w4a16_matmul
 from lowbit.kernels.w8a8 import w8a8_matmul
 
-from lowbit.quant import QArray, QuantSpec, dequantize, quantize
+from lowbit.quant import QArray, QuantParams, QuantSpec, dequantize, quantize
 
 Implementation = Literal["pallas", "xla", "reference"]
 
@@ -41,8 +41,6 @@ def kernel_for(w: QArray, act_spec: QuantSpec | None) -> str | None:
   if act_spec is not None and not a8:
     return None
   if w.packed and w.pack_axis == 0 and w.bits <= 4:
-    if w.group_size is not None and (w.shape[0] // 2) % w.group_size:
-      return None
     return "w4a8" if a8 else "w4a16"
   if not w.packed and a8 and w.group_size is None:
     return "w8a8"
@@ -50,13 +48,15 @@ def kernel_for(w: QArray, act_spec: QuantSpec | None) -> str | None:
 
 
 def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
+            act_params: QuantParams | None = None,
             implementation: Implementation | None = None, out_dtype=None,
             block_sizes: BlockSizes | None = None) -> jax.Array:
   """``y = q_a(x) @ dequantize(w)`` through the fastest correct path.
 
   ``x [..., K]`` float; ``w [K, N]`` QArray; ``act_spec`` (optional) quantizes
   ``x`` dynamically, on ``x`` flattened to ``[M, K]`` (``channel_axes=(0,)``
-  is per-token). Returns ``[..., N]`` in ``out_dtype`` (default ``x.dtype``).
+  is per-token; ``act_params`` gives a static scale instead). Returns
+  ``[..., N]`` in ``out_dtype`` (default ``x.dtype``).
 
   ``implementation``: ``None`` uses the Pallas kernel on GPU/TPU when one
   handles the pairing and the XLA path otherwise (and always on CPU);
@@ -70,7 +70,7 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
   if w.ndim != 2 or w.shape[0] != k:
     raise ValueError(f"qmatmul: x has K={k} but w has shape {w.shape}; expected [{k}, N].")
   x2 = x.reshape(-1, k)
-  xq = quantize(x2, act_spec) if act_spec is not None else None
+  xq = quantize(x2, act_spec, act_params) if act_spec is not None else None
   name = kernel_for(w, act_spec)
   impl = implementation
   if impl is None:

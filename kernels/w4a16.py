@@ -66,6 +66,12 @@ def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | 
     acc = sum(lax.dot(a, b, precision=prec, preferred_element_type=acc_dtype)
               for a, b in zip(xs, (lo, hi), strict=False))
     return acc.astype(jnp.float32) * ws
+  if h % group:  # a group straddles the halves: regroup the full K axis
+    q = jnp.concatenate([lo, hi], axis=0)
+    g = k // group
+    part = jnp.einsum("mgk,gkn->mgn", x.astype(dot_dtype).reshape(m, g, group),
+                      q.reshape(g, group, -1), precision=prec, preferred_element_type=acc_dtype)
+    return jnp.einsum("mgn,gn->mn", part.astype(jnp.float32), ws, precision=lax.Precision.HIGHEST)
   g = h // group
   out = 0.0
   for half, (a, b) in enumerate(zip(xs, (lo, hi), strict=False)):
@@ -80,8 +86,6 @@ def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | 
 def xla(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None) -> jax.Array:
   """The XLA path: unpack the halves to ``x.dtype``, two dots, scales in f32."""
   wq, ws, group = _pallas.weight_operands(w, "w4a16.xla", packed=True)
-  if group is not None and (w.shape[0] // 2) % group:
-    return reference(x, w, out_dtype=out_dtype or x.dtype)
   out = grouped_halves_dot(x, wq, ws, group, _pallas.float_dot_dtype(x.dtype), jnp.float32)
   return out.astype(out_dtype or x.dtype)
 

@@ -53,8 +53,6 @@ def xla(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16) -> jax.Arr
   """
   xq, xs = _pallas.act_operands(x, "w4a8.xla")
   wq, ws, group = _pallas.weight_operands(w, "w4a8.xla", packed=True)
-  if group is not None and (w.shape[0] // 2) % group:
-    return reference(x, w, out_dtype=out_dtype)
   out = grouped_halves_dot(xq, wq, ws, group, jnp.int8, jnp.int32)
   return (out * xs).astype(out_dtype)
 

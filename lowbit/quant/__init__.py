@@ -19,6 +19,7 @@ from lowbit.quant.fake_quant import (
                                      fake_quant,
                                      init_learned_clip,
                                      init_learned_scale,
+                                     learned_clip_params,
                                      lsq_grad_scale,
                                      round_ste,
 )
@@ -30,6 +31,6 @@ from lowbit.quant.spec import Layout, QuantSpec
 __all__ = [
     "Layout", "LearnedClip", "QArray", "QuantParams", "QuantSpec", "calibrate",
     "dequantize", "fake_quant", "init_learned_clip", "init_learned_scale",
-    "lsq_grad_scale", "pack_int4", "quantization_error", "quantize", "round_ste",
+    "learned_clip_params", "lsq_grad_scale", "pack_int4", "quantization_error", "quantize", "round_ste",
     "unpack_int4", "unpack_int4_halves",
 ]

@@ -107,13 +107,16 @@ def fake_quant(x: jax.typing.ArrayLike, spec: QuantSpec,
     z = None if p.zero_point is None else jax.lax.stop_gradient(p.zero_point.astype(jnp.float32))
   elif isinstance(params, LearnedClip):
     s, z = _clip_to_scale(jax.lax.stop_gradient(xb), params, spec, layout)
+    s = _ste_cast(s, spec.scale_dtype)
+    z = None if z is None else _ste_cast(z, spec.scale_dtype)
   elif isinstance(params, QuantParams):
     if tuple(params.scale.shape) != layout.scale_shape:
       raise ValueError(
           f"fake_quant: params.scale has shape {tuple(params.scale.shape)}; this "
           f"spec on shape {layout.shape} needs {layout.scale_shape}.")
-    s = params.scale.astype(jnp.float32)
-    z = None if params.zero_point is None else params.zero_point.astype(jnp.float32)
+    s = _ste_cast(params.scale.astype(jnp.float32), spec.scale_dtype)
+    z = None if params.zero_point is None else _ste_cast(
+        params.zero_point.astype(jnp.float32), spec.scale_dtype)
     grad_scale = lsq_grad_scale(spec, layout)
   else:
     raise ValueError(
@@ -128,6 +131,31 @@ def fake_quant(x: jax.typing.ArrayLike, spec: QuantSpec,
       expand_scale(z, layout) if z.ndim == len(layout.shape) else z)
   y = _fq(xb, sb, zb, spec.qmin, spec.qmax, grad_scale)
   return y.reshape(x.shape).astype(x.dtype)
+
+
+def _ste_cast(v: jax.Array, dtype) -> jax.Array:
+  """Round ``v`` to ``dtype`` (the stored scale dtype) forward; identity gradient.
+
+  Training then sees exactly the scales a converted model will store.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return v
+  return v + jax.lax.stop_gradient(v.astype(dtype).astype(jnp.float32) - v)
+
+
+def learned_clip_params(x: jax.typing.ArrayLike, spec: QuantSpec,
+                        clip: LearnedClip) -> QuantParams:
+  """The scale (and zero point) that ``fake_quant(x, spec, clip)`` uses, in ``scale_dtype``.
+
+  Shapes: ``x`` any; result ``spec.resolve(x.shape).scale_shape``. Used to
+  convert a model trained with learned clipping.
+  """
+  x = jnp.asarray(x)
+  layout = spec.resolve(x.shape)
+  s, z = _clip_to_scale(to_blocks(x.astype(jnp.float32), layout), clip, spec, layout)
+  shape = layout.scale_shape
+  return QuantParams(s.reshape(shape).astype(spec.scale_dtype),
+                     None if z is None else z.reshape(shape).astype(spec.scale_dtype))
 
 
 def lsq_grad_scale(spec: QuantSpec, layout: Layout) -> float:

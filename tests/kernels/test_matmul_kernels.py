@@ -65,6 +65,8 @@ CASES = [
     ("w4a16-g32", K.w4a16, K.w4a16_matmul, dict(wbits=4, group=32, act=False)),
     ("w4a16-g128-bf16scale", K.w4a16, K.w4a16_matmul,
      dict(wbits=4, group=128, act=False, scale_dtype=jnp.bfloat16)),
+    # a group that straddles the two packed halves (K = 256: K/2 = 128 < 256)
+    ("w4a8-g256", K.w4a8, K.w4a8_matmul, dict(wbits=4, group=256)),
 ]
 
 
