@@ -1,0 +1,136 @@
+"""Checkpoints of converted models: exact round trip, packed bytes on disk, loud errors."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lowbit
+from lowbit import ckpt
+from lowbit.nn import Transformer, TransformerConfig
+
+CFG = TransformerConfig.llama(vocab_size=64, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                              d_ff=256, max_len=16)
+
+
+def make(policy_name):
+  return lambda: lowbit.convert(Transformer(CFG, rngs=nnx.Rngs(0)),
+                                lowbit.policy.READY_MADE[policy_name]())
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w4a16", "mixed"])
+def test_round_trip_is_bit_identical(tmp_path, name):
+  model = make(name)()
+  policy = lowbit.policy.READY_MADE[name]()
+  ckpt.save(tmp_path / "c", model, policy=policy, compression=False)
+  restored = ckpt.restore(tmp_path / "c", nnx.eval_shape(make(name)), policy=policy)
+  tok = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+  np.testing.assert_array_equal(np.asarray(restored(tok)), np.asarray(model(tok)))
+  meta = ckpt.read_meta(tmp_path / "c")
+  assert meta["format_version"] == ckpt.FORMAT_VERSION and meta["policy"] == policy.to_dict()
+  # no float copy of a quantized weight was stored
+  for path, layer in meta["layers"].items():
+    assert f"{path}/kernel" not in meta["tensors"]
+    assert meta["tensors"][f"{path}/qvalue"]["dtype"] in ("int8", "uint8")
+
+
+class Stack(nnx.Module):
+  """Only quantizable weights (no biases, norms or embeddings): bytes on disk per weight."""
+
+  def __init__(self):
+    rngs = nnx.Rngs(0)
+    self.layers = nnx.List([nnx.Linear(1024, 1024, use_bias=False, rngs=rngs) for _ in range(2)])
+
+
+@pytest.mark.parametrize("policy,limit", [(lowbit.policy.PrecisionPolicy((lowbit.PrecisionRule(
+    ".*", lowbit.policy._w(4, 128)),)), 0.52), (lowbit.policy.PrecisionPolicy((
+        lowbit.PrecisionRule(".*", lowbit.policy._w(8)),)), 1.02)], ids=["int4-g128", "int8"])
+def test_bytes_on_disk_per_weight(tmp_path, policy, limit):
+  model = lowbit.convert(Stack(), policy)
+  n = 2 * 1024 * 1024
+  sizes = {}
+  for comp in (False, True):
+    d = ckpt.save(tmp_path / f"c{comp}", model, policy=policy, compression=comp)
+    sizes[comp] = ckpt.checkpoint_bytes(d) / n
+  print(f"bytes/weight on disk: no compression {sizes[False]:.4f}, zstd {sizes[True]:.4f}")
+  assert sizes[False] <= limit
+  assert sizes[True] <= limit
+
+
+def test_errors_name_the_path_and_tensor(tmp_path):
+  model = make("w4a16")()
+  p = ckpt.save(tmp_path / "c", model, policy=lowbit.policy.w4a16())
+  with pytest.raises(ValueError, match="exists; pass overwrite=True"):
+    ckpt.save(p, model)
+  # a model built with another policy
+  with pytest.raises(ValueError, match=r"tensor 'layers/0/attn/k_proj/qscale' in .*/c is "
+                                       r"bfloat16\[1, 64\], the model expects float32\[1, 64\]"):
+    ckpt.restore(p, nnx.eval_shape(make("w8a16")))
+  with pytest.raises(ValueError, match="another precision policy"):
+    ckpt.restore(p, nnx.eval_shape(make("w4a16")), policy=lowbit.policy.w8a16())
+  # a wrong format version
+  bad = tmp_path / "bad"
+  ckpt.save(bad, model)
+  meta_file = next((bad / "meta").rglob("*")) if (bad / "meta").is_dir() else bad / "meta"
+  meta = json.loads(meta_file.read_text())
+  meta["format_version"] = 99
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=f"{bad}.*format_version=99"):
+    ckpt.restore(bad, nnx.eval_shape(make("w4a16")))
+  # missing and truncated array files
+  for damage in ("delete", "truncate"):
+    d = ckpt.save(tmp_path / damage, model)
+    files = sorted((f for f in (d / "state").rglob("*") if f.is_file() and f.stat().st_size > 1000),
+                   key=lambda f: -f.stat().st_size)
+    assert files, "expected array data files"
+    for f in files:
+      if damage == "delete":
+        f.unlink()
+      else:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    with pytest.raises(ValueError, match=str(d)):
+      restored = ckpt.restore(d, nnx.eval_shape(make("w4a16")))
+      # a truncated store that still reads must not pass silently as the saved model
+      tok = jnp.zeros((1, 4), jnp.int32)
+      if not np.array_equal(np.asarray(restored(tok)), np.asarray(model(tok))):
+        raise ValueError(f"{d}: restored model differs")
+  with pytest.raises(ValueError, match="not a complete lowbit checkpoint"):
+    ckpt.restore(tmp_path / "nothing", nnx.eval_shape(make("w4a16")))
+
+
+def test_interrupted_save_leaves_previous_checkpoint_restorable(tmp_path):
+  root = tmp_path / "run"
+  model = make("w8a8")()
+  ckpt.save(root / "step_00001", model)
+  script = textwrap.dedent(f"""
+      import jax, jax.numpy as jnp
+      from flax import nnx
+      import lowbit
+      from lowbit import ckpt
+      class Big(nnx.Module):
+        def __init__(self):
+          self.layers = nnx.List([nnx.Linear(2048, 2048, rngs=nnx.Rngs(i)) for i in range(24)])
+      print("saving", flush=True)
+      ckpt.save({str(root / "step_00002")!r}, Big(), compression=True)
+      print("done", flush=True)
+  """)
+  proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == "saving"
+  deadline = time.time() + 120
+  while time.time() < deadline and not any(".orbax-checkpoint-tmp" in p.name for p in root.iterdir()):
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (root / "step_00002").exists() or not (root / "step_00002" / "meta").exists()
+  assert ckpt.latest(root) == root / "step_00001"
+  restored = ckpt.restore(ckpt.latest(root), nnx.eval_shape(make("w8a8")))
+  tok = jnp.arange(8)[None]
+  np.testing.assert_array_equal(np.asarray(restored(tok)), np.asarray(model(tok)))
