@@ -31,7 +31,6 @@ True
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any
 

@@ -37,7 +37,7 @@ def test_round_trip_is_bit_identical(tmp_path, name):
   meta = ckpt.read_meta(tmp_path / "c")
   assert meta["format_version"] == ckpt.FORMAT_VERSION and meta["policy"] == policy.to_dict()
   # no float copy of a quantized weight was stored
-  for path, layer in meta["layers"].items():
+  for path in meta["layers"]:
     assert f"{path}/kernel" not in meta["tensors"]
     assert meta["tensors"][f"{path}/qvalue"]["dtype"] in ("int8", "uint8")
 
