@@ -173,6 +173,71 @@ def restore(path: str | pathlib.Path, abstract_model: nnx.Module, *, policy=None
   return nnx.merge(graphdef, state)
 
 
+def _train_tree(model: nnx.Module, optimizers) -> dict[str, Any]:
+  tree = {"model": nnx.to_pure_dict(nnx.state(model))}
+  for i, opt in enumerate(optimizers):
+    if opt is not None:
+      tree[f"optimizer_{i}"] = nnx.to_pure_dict(nnx.state(opt))
+  return jax.tree_util.tree_map(lambda x: x, _str_keys(tree))
+
+
+def _str_keys(tree):
+  if isinstance(tree, dict):
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def _apply_pure(obj: nnx.Module, pure: dict) -> None:
+  state = nnx.state(obj)
+  flat = _flat(state)
+  for k, var in flat.items():
+    node = pure
+    for part in k.split("/"):
+      node = node[part]
+    var.set_value(jnp.asarray(node))
+
+
+def save_train_state(root: str | pathlib.Path, step: int, model: nnx.Module, *optimizers,
+                     extra: dict[str, Any] | None = None, max_to_keep: int = 3) -> None:
+  """Checkpoint a QAT run at ``step``: model (params and quantizer parameters),
+  optimizer states and steps, and ``extra`` arrays (e.g. a PRNG key's data), with an
+  ``orbax.checkpoint.CheckpointManager`` under ``root`` (atomic per step)."""
+  tree = _train_tree(model, optimizers)
+  if extra:
+    tree["extra"] = _str_keys(extra)
+  with ocp.CheckpointManager(pathlib.Path(root).absolute(),
+                             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)) as m:
+    m.save(step, args=ocp.args.StandardSave(tree))
+    m.wait_until_finished()
+
+
+def restore_train_state(root: str | pathlib.Path, model: nnx.Module, *optimizers,
+                        extra: dict[str, Any] | None = None, step: int | None = None):
+  """Restore the latest (or ``step``) train state into ``model`` and ``optimizers`` in place.
+
+  ``model`` and the optimizers must be built as for the saved run (the same
+  policy and ``learn``); returns ``(step, extra)``.
+  """
+  root = pathlib.Path(root).absolute()
+  with ocp.CheckpointManager(root) as m:
+    step = m.latest_step() if step is None else step
+    if step is None:
+      raise ValueError(f"restore_train_state: no complete checkpoint under {root}.")
+    template = _train_tree(model, optimizers)
+    if extra:
+      template["extra"] = _str_keys(extra)
+    try:
+      tree = m.restore(step, args=ocp.args.StandardRestore(template))
+    except Exception as e:  # noqa: BLE001
+      raise ValueError(f"restore_train_state: {root} step {step} does not match this model "
+                       f"and optimizers: {type(e).__name__}: {str(e)[:300]}") from e
+  _apply_pure(model, tree["model"])
+  for i, opt in enumerate(optimizers):
+    if opt is not None:
+      _apply_pure(opt, tree[f"optimizer_{i}"])
+  return step, tree.get("extra")
+
+
 def latest(root: str | pathlib.Path) -> pathlib.Path | None:
   """The newest complete checkpoint directly under ``root`` (by name), or None.
 

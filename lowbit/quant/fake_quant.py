@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -160,7 +161,7 @@ def learned_clip_params(x: jax.typing.ArrayLike, spec: QuantSpec,
 
 def lsq_grad_scale(spec: QuantSpec, layout: Layout) -> float:
   """LSQ's step-size gradient scale ``1 / sqrt(N * qmax)``, ``N`` elements per scale."""
-  return float(1.0 / jnp.sqrt(layout.elements_per_scale * spec.qmax))
+  return 1.0 / math.sqrt(layout.elements_per_scale * spec.qmax)
 
 
 def _clip_to_scale(xb, clip: LearnedClip, spec: QuantSpec, layout: Layout):
