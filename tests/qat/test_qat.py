@@ -119,7 +119,7 @@ def test_resumed_run_is_bit_identical(float_model, tmp_path):
 
   def run(model, w, q, start, stop, rng):
     losses = []
-    for i in range(start, stop):
+    for _i in range(start, stop):
       rng, sub = jax.random.split(rng)
       xb, yb = batch(int(jax.random.randint(sub, (), 0, 10_000)))
       losses.append(float(step(model, w, q, (xb, yb))))
