@@ -59,6 +59,10 @@ class ActScale(QuantState):
   """Static activation step size: calibrated by PTQ, learned by QAT (LSQ)."""
 
 
+class InputSmoothing(nnx.Variable):
+  """SmoothQuant's per-input-channel factors ``s``: the layer computes ``(x / s) @ (s W)``."""
+
+
 class QValue(nnx.Variable):
   """Integer codes of a converted weight: int8, or uint8 packed two per byte."""
 
@@ -83,6 +87,7 @@ class _QuantMixin:
   """State and conversion shared by QLinear and QEinsum."""
 
   def _init_quant(self):
+    self.observer = None  # PTQ calibration hook (eager only); see lowbit.ptq
     self.mode = FLOAT
     self.weight_spec: QuantSpec | None = None
     self.act_spec: QuantSpec | None = None
@@ -230,6 +235,10 @@ class QLinear(_QuantMixin, nnx.Linear):
       act.resolve((2, self.in_features), name=f"{path or 'QLinear'} input [M, K]")
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    if self.observer is not None:
+      self.observer(inputs)
+    if getattr(self, "smooth", None) is not None:  # SmoothQuant: (x / s) @ (s W)
+      inputs = (inputs / self.smooth[...]).astype(inputs.dtype)
     if self.mode == FLOAT:
       return super().__call__(inputs, out_sharding)
     bias = self.bias[...] if self.bias is not None else None
