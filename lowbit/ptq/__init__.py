@@ -82,23 +82,23 @@ def collect(model: nnx.Module, batches: Iterable[Any],
   Returns ``{module path: LayerStats}`` for every :class:`QLinear` that has a
   precision. Layers are returned to their previous mode.
   """
-  layers = {p: l for p, l in quantizable_layers(model).items()
-            if isinstance(l, QLinear) and (l.weight_spec is not None or l.act_spec is not None)}
+  layers = {p: m for p, m in quantizable_layers(model).items()
+            if isinstance(m, QLinear) and (m.weight_spec is not None or m.act_spec is not None)}
   if not layers:
     raise ValueError("ptq.collect: no lowbit layer with a precision; apply "
                      "lowbit.quantize_model(model, policy) first.")
-  modes = {p: l.mode for p, l in layers.items()}
+  modes = {p: m.mode for p, m in layers.items()}
   obs = {}
   try:
-    for i, (p, l) in enumerate(layers.items()):
-      l.mode = FLOAT
-      obs[p] = l.observer = _Observer(l.in_features, hessian, max_samples, seed + i)
+    for i, (p, m) in enumerate(layers.items()):
+      m.mode = FLOAT
+      obs[p] = m.observer = _Observer(m.in_features, hessian, max_samples, seed + i)
     for b in tqdm(batches, desc="calibration", disable=not progress):
       forward(model, b)
   finally:
-    for p, l in layers.items():
-      l.observer = None
-      l.mode = modes[p]
+    for p, m in layers.items():
+      m.observer = None
+      m.mode = modes[p]
   return {p: o.stats for p, o in obs.items()}
 
 
