@@ -41,6 +41,33 @@ def demo(args: argparse.Namespace) -> int:
   return 0
 
 
+def ablate(args: argparse.Namespace) -> int:
+  """Run an ablation config; print where its results are."""
+  from lowbit import ablation, harness
+  overrides = list(args.set or [])
+  if args.data:
+    overrides.append(f"data={args.data}")
+  if args.workdir:
+    overrides.append(f"workdir={args.workdir}")
+  if args.float_ckpt:
+    overrides.append(f"float_ckpt={args.float_ckpt}")
+  cfg = harness.load_config(args.config, overrides)
+  run_dir = ablation.run(cfg, quiet=args.quiet)
+  print(f"results: {run_dir / 'results.json'}")
+  if args.report:
+    from lowbit import report
+    out = report.write_report([run_dir / "results.json"], args.report)
+    print(f"report: {out}")
+  return 0
+
+
+def report_cmd(args: argparse.Namespace) -> int:
+  from lowbit import report
+  out = report.write_report(args.results, args.out)
+  print(f"report: {out}")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="lowbit", description="lowbit: int8/int4 quantization for JAX")
   sub = ap.add_subparsers(dest="cmd", required=True)
@@ -49,6 +76,19 @@ def main(argv: list[str] | None = None) -> int:
   d.add_argument("--n", type=int, default=1024)
   d.add_argument("--seed", type=int, default=0)
   d.set_defaults(fn=demo)
+  a = sub.add_parser("ablate", help="run an int4 vs int8 ablation config")
+  a.add_argument("--config", required=True, help="a Python config file (get_config())")
+  a.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+  a.add_argument("--data", help="a text file to use instead of the config's corpus")
+  a.add_argument("--workdir", help="the run directory (must not exist)")
+  a.add_argument("--float-ckpt", help="reuse a float checkpoint instead of training")
+  a.add_argument("--report", help="also write a markdown report (with plots) to this path")
+  a.add_argument("--quiet", action="store_true", help="no progress bars")
+  a.set_defaults(fn=ablate)
+  r = sub.add_parser("report", help="tables and plots from results.json files")
+  r.add_argument("results", nargs="+", help="results.json files or run directories")
+  r.add_argument("--out", required=True, help="markdown file to write (PNGs beside it)")
+  r.set_defaults(fn=report_cmd)
   args = ap.parse_args(argv)
   return args.fn(args)
 

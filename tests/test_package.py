@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -37,18 +39,53 @@ def readme_commands():
 
 def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
   main_cmd, test_cmd = readme_commands()[:2]
-  assert "pip install" in main_cmd and "lowbit" in main_cmd
+  assert "pip install" in main_cmd and "lowbit ablate" in main_cmd
   assert "pytest" in test_cmd
   assert test_cmd in (ROOT / ".ci" / "run").read_text()
 
 
-def test_readme_main_command_runs():
-  main_cmd = readme_commands()[0]
-  tail = main_cmd.split("&&")[-1].strip()       # ".venv/bin/lowbit demo"
-  args = tail.split()[1:]
+def _lowbit_exe():
   exe = pathlib.Path(sys.executable).parent / "lowbit"
-  cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lowbit.cli"]
-  out = subprocess.run(cmd + args + ["--k", "512", "--n", "128"], check=True,
+  return [str(exe)] if exe.exists() else [sys.executable, "-m", "lowbit.cli"]
+
+
+def _main_args():
+  main_cmd = readme_commands()[0]
+  tail = main_cmd.split("&&")[-1].strip()   # ".venv/bin/lowbit ablate --config ... --report ..."
+  args = tail.split()[1:]
+  assert args[:3] == ["ablate", "--config", "configs/shakespeare_quick.py"], args
+  return args
+
+
+def test_readme_main_command_runs_on_a_tiny_budget(tmp_path):
+  """The README's main command, with overrides that shrink it to seconds."""
+  args = _main_args()
+  args[args.index("--report") + 1] = str(tmp_path / "report.md")
+  corpus = tmp_path / "c.txt"
+  corpus.write_text("Now is the winter of our discontent\nMade glorious summer by this sun of York;\n"
+                    * 50)
+  small = ["--data", str(corpus), "--workdir", str(tmp_path / "run"), "--quiet",
+           "--set", "steps=5", "--set", "warmup=1", "--set", "grid=w8a16,w4a16-channel",
+           "--set", "sensitivity=false", "--set", "eval_tokens=512", "--set", "calib_batches=1",
+           "--set", "n_layers=1", "--set", "d_model=32", "--set", "n_heads=2"]
+  out = subprocess.run(_lowbit_exe() + args + small, check=True, capture_output=True, text=True,
+                       timeout=600, cwd=ROOT).stdout
+  assert "results:" in out and (tmp_path / "run" / "results.json").exists()
+  assert "w4a16-channel" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_readme_main_command_full(tmp_path):
+  """The README's main command exactly as written (about 10 minutes): `pytest -m slow`."""
+  args = _main_args()
+  args[args.index("--report") + 1] = str(tmp_path / "report.md")
+  subprocess.run(_lowbit_exe() + args + ["--workdir", str(tmp_path / "run"), "--quiet"],
+                 check=True, timeout=3600, cwd=ROOT)
+  assert (tmp_path / "run" / "results.json").exists()
+
+
+def test_demo_command_runs():
+  out = subprocess.run(_lowbit_exe() + ["demo", "--k", "512", "--n", "128"], check=True,
                        capture_output=True, text=True, timeout=300).stdout
   rows = {ln.split("  ")[0]: ln.split() for ln in out.splitlines() if ln.startswith("int")}
   assert set(rows) >= {"int8 per-channel", "int4 group 128"}
