@@ -178,7 +178,7 @@ def _train_tree(model: nnx.Module, optimizers) -> dict[str, Any]:
   for i, opt in enumerate(optimizers):
     if opt is not None:
       tree[f"optimizer_{i}"] = nnx.to_pure_dict(nnx.state(opt))
-  return jax.tree_util.tree_map(lambda x: x, _str_keys(tree))
+  return _str_keys(tree)
 
 
 def _str_keys(tree):

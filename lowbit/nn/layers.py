@@ -183,7 +183,7 @@ class _QuantMixin:
         delattr(self, name)
     self.mode = CONVERTED
 
-  def _weight_for_fake_quant(self, dtype) -> jax.Array:
+  def _weight_for_fake_quant(self) -> jax.Array:
     kernel = self.kernel[...]
     if self.weight_spec is None:
       return kernel
@@ -243,7 +243,7 @@ class QLinear(_QuantMixin, nnx.Linear):
       return super().__call__(inputs, out_sharding)
     bias = self.bias[...] if self.bias is not None else None
     if self.mode == FAKE_QUANT:
-      kernel = self._weight_for_fake_quant(inputs.dtype)
+      kernel = self._weight_for_fake_quant()
       inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
       if self.act_spec is not None:
         k = inputs.shape[-1]
@@ -255,8 +255,7 @@ class QLinear(_QuantMixin, nnx.Linear):
       dtype = self.dtype or inputs.dtype
       x = inputs.astype(dtype)
       if self.weight_spec is None:  # activation-only quantization
-        from lowbit.quant import fake_quant as fq
-        x2 = fq(x.reshape(-1, x.shape[-1]), self.act_spec, self._act_params())
+        x2 = fake_quant(x.reshape(-1, x.shape[-1]), self.act_spec, self._act_params())
         y = jnp.dot(x2.reshape(x.shape), self.kernel[...].astype(dtype), precision=self.precision)
       else:
         y = kernels.qmatmul(x, self.quantized_weight(), act_spec=self.act_spec,
@@ -313,7 +312,7 @@ class QEinsum(_QuantMixin, nnx.Einsum):
     einsum_str = (einsum_str or self.einsum_str).replace(" ", "")
     bias = self.bias[...] if self.bias is not None else None
     if self.mode == FAKE_QUANT:
-      kernel = self._weight_for_fake_quant(inputs.dtype)
+      kernel = self._weight_for_fake_quant()
     else:
       kernel = (dequantize(self.quantized_weight()) if self.weight_spec is not None
                 else self.kernel[...])

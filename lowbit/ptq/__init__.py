@@ -26,6 +26,7 @@ from flax import nnx
 from lowbit.nn.layers import FAKE_QUANT, FLOAT, InputSmoothing, QLinear, WeightScale, WeightZeroPoint
 from lowbit.nn.surgery import quantizable_layers
 from lowbit.quant import QuantParams, QuantSpec, calibrate
+from lowbit.quant.quantize import _Tracer
 
 try:
   from tqdm.auto import tqdm
@@ -57,7 +58,7 @@ class _Observer:
     self.rng = np.random.default_rng(seed)
 
   def __call__(self, x):
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, _Tracer):
       raise ValueError("PTQ statistics are collected eagerly; call the model outside jit.")
     x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
     st = self.stats
