@@ -227,15 +227,21 @@ def quantize_point(point: Point, fmodel, cfg, corpus, log, quiet, val) -> tuple[
       ptq.gptq(qm, stats, progress=not quiet)
   if point.method == "qat":
     extra["ptq_val_loss"] = evaluate(qm, fmodel, val, cfg.eval_batch, quiet)["loss"]
-    w, q = make_optimizers(qm, optax.adamw(cfg.qat_lr, weight_decay=0.0),
-                           optax.adam(cfg.qat_quant_lr) if learn else None)
-    step = make_train_step(lm_loss)
-    key = jax.random.key(cfg.seed + 2)
-    for i in tqdm(range(cfg.qat_steps), desc=f"qat {point.name}", disable=quiet):
-      key, sub = jax.random.split(key)
-      loss = step(qm, w, q, train_batch(corpus.train, sub, cfg.batch_size, cfg.context))
-      log.write(phase="qat", point=point.name, step=i, loss=float(loss))
+    fine_tune(qm, cfg, corpus, log, quiet, point.name, learn is not None)
   return qm, extra
+
+
+def fine_tune(model, cfg, corpus, log, quiet, name: str, learn_quant: bool) -> None:
+  """``cfg.qat_steps`` steps on the training text, the same batches for every caller
+  (so QAT and the float fine-tune control see identical data)."""
+  w, q = make_optimizers(model, optax.adamw(cfg.qat_lr, weight_decay=0.0),
+                         optax.adam(cfg.qat_quant_lr) if learn_quant else None)
+  step = make_train_step(lm_loss)
+  key = jax.random.key(cfg.seed + 2)
+  for i in tqdm(range(cfg.qat_steps), desc=f"fine-tune {name}", disable=quiet):
+    key, sub = jax.random.split(key)
+    loss = step(model, w, q, train_batch(corpus.train, sub, cfg.batch_size, cfg.context))
+    log.write(phase="qat", point=name, step=i, loss=float(loss))
 
 
 def evaluate(model, reference, windows, batch, quiet) -> dict:
@@ -329,6 +335,13 @@ def run(cfg: AblationConfig, *, quiet: bool = False) -> pathlib.Path:
                    val_bpc=fval["loss"] / math.log(2), test_bpc=ftest["loss"] / math.log(2),
                    bytes=model_bytes(fmodel), train_seconds=train_seconds,
                    steps_per_s=(cfg.steps / train_seconds) if train_seconds else None)
+  if any(POINTS[g].method == "qat" for g in cfg.grid):
+    # Control for QAT: the float model fine-tuned on the same batches, unquantized.
+    # QAT's own steps also keep training the model; only the gap to this control
+    # is the quantization penalty left after QAT.
+    ft = nnx.clone(fmodel)
+    fine_tune(ft, cfg, corpus, log, quiet, "float-control", False)
+    float_row["finetuned_val_loss"] = evaluate(ft, fmodel, val, cfg.eval_batch, quiet)["loss"]
   log.write(phase="float_eval", **float_row)
   rows = []
   for name in cfg.grid:
@@ -349,6 +362,10 @@ def run(cfg: AblationConfig, *, quiet: bool = False) -> pathlib.Path:
     if "ptq_val_loss" in extra:
       gap = extra["ptq_val_loss"] - fval["loss"]
       row["qat_recovery"] = (extra["ptq_val_loss"] - rv["loss"]) / gap if gap > 0 else None
+      # the penalty left after QAT, against the equally trained float control
+      row["qat_gap_vs_float_control"] = rv["loss"] - float_row["finetuned_val_loss"]
+      row["qat_recovery_controlled"] = (1 - row["qat_gap_vs_float_control"] / gap
+                                        if gap > 0 else None)
     rows.append(row)
     log.write(phase="point", **{k: v for k, v in row.items() if k != "seconds"})
   results = dict(config_name=cfg.name, config=dataclasses.asdict(cfg), environment=env,

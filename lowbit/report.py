@@ -77,6 +77,15 @@ def _check(i: int, res) -> tuple[str, str] | None:
       return None
     if max(r["ptq_val_loss"] - res["float"]["val_loss"] for r in q) < 0.01:
       return ("not applicable", "PTQ loses < 0.01 nats/char here, nothing for QAT to recover")
+    ctrl = [r for r in q if r.get("qat_recovery_controlled") is not None]
+    if ctrl:
+      ft = res["float"]["finetuned_val_loss"] - res["float"]["val_loss"]
+      ev = f"float fine-tuned on the same batches (control) {f(ft)}; " + "; ".join(
+          f"{r['point']}: PTQ {r['ptq_val_loss'] - res['float']['val_loss']:+.4f}, after QAT "
+          f"{r['qat_gap_vs_float_control']:+.4f} above the control "
+          f"({r['qat_recovery_controlled']:.0%} of the PTQ loss recovered)" for r in ctrl)
+      best = max(r["qat_recovery_controlled"] for r in ctrl)
+      return ("reproduced" if best > 0.5 else "not reproduced", ev)
     ev = "; ".join(f"{r['point']}: PTQ {r['ptq_val_loss'] - res['float']['val_loss']:+.4f} -> "
                    f"QAT {f(r['delta_val'])} ({r['qat_recovery']:.0%} recovered)" for r in q)
     if min(r["delta_val"] for r in q) < 0:

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 import pytest
 
@@ -50,6 +51,10 @@ def test_smoke_run_writes_everything_and_reruns_bit_identically(tmp_path):
   assert r1["sensitivity"]["searched"][0]["avg_code_bits"] <= 5.0
   q = next(r for r in r1["rows"] if r["method"] == "qat")
   assert "ptq_val_loss" in q and "qat_recovery" in q
+  # the float control fine-tuned on the same batches, and the gap QAT leaves to it
+  assert "finetuned_val_loss" in r1["float"]
+  assert q["qat_gap_vs_float_control"] == pytest.approx(
+      q["val_loss"] - r1["float"]["finetuned_val_loss"])
   # the table generator reads them
   out = report.write_report([d1, d2 / "results.json"], tmp_path / "docs" / "r.md")
   assert (tmp_path / "docs" / "r_delta.png").exists() and (tmp_path / "docs" / "r_pareto.png").exists()
@@ -90,7 +95,9 @@ def test_config_files_and_overrides(tmp_path):
     c = harness.load_config(root / "configs" / name)
     assert all(g in ablation.POINTS for g in c.grid)
     doc = (root / "configs" / name).read_text()
-    assert "lowbit ablate --config configs/" + name in doc and "minutes" in doc
+    # the docstring gives the command, the cost and the expected result
+    assert "lowbit ablate --config configs/" + name in doc
+    assert re.search(r"Cost: (about )?\d+ min", doc) and "Expected:" in doc
 
 
 def test_tiny_shakespeare_checksum_is_checked(tmp_path):
