@@ -9,10 +9,10 @@ For nanoGPT's number, train and validate on tiny-shakespeare instead::
     lowbit ablate --config configs/shakespeare_char.py --data ../shared/data/tinyshakespeare.txt \\
         --set data_sha256=86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed
 
-Cost: about 12 minutes on 2 CPU cores: 3 minutes of float training, then 8 min
-20 s for the 31 grid points (four QAT fine-tunes of 200 steps), the sensitivity
-pass and the policy search (measured 2026-11-27 with --float-ckpt reusing the
-quick run's float model; add the training time without it).
+Cost: about 13 minutes on 2 CPU cores: 3 minutes of float training, then 9 min
+47 s for the 31 grid points (four QAT fine-tunes of 200 steps and a float
+fine-tune control), the sensitivity pass and the policy search (measured
+2026-11-27 with --float-ckpt reusing the quick run's float model).
 Expected: float validation loss 1.81 nats/char on the held-out plays
 (tiny-shakespeare: 1.743, target <= 1.92, nanoGPT reaches 1.88); int8
 weight-only within 0.001 of float; per-channel beats per-tensor; groups recover
