@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from lowbit.kernels import w4a8, w4a16, w8a8
-from lowbit.kernels._pallas import BlockSizes, default_block_sizes, float_dot_dtype, platform
+from lowbit.kernels._pallas import BlockSizes, default_block_sizes, dequant_dot, platform
 from lowbit.kernels.w4a8 import w4a8_matmul
 from lowbit.kernels.w4a16 import w4a16_matmul
 from lowbit.kernels.w8a8 import w8a8_matmul
@@ -87,7 +87,7 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
     if impl == "reference":
       y = jnp.dot(xin.astype(jnp.float32), dequantize(w), precision=lax.Precision.HIGHEST)
     else:
-      y = _dequant_dot(xin.astype(x.dtype), w)
+      y = dequant_dot(xin.astype(x.dtype), w)
   elif name == "w8a8":
     fn = w8a8.w8a8_matmul if impl == "pallas" else w8a8.xla
     y = fn(xq, w, out_dtype=jnp.float32, **_bs(impl, block_sizes))
@@ -102,17 +102,6 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
 
 def _bs(impl, block_sizes):
   return {"block_sizes": block_sizes} if impl == "pallas" else {}
-
-
-def _dequant_dot(x: jax.Array, w: QArray) -> jax.Array:
-  """Generic XLA path: codes to ``x.dtype``, per-channel scale after the dot when possible."""
-  dt = float_dot_dtype(x.dtype)
-  prec = lax.Precision.HIGHEST if dt == jnp.float32 else None
-  x = x.astype(dt)
-  if w.group_axis is None and w.zero_point is None and w.channel_axes in ((), (1,)):
-    acc = lax.dot(x, w.codes.astype(dt), precision=prec, preferred_element_type=jnp.float32)
-    return acc * w.scale.astype(jnp.float32)
-  return lax.dot(x, dequantize(w, dt), precision=prec, preferred_element_type=jnp.float32)
 
 
 __all__ = [

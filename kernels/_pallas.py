@@ -335,3 +335,20 @@ def act_operands(x, name: str):
         f"{name}: x's scale must be per-token (channel_axes=(0,)), got {x.channel_axes}.")
   m = x.shape[0]
   return x.qvalue, jnp.broadcast_to(x.scale.astype(jnp.float32), (m, 1))
+
+
+def dequant_dot(x: jax.Array, w) -> jax.Array:
+  """The generic XLA path: ``x [M, K] @ dequantize(w) [K, N]``, f32 accumulation.
+
+  Symmetric per-channel weights multiply the codes and scale the product once;
+  anything else (groups, zero points) dequantizes first. Float operands are f32
+  on CPU (see :func:`float_dot_dtype`) and multiplied at full f32 precision.
+  """
+  from lowbit.quant import dequantize
+  dt = float_dot_dtype(x.dtype)
+  prec = lax.Precision.HIGHEST if dt == jnp.float32 else None
+  x = x.astype(dt)
+  if w.group_axis is None and w.zero_point is None and w.channel_axes in ((), (1,)):
+    acc = lax.dot(x, w.codes.astype(dt), precision=prec, preferred_element_type=jnp.float32)
+    return acc * w.scale.astype(jnp.float32)
+  return lax.dot(x, dequantize(w, dt), precision=prec, preferred_element_type=jnp.float32)

@@ -86,14 +86,11 @@ def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | 
 def xla(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None) -> jax.Array:
   """The XLA path: unpack the halves to ``x.dtype``, two dots, scales in f32."""
   wq, ws, group = _pallas.weight_operands(w, "w4a16.xla", packed=True)
-  dt = _pallas.float_dot_dtype(x.dtype)
   if group is not None and _pallas.platform() == "cpu":
     # XLA:CPU runs one large dot far faster than K/G small batched ones: scale
     # the codes per group first (exact in f32), then a single dot.
-    prec = lax.Precision.HIGHEST if dt == jnp.float32 else None
-    return lax.dot(x.astype(dt), dequantize(w, dt), precision=prec,
-                   preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
-  out = grouped_halves_dot(x, wq, ws, group, dt, jnp.float32)
+    return _pallas.dequant_dot(x, w).astype(out_dtype or x.dtype)
+  out = grouped_halves_dot(x, wq, ws, group, _pallas.float_dot_dtype(x.dtype), jnp.float32)
   return out.astype(out_dtype or x.dtype)
 
 

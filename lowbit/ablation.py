@@ -215,13 +215,13 @@ def quantize_point(point: Point, fmodel, cfg, corpus, log, quiet, val) -> tuple[
   qm = lowbit.quantize_model(fmodel, policy, learn=learn)
   calib = [train_batch(corpus.train, jax.random.key(10_000 + i), cfg.calib_batch_size,
                        cfg.context)[0] for i in range(cfg.calib_batches)]
-  needs_stats = point.method in ("gptq", "smoothquant") or (
-      point.act is not None and not point.act.channel_axes) or any(
-      r.act is not None and not r.act.channel_axes for r in policy.rules if not r.keep_float)
-  if needs_stats:
+  static_act = any(r.act is not None and not r.act.channel_axes
+                   for r in policy.rules if not r.keep_float)
+  if static_act or point.method in ("gptq", "smoothquant"):
     stats = ptq.collect(qm, calib, hessian=point.method == "gptq", progress=not quiet)
     if point.method == "smoothquant":
       ptq.smooth_quant(qm, stats, alpha=0.5)
+      stats = ptq.collect(qm, calib, progress=not quiet)  # the inputs the quantizer now sees
     ptq.calibrate_activations(qm, stats)
     if point.method == "gptq":
       ptq.gptq(qm, stats, progress=not quiet)

@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import lowbit
-from lowbit.nn.layers import QuantState, QValue
+from lowbit.nn.layers import QValue
 from lowbit.nn.surgery import quantizable_layers
 
 FORMAT_VERSION = 1
@@ -89,11 +89,14 @@ def save(path: str | pathlib.Path, model: nnx.Module, *, policy=None,
   path = pathlib.Path(path).absolute()
   if path.exists() and not overwrite:
     raise ValueError(f"save: {path} exists; pass overwrite=True or choose a new path.")
-  state = nnx.state(model, nnx.Not(QuantState)) if _is_converted(model) else nnx.state(model)
+  for p, layer in quantizable_layers(model).items():
+    if getattr(layer, "mode", None) == "fake_quant":
+      raise ValueError(
+          f"save: {p} is in fake-quant (QAT) mode; convert the model first "
+          "(lowbit.convert), or checkpoint training with save_train_state.")
+  # Converted layers keep only codes, scales and a static activation scale (if calibrated).
+  state = nnx.state(model)
   flat = _flat(state)
-  for k, v in flat.items():
-    if isinstance(v, QuantState):
-      raise ValueError(f"save: {k} is a QAT quantizer parameter; convert the model first.")
   meta = {"format_version": FORMAT_VERSION, "lowbit_version": lowbit.__version__,
           "jax_version": jax.__version__, "policy": None if policy is None else policy.to_dict(),
           "tensors": _tensor_meta(state), "layers": _layers_meta(model)}
@@ -102,11 +105,6 @@ def save(path: str | pathlib.Path, model: nnx.Module, *, policy=None,
       path, args=ocp.args.Composite(state=ocp.args.PyTreeSave(arrays),
                                     meta=ocp.args.JsonSave(meta)), force=overwrite)
   return path
-
-
-def _is_converted(model) -> bool:
-  return any(getattr(layer, "mode", None) == "converted"
-             for layer in quantizable_layers(model).values())
 
 
 def read_meta(path: str | pathlib.Path) -> dict[str, Any]:

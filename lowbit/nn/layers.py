@@ -235,10 +235,10 @@ class QLinear(_QuantMixin, nnx.Linear):
       act.resolve((2, self.in_features), name=f"{path or 'QLinear'} input [M, K]")
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-    if self.observer is not None:
-      self.observer(inputs)
     if getattr(self, "smooth", None) is not None:  # SmoothQuant: (x / s) @ (s W)
       inputs = (inputs / self.smooth[...]).astype(inputs.dtype)
+    if self.observer is not None:  # sees what the activation quantizer sees
+      self.observer(inputs)
     if self.mode == FLOAT:
       return super().__call__(inputs, out_sharding)
     bias = self.bias[...] if self.bias is not None else None
@@ -249,8 +249,8 @@ class QLinear(_QuantMixin, nnx.Linear):
         k = inputs.shape[-1]
         x2 = fake_quant(inputs.reshape(-1, k), self.act_spec, self._act_params())
         inputs = x2.reshape(inputs.shape)
-      y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
-                              precision=self.precision)
+      y = self.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                           precision=self.precision)
     else:
       dtype = self.dtype or inputs.dtype
       x = inputs.astype(dtype)

@@ -4,7 +4,8 @@ The flow on a float model::
 
     qmodel = lowbit.quantize_model(model, policy)          # fake-quant, specs checked
     stats = lowbit.ptq.collect(qmodel, batches, hessian=True)   # float activations
-    lowbit.ptq.smooth_quant(qmodel, stats, alpha=0.5)      # optional, for A8
+    lowbit.ptq.smooth_quant(qmodel, stats, alpha=0.5)      # optional, for A8;
+    stats = lowbit.ptq.collect(qmodel, batches)            # then collect the smoothed inputs
     lowbit.ptq.calibrate_activations(qmodel, stats)        # static activation scales
     lowbit.ptq.gptq(qmodel, stats)                         # optional, weights
     converted = lowbit.convert(qmodel)
@@ -48,6 +49,7 @@ class LayerStats:
   xtx: np.ndarray | None
   samples: np.ndarray
   n: int = 0
+  smoothed: bool = False  # collected after smooth_quant (inputs already divided by s)
 
 
 class _Observer:
@@ -94,6 +96,7 @@ def collect(model: nnx.Module, batches: Iterable[Any],
     for i, (p, m) in enumerate(layers.items()):
       m.mode = FLOAT
       obs[p] = m.observer = _Observer(m.in_features, hessian, max_samples, seed + i)
+      obs[p].stats.smoothed = getattr(m, "smooth", None) is not None
     for b in tqdm(batches, desc="calibration", disable=not progress):
       forward(model, b)
   finally:
@@ -113,19 +116,17 @@ def calibrate_activations(model: nnx.Module, stats: dict[str, LayerStats]) -> No
     if spec.channel_axes or spec.group_size is not None:
       continue  # per-token scales are dynamic
     st = stats[p]
-    s = st.samples
-    if getattr(layer, "smooth", None) is not None:
-      sm = np.asarray(layer.smooth[...])
-      amax = float((st.channel_absmax / sm).max())
-      s = s * float(np.median(1.0 / sm))  # approximate: samples lost their channel index
-    else:
-      amax = float(st.channel_absmax.max())
+    if (getattr(layer, "smooth", None) is not None) != st.smoothed:
+      raise ValueError(
+          f"calibrate_activations: {p}'s statistics were collected "
+          f"{'after' if st.smoothed else 'before'} smoothing but the layer is "
+          f"{'not ' if st.smoothed else ''}smoothed; call ptq.collect again after smooth_quant.")
     if spec.calibration == "absmax":
+      amax = float(st.channel_absmax.max())
       data = jnp.asarray([amax, -amax], jnp.float32)
     else:
-      data = jnp.asarray(s, jnp.float32)
-    scale = calibrate(data.reshape(-1, 1), spec if spec.calibration != "absmax" else
-                      dataclasses.replace(spec, calibration="absmax")).scale
+      data = jnp.asarray(st.samples, jnp.float32)
+    scale = calibrate(data.reshape(-1, 1), spec).scale
     layer.set_act_scale(jnp.reshape(scale.astype(jnp.float32), (1, 1)))
 
 
@@ -145,6 +146,8 @@ def smooth_quant(model: nnx.Module, stats: dict[str, LayerStats], alpha: float =
     layer = layers[p]
     if not isinstance(layer, QLinear) or layer.act_spec is None or layer.mode != FAKE_QUANT:
       continue
+    if stats[p].smoothed or getattr(layer, "smooth", None) is not None:
+      raise ValueError(f"smooth_quant: {p} is already smoothed; smooth a layer once.")
     if getattr(layer, "learn", None) is not None:
       raise ValueError(f"smooth_quant: {p} has learned quantizer parameters; smooth before "
                        "quantize_model(..., learn=...) or use learn=None.")

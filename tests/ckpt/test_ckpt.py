@@ -134,3 +134,25 @@ def test_interrupted_save_leaves_previous_checkpoint_restorable(tmp_path):
   restored = ckpt.restore(ckpt.latest(root), nnx.eval_shape(make("w8a8")))
   tok = jnp.arange(8)[None]
   np.testing.assert_array_equal(np.asarray(restored(tok)), np.asarray(model(tok)))
+
+
+def test_static_activation_scales_round_trip_and_fake_quant_is_refused(tmp_path):
+  """A PTQ-calibrated per-tensor activation scale (ActScale) is saved with the model."""
+  policy = lowbit.PrecisionPolicy((lowbit.PrecisionRule(
+      ".*", lowbit.quant.QuantSpec(bits=8, channel_axes=(1,)), lowbit.quant.QuantSpec(bits=8)),),
+      allow_unused=True)
+
+  def build(scale=0.05):
+    m = lowbit.quantize_model(Transformer(CFG, rngs=nnx.Rngs(0)), policy)
+    with pytest.raises(ValueError, match="fake-quant"):
+      ckpt.save(tmp_path / "never", m)
+    for layer in lowbit.nn.quantizable_layers(m).values():
+      layer.set_act_scale(jnp.full((1, 1), scale))
+    return lowbit.convert(m)
+
+  model = build()
+  ckpt.save(tmp_path / "c", model, policy=policy)
+  assert "layers/0/attn/q_proj/act_scale" in ckpt.read_meta(tmp_path / "c")["tensors"]
+  restored = ckpt.restore(tmp_path / "c", nnx.eval_shape(lambda: build(1.0)), policy=policy)
+  tok = jnp.arange(8)[None]
+  np.testing.assert_array_equal(np.asarray(restored(tok)), np.asarray(model(tok)))
