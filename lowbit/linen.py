@@ -87,7 +87,8 @@ class QDense(nn.Module):
                self.param("qzero", nn.initializers.zeros_init(), layout.scale_shape,
                           wspec.scale_dtype))
       w = QArray(qvalue, qscale, qzero, wspec.bits, (k, n), layout.channel_axes,
-                 layout.group_axis, layout.group_size, layout.pack_axis)
+                 layout.group_axis, layout.group_size, layout.pack_axis,
+                 "integer" if wspec.symmetric else wspec.zero_point_form)
       dtype = self.dtype or inputs.dtype
       y = kernels.qmatmul(inputs.astype(dtype), w, act_spec=aspec,
                           implementation=self.implementation, out_dtype=dtype)

@@ -88,7 +88,7 @@ def describe_spec(spec: QuantSpec | None, prefix: str) -> str:
     gran = "per-token" if prefix == "a" else "per-channel"
   else:
     gran = "per-tensor"
-  extra = "" if spec.symmetric else " asym"
+  extra = "" if spec.symmetric else (" asym-min" if spec.zero_point_form == "min" else " asym")
   if spec.calibration != "absmax":
     extra += f" {spec.calibration}"
   return f"{prefix}{spec.bits} {gran}{extra}"

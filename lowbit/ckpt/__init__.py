@@ -65,10 +65,10 @@ def _layers_meta(model: nnx.Module) -> dict[str, Any]:
   for path, layer in quantizable_layers(model).items():
     qmeta = getattr(layer, "qmeta", None)
     if qmeta is not None:
-      bits, shape, channel_axes, group_axis, group_size, pack_axis = qmeta
+      bits, shape, channel_axes, group_axis, group_size, pack_axis, zp_form = qmeta
       out[path] = dict(bits=bits, shape=list(shape), channel_axes=list(channel_axes),
                        group_axis=group_axis, group_size=group_size, pack_axis=pack_axis,
-                       mode=layer.mode)
+                       zero_point_form=zp_form, mode=layer.mode)
   return out
 
 

@@ -176,7 +176,7 @@ class _QuantMixin:
       if qa.zero_point is not None:
         self.qzero = QScale(qa.zero_point)
       self.qmeta = (qa.bits, qa.shape, qa.channel_axes, qa.group_axis, qa.group_size,
-                    qa.pack_axis)
+                    qa.pack_axis, qa.zero_point_form)
       del self.kernel
     for name in ("w_scale", "w_zero", "w_clip", "w_clip_min"):
       if hasattr(self, name):

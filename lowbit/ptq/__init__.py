@@ -26,7 +26,7 @@ from flax import nnx
 
 from lowbit.nn.layers import FAKE_QUANT, FLOAT, InputSmoothing, QLinear, WeightScale, WeightZeroPoint
 from lowbit.nn.surgery import quantizable_layers
-from lowbit.quant import QuantParams, QuantSpec, calibrate
+from lowbit.quant import QuantParams, QuantSpec, calibrate, code_zero_point
 from lowbit.quant.quantize import _Tracer
 
 try:
@@ -178,7 +178,8 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, spec: QuantSpec, *, damp: float 
   params = calibrate(jnp.asarray(w, jnp.float32), spec)
   s = np.asarray(params.scale, np.float64)                     # [G, N]
   z = (np.zeros_like(s) if params.zero_point is None
-       else np.asarray(params.zero_point, np.float64))
+       else np.asarray(code_zero_point(params.scale, params.zero_point, spec.bits,
+                                       spec.zero_point_form), np.float64))
   group = spec.group_size or k
   h = np.array(h, np.float64)
   dead = np.diag(h) == 0

@@ -25,11 +25,18 @@ from lowbit.quant.fake_quant import (
 )
 from lowbit.quant.packing import pack_int4, unpack_int4, unpack_int4_halves
 from lowbit.quant.qarray import QArray
-from lowbit.quant.quantize import QuantParams, calibrate, dequantize, quantization_error, quantize
+from lowbit.quant.quantize import (
+    QuantParams,
+    calibrate,
+    code_zero_point,
+    dequantize,
+    quantization_error,
+    quantize,
+)
 from lowbit.quant.spec import Layout, QuantSpec
 
 __all__ = [
-    "Layout", "LearnedClip", "QArray", "QuantParams", "QuantSpec", "calibrate",
+    "Layout", "LearnedClip", "QArray", "QuantParams", "QuantSpec", "calibrate", "code_zero_point",
     "dequantize", "fake_quant", "init_learned_clip", "init_learned_scale",
     "learned_clip_params", "lsq_grad_scale", "pack_int4", "quantization_error", "quantize", "round_ste",
     "unpack_int4", "unpack_int4_halves",

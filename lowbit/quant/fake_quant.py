@@ -78,6 +78,10 @@ def fake_quant(x: jax.typing.ArrayLike, spec: QuantSpec,
 
       y = (round(clip(x / s + z, qmin, qmax)) - z) * s
 
+  In the ``"min"`` zero-point form the stored zero point ``m`` enters as
+  ``z = qmin - m / s`` (so ``y = (q - qmin) * s + m``), and gradients reach
+  ``m`` through that.
+
   Backward (custom VJP), with ``u = x / s + z`` and ``inside = qmin <= u <= qmax``:
 
   * ``dy/dx = 1`` inside, ``0`` outside (straight-through estimator);
@@ -127,6 +131,8 @@ def fake_quant(x: jax.typing.ArrayLike, spec: QuantSpec,
     raise ValueError(
         f"fake_quant: spec.symmetric={spec.symmetric} does not match params "
         f"({'no ' if z is None else ''}zero point).")
+  if z is not None and spec.zero_point_form == "min":
+    z = spec.qmin - z / s  # the float minimum m in code units: y = (q - qmin) * s + m
   sb = expand_scale(s, layout) if s.ndim == len(layout.shape) else s
   zb = jnp.zeros((1,) * xb.ndim, jnp.float32) if z is None else (
       expand_scale(z, layout) if z.ndim == len(layout.shape) else z)
@@ -176,6 +182,10 @@ def _clip_to_scale(xb, clip: LearnedClip, spec: QuantSpec, layout: Layout):
   if clip.beta is None:
     raise ValueError("fake_quant: an asymmetric LearnedClip needs beta (the min strength).")
   beta = expand_scale(clip.beta.astype(jnp.float32), layout)
+  if spec.zero_point_form == "min":
+    lo = jax.nn.sigmoid(beta) * lo
+    rng = hi - lo
+    return jnp.where(rng > 0, rng / (spec.qmax - spec.qmin), 1.0), lo
   lo = jnp.minimum(jax.nn.sigmoid(beta) * lo, 0.0)
   hi = jnp.maximum(hi, 0.0)
   rng = hi - lo

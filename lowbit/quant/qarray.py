@@ -18,7 +18,8 @@ class QArray:
 
   Invariant (elementwise, for the logical shape ``shape``)::
 
-      x ~= (q - zero_point) * broadcast(scale)
+      x ~= (q - zero_point) * broadcast(scale)              # zero_point_form "integer"
+      x ~= (q - qmin) * broadcast(scale) + broadcast(zero_point)   # "min"
 
   where ``q`` are the signed integer codes (``unpack_int4(qvalue)`` when
   ``packed``), ``zero_point`` is 0 when absent, and ``broadcast`` repeats each
@@ -32,11 +33,13 @@ class QArray:
     ``shape[pack_axis] // 2`` along ``pack_axis`` (0.5 byte per code).
   * ``scale``: float, of rank ``len(shape)``: ``shape[a]`` on a channel axis,
     ``shape[group_axis] // group_size`` on the group axis, 1 elsewhere.
-  * ``zero_point``: like ``scale`` (float, integer-valued when lowbit made it),
-    or ``None`` for symmetric quantization.
+  * ``zero_point``: like ``scale``: a float holding an integer code in the
+    ``"integer"`` form, the float minimum ``m`` of each scale entry's range in
+    the ``"min"`` form (``qmin = -2**(bits-1)``); ``None`` for symmetric
+    quantization.
 
   Static metadata: ``bits``, ``shape``, ``channel_axes``, ``group_axis``,
-  ``group_size``, ``pack_axis`` (``None`` when not packed).
+  ``group_size``, ``pack_axis`` (``None`` when not packed), ``zero_point_form``.
   """
 
   qvalue: jax.Array
@@ -48,6 +51,7 @@ class QArray:
   group_axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
   group_size: int | None = dataclasses.field(default=None, metadata=dict(static=True))
   pack_axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+  zero_point_form: str = dataclasses.field(default="integer", metadata=dict(static=True))
 
   @property
   def packed(self) -> bool:

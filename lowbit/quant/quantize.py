@@ -71,14 +71,20 @@ def _range_to_params(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> QuantPara
   """Scale (and zero point) from a clipping range; f32 in, ``scale_dtype`` out.
 
   symmetric:  ``s = max(|lo|, |hi|) / qmax``;
-  asymmetric: ``s = (hi - lo) / (qmax - qmin)``, ``z = qmin - round(lo / s)``
-  with the range widened to hold 0, so that 0 has an exact code.
-  A zero range gives ``s = 1`` (finite; such entries dequantize to 0).
+  asymmetric, integer zero point: ``s = (hi - lo) / (qmax - qmin)``,
+  ``z = qmin - round(lo / s)`` with the range widened to hold 0, so that 0 has
+  an exact code; asymmetric, min form: the same ``s`` and ``z = lo`` (the range
+  is not widened). A zero range gives ``s = 1`` (finite; such entries
+  dequantize to 0, or to ``lo`` in the min form).
   """
   if spec.symmetric:
     amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
     s = jnp.where(amax == 0, 1.0, amax / spec.qmax)  # NaN stays NaN
     return QuantParams(s.astype(spec.scale_dtype), None)
+  if spec.zero_point_form == "min":
+    rng = hi - lo
+    s = jnp.where(rng == 0, 1.0, rng / (spec.qmax - spec.qmin)).astype(spec.scale_dtype)
+    return QuantParams(s, lo.astype(spec.scale_dtype))
   lo = jnp.minimum(lo, 0.0)
   hi = jnp.maximum(hi, 0.0)
   rng = hi - lo
@@ -104,11 +110,29 @@ def _stat_range(xb: jax.Array, layout: Layout, spec: QuantSpec):
 
 
 def _fake_quant_blocked(xb, s, z, spec: QuantSpec):
-  """``(clip(round(x/s) + z, qmin, qmax) - z) * s`` on blocked, broadcastable arrays (f32)."""
+  """``dq(q(x))`` on blocked, broadcastable arrays (f32), in the spec's zero-point form."""
   s = s.astype(jnp.float32)
+  if z is not None and spec.zero_point_form == "min":
+    m = z.astype(jnp.float32)
+    u = jnp.clip(jnp.round((xb - m) / s), 0, spec.qmax - spec.qmin)
+    return u * s + m
   zf = 0.0 if z is None else z.astype(jnp.float32)
   q = jnp.clip(jnp.round(xb / s) + zf, spec.qmin, spec.qmax)
   return (q - zf) * s
+
+
+def code_zero_point(scale: jax.Array, zero_point: jax.Array | None, bits: int,
+                    form: str) -> jax.Array | None:
+  """The zero point in code units, ``z_code`` with ``x ~= (q - z_code) * s``.
+
+  ``"integer"`` form: ``z`` itself; ``"min"`` form: ``qmin - m / s`` (a float).
+  Shapes: like ``scale``. Used by code that works on ``(q - z) * s``: fake
+  quantization, GPTQ, matmul epilogues.
+  """
+  if zero_point is None or form == "integer":
+    return zero_point
+  qmin = -(2 ** (bits - 1))
+  return qmin - zero_point.astype(jnp.float32) / scale.astype(jnp.float32)
 
 
 def calibrate(x: jax.typing.ArrayLike, spec: QuantSpec) -> QuantParams:
@@ -218,7 +242,8 @@ def quantize(x: jax.typing.ArrayLike, spec: QuantSpec,
   return QArray(qvalue=qvalue, scale=params.scale, zero_point=params.zero_point,
                 bits=spec.bits, shape=layout.shape, channel_axes=layout.channel_axes,
                 group_axis=layout.group_axis, group_size=layout.group_size,
-                pack_axis=layout.pack_axis)
+                pack_axis=layout.pack_axis,
+                zero_point_form="integer" if spec.symmetric else spec.zero_point_form)
 
 
 def _check_params(params: QuantParams, spec: QuantSpec, layout: Layout) -> None:
@@ -237,12 +262,17 @@ def _check_params(params: QuantParams, spec: QuantSpec, layout: Layout) -> None:
 def _codes(x, params: QuantParams, spec: QuantSpec, layout: Layout, key) -> jax.Array:
   xb = to_blocks(x.astype(jnp.float32), layout)
   s = expand_scale(params.scale.astype(jnp.float32), layout)
+  min_form = params.zero_point is not None and spec.zero_point_form == "min"
+  if min_form:  # q = round((x - m) / s) + qmin
+    xb = xb - expand_scale(params.zero_point.astype(jnp.float32), layout)
   v = xb / s
   if spec.rounding == "stochastic":
     v = jnp.floor(v + jax.random.uniform(key, v.shape, jnp.float32))
   else:
     v = jnp.round(v)
-  if params.zero_point is not None:
+  if min_form:
+    v = v + spec.qmin
+  elif params.zero_point is not None:
     v = v + expand_scale(params.zero_point.astype(jnp.float32), layout)
   q = jnp.clip(v, spec.qmin, spec.qmax).astype(jnp.int8)
   return q.reshape(layout.shape)
@@ -251,10 +281,16 @@ def _codes(x, params: QuantParams, spec: QuantSpec, layout: Layout, key) -> jax.
 def dequantize(qa: QArray, dtype: jnp.dtype = jnp.float32) -> jax.Array:
   """``(q - zero_point) * broadcast(scale)``, computed in f32, cast to ``dtype``.
 
-  Shapes: ``qa.shape`` out.
+  In the ``"min"`` zero-point form: ``(q - qmin) * broadcast(scale) +
+  broadcast(zero_point)``. Shapes: ``qa.shape`` out.
   """
   layout = Layout(qa.shape, qa.channel_axes, qa.group_axis, qa.group_size, qa.pack_axis)
   q = to_blocks(qa.codes.astype(jnp.float32), layout)
+  if qa.zero_point is not None and qa.zero_point_form == "min":
+    u = q + float(2 ** (qa.bits - 1))
+    out = u * expand_scale(qa.scale.astype(jnp.float32), layout) + expand_scale(
+        qa.zero_point.astype(jnp.float32), layout)
+    return out.reshape(qa.shape).astype(dtype)
   if qa.zero_point is not None:
     q = q - expand_scale(qa.zero_point.astype(jnp.float32), layout)
   out = q * expand_scale(qa.scale.astype(jnp.float32), layout)
@@ -269,4 +305,5 @@ def quantization_error(x: jax.typing.ArrayLike, spec: QuantSpec) -> float:
 
 
 
-__all__ = ["QuantParams", "calibrate", "quantize", "dequantize", "quantization_error"]
+__all__ = ["QuantParams", "calibrate", "code_zero_point", "quantize", "dequantize",
+           "quantization_error"]

@@ -16,9 +16,11 @@ import numpy as np
 
 Calibration = Literal["absmax", "percentile", "mse"]
 Rounding = Literal["nearest", "stochastic"]
+ZeroPointForm = Literal["integer", "min"]
 
 _CALIBRATIONS = ("absmax", "percentile", "mse")
 _ROUNDINGS = ("nearest", "stochastic")
+_ZERO_POINT_FORMS = ("integer", "min")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +33,16 @@ class QuantSpec:
     (the restricted range, so ``+absmax`` and ``-absmax`` both have a code);
     no zero point.
   * asymmetric: ``qmin = -2**(bits-1)``, ``qmax = 2**(bits-1) - 1`` and a zero
-    point ``z`` so that ``x ~= (q - z) * scale``.
+    point, in one of two forms (``zero_point_form``):
+
+    - ``"integer"``: ``x ~= (q - z) * scale`` with ``z`` an integer code, so
+      that 0 has an exact code (the range is widened to hold 0);
+    - ``"min"``: ``x ~= (q - qmin) * scale + m`` with ``m`` the float minimum
+      of the clipping range ("scale and min", as in GGUF Q4_1 and AWQ); the
+      range is not widened, and a tensor already on such a grid re-quantizes
+      bit-exactly when ``scale_dtype`` holds the grid's scale exactly (fp16
+      for GGUF: XLA computes ``range / 15`` as ``range * (1/15)``, which can
+      be 1 ulp off in f32).
 
   Attributes:
     bits: code width, 2..8.
@@ -53,6 +64,7 @@ class QuantSpec:
     mse_min_ratio: smallest clip ratio tried by the MSE search.
     rounding: ``"nearest"`` (half to even) or ``"stochastic"`` (needs a PRNG
       key at quantize time).
+    zero_point_form: ``"integer"`` or ``"min"`` (asymmetric specs only).
     scale_dtype: dtype scales and zero points are stored in.
     pack: store codes of ``bits <= 4`` packed two per byte along
       ``pack_axis`` (see :func:`lowbit.quant.pack_int4`).
@@ -69,6 +81,7 @@ class QuantSpec:
   mse_grid: int = 64
   mse_min_ratio: float = 0.25
   rounding: Rounding = "nearest"
+  zero_point_form: ZeroPointForm = "integer"
   scale_dtype: jnp.dtype = jnp.float32
   pack: bool = False
   pack_axis: int = 0
@@ -96,6 +109,14 @@ class QuantSpec:
       raise ValueError(
           f"QuantSpec.rounding={self.rounding!r} is unknown; use one of "
           f"{_ROUNDINGS}.")
+    if self.zero_point_form not in _ZERO_POINT_FORMS:
+      raise ValueError(
+          f"QuantSpec.zero_point_form={self.zero_point_form!r} is unknown; use one of "
+          f"{_ZERO_POINT_FORMS}.")
+    if self.symmetric and self.zero_point_form != "integer":
+      raise ValueError(
+          f"QuantSpec(symmetric=True, zero_point_form={self.zero_point_form!r}): a symmetric "
+          "spec has no zero point; set symmetric=False for the 'min' form.")
     if not 0.0 < self.percentile <= 100.0:
       raise ValueError(
           f"QuantSpec.percentile={self.percentile!r} must be in (0, 100].")

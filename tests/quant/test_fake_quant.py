@@ -26,7 +26,9 @@ SPECS = [
     QuantSpec(bits=8),
     QuantSpec(bits=4, symmetric=False, channel_axes=(1,)),
     QuantSpec(bits=3, symmetric=False, channel_axes=(1,), group_size=8),
+    QuantSpec(bits=4, symmetric=False, channel_axes=(1,), group_size=16, zero_point_form="min"),
 ]
+MIN_FORM = SPECS[-1]
 
 
 def x_and_cotangent(shape=(64, 12), seed=0):
@@ -47,14 +49,16 @@ def formula(x, s, z, spec):
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_forward_equals_quantize_dequantize(spec):
   x, _ = x_and_cotangent()
+  # the min form fake-quantizes in code units, (q - (qmin - m/s)) * s: f32 rounding of the range
+  atol = 1e-6 if spec.zero_point_form == "min" else 1e-7
   np.testing.assert_allclose(np.asarray(fake_quant(x, spec)),
-                             np.asarray(dequantize(quantize(x, spec))), rtol=1e-6, atol=1e-7)
+                             np.asarray(dequantize(quantize(x, spec))), rtol=1e-6, atol=atol)
   p = init_learned_scale(x, spec)
   np.testing.assert_allclose(np.asarray(fake_quant(x, spec, p)),
-                             np.asarray(dequantize(quantize(x, spec, p))), rtol=1e-6, atol=1e-7)
+                             np.asarray(dequantize(quantize(x, spec, p))), rtol=1e-6, atol=atol)
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.zero_point_form == "integer"], ids=str)
 def test_lsq_gradients_match_autodiff_of_formula(spec):
   x, g = x_and_cotangent()
   p = init_learned_scale(x, spec)
@@ -77,6 +81,27 @@ def test_lsq_gradients_match_autodiff_of_formula(spec):
     assert dp.zero_point is None
   else:
     np.testing.assert_allclose(np.asarray(dp.zero_point), np.asarray(rz), rtol=1e-4, atol=1e-6)
+
+
+def test_lsq_gradients_in_the_min_form_reach_the_minimum():
+  """Min form: z = qmin - m / s inside the formula; autodiff of that is the reference."""
+  spec = MIN_FORM
+  x, g = x_and_cotangent()
+  p = init_learned_scale(x, spec)
+  p = QuantParams(p.scale * 0.7, p.zero_point * 0.9)
+  gs = lsq_grad_scale(spec, spec.resolve(x.shape))
+
+  def ref(x, s_step, s_in_z, m):
+    return jnp.vdot(formula(x, s_step, spec.qmin - m / s_in_z, spec), g)
+
+  dx, dp = jax.grad(lambda x, p: jnp.vdot(fake_quant(x, spec, p), g), argnums=(0, 1))(x, p)
+  rx, rs_step, rs_z, rm = jax.grad(ref, argnums=(0, 1, 2, 3))(x, p.scale, p.scale, p.zero_point)
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(rx), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(dp.zero_point), np.asarray(rm), rtol=1e-4, atol=1e-6)
+  assert float(jnp.abs(dp.zero_point).sum()) > 0
+  # the scale: LSQ-scaled as the step, unscaled through z = qmin - m / s
+  np.testing.assert_allclose(np.asarray(dp.scale), np.asarray(rs_step * gs + rs_z),
+                             rtol=1e-4, atol=1e-6)
 
 
 def test_ste_passes_inside_and_blocks_outside_the_clip_range():

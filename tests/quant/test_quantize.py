@@ -44,8 +44,10 @@ def cases(draw):
     group_size = draw(st.sampled_from([d for d in (1, 2, 4) if shape[group_axis] % d == 0]))
   pack = bits <= 4 and draw(st.booleans())
   pack_axis = draw(st.integers(0, ndim - 1))
+  form = "integer" if symmetric else draw(st.sampled_from(["integer", "min"]))
   spec = QuantSpec(bits=bits, symmetric=symmetric, channel_axes=channel_axes,
-                   group_size=group_size, group_axis=group_axis, pack=pack, pack_axis=pack_axis)
+                   group_size=group_size, group_axis=group_axis, pack=pack, pack_axis=pack_axis,
+                   zero_point_form=form)
   seed = draw(st.integers(0, 2**16))
   scale = draw(st.sampled_from([1e-3, 1.0, 50.0]))
   return spec, tuple(shape), seed, scale
@@ -245,6 +247,8 @@ def test_golden_reconstruction_error(name):
     (dict(calibration="minmax"), "calibration='minmax' is unknown"),
     (dict(group_size=0), "group_size=0"),
     (dict(scale_dtype=jnp.int8), "must be a float dtype"),
+    (dict(zero_point_form="min"), "a symmetric spec has no zero point"),
+    (dict(symmetric=False, zero_point_form="float"), "zero_point_form='float' is unknown"),
 ])
 def test_bad_specs(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -277,3 +281,57 @@ def test_nan_under_jit_is_documented_behaviour():
   qa = jax.jit(lambda x: quantize(x, QuantSpec(channel_axes=(1,))))(x)
   s = np.asarray(qa.scale)
   assert np.isnan(s[0, 1]) and np.all(np.isfinite(np.delete(s, 1, axis=1)))
+
+
+# ---------------------------------------------------------------------------
+# the "min" zero-point form (scale and min, as in GGUF Q4_1)
+
+
+def _scale_min_grid(rows=64, cols=96, group=32, seed=0):
+  """A weight already on a 4-bit scale-and-min grid: ``u * d + m``, d and m fp16."""
+  rng = np.random.default_rng(seed)
+  u = rng.integers(0, 16, size=(rows // group, group, cols)).astype(np.float32)
+  u[:, 0], u[:, 1] = 0, 15                      # every group reaches both ends
+  d = rng.uniform(1e-3, 2e-2, size=(rows // group, 1, cols)).astype(np.float16).astype(np.float32)
+  m = -rng.uniform(0.0, 0.2, size=(rows // group, 1, cols)).astype(np.float16).astype(np.float32)
+  return (u * d + m).reshape(rows, cols), d, m
+
+
+def test_min_form_requantizes_a_scale_and_min_grid_bit_exactly():
+  w, d, m = _scale_min_grid()
+  # fp16 scale and min, as the grid was stored: XLA divides by the constant 15 as a multiply
+  # by 1/15, so an f32 scale can be 1 ulp off; rounding it to fp16 recovers d exactly.
+  spec = QuantSpec(bits=4, symmetric=False, zero_point_form="min", channel_axes=(1,),
+                   group_size=32, pack=True, scale_dtype=jnp.float16)
+  qa = quantize(jnp.asarray(w), spec)
+  assert qa.zero_point_form == "min"
+  np.testing.assert_array_equal(np.asarray(qa.scale), d[:, 0])
+  np.testing.assert_array_equal(np.asarray(qa.zero_point), m[:, 0])
+  np.testing.assert_array_equal(np.asarray(dequantize(qa)), w)
+  # the integer-zero-point form cannot hold this grid: a nonzero error
+  qi = quantize(jnp.asarray(w), QuantSpec(bits=4, symmetric=False, channel_axes=(1,), group_size=32))
+  assert float(jnp.abs(dequantize(qi) - w).max()) > 1e-4
+
+
+def test_min_form_formula_and_one_sided_data():
+  x = jnp.abs(normal((16, 64), 3)) + 1.0        # all positive: 'integer' widens the range to 0
+  spec = QuantSpec(bits=4, symmetric=False, zero_point_form="min", channel_axes=(0,))
+  qa = quantize(x, spec)
+  lo, hi = x.min(1, keepdims=True), x.max(1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(qa.scale), np.asarray((hi - lo) / 15), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(qa.zero_point), np.asarray(lo))
+  expect = (np.asarray(qa.codes, np.float32) + 8) * np.asarray(qa.scale) + np.asarray(lo)
+  np.testing.assert_array_equal(np.asarray(dequantize(qa)), expect)
+  e_min = quantization_error(x, spec)
+  e_int = quantization_error(x, QuantSpec(bits=4, symmetric=False, channel_axes=(0,)))
+  assert e_min < 0.8 * e_int, (e_min, e_int)   # range [1, ~4] vs [0, ~4]: 3/4 of the step
+
+
+def test_min_form_in_code_units():
+  from lowbit.quant import code_zero_point
+  x = normal((32, 8), 4)
+  spec = QuantSpec(bits=4, symmetric=False, zero_point_form="min", channel_axes=(1,))
+  qa = quantize(x, spec)
+  z = code_zero_point(qa.scale, qa.zero_point, 4, "min")
+  via_code = (np.asarray(qa.codes, np.float64) - np.asarray(z, np.float64)) * np.asarray(qa.scale)
+  np.testing.assert_allclose(via_code, np.asarray(dequantize(qa)), atol=1e-6)
