@@ -19,9 +19,12 @@ def test_non_editable_wheel_imports_lowbit_and_kernels(tmp_path):
   site = tmp_path / "site"
   subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                   str(site), str(whl)], check=True, cwd=tmp_path)
-  code = ("import lowbit, lowbit.kernels, lowbit.quant; "
+  subs = sorted(p.parent.name for p in (ROOT / "lowbit").glob("*/__init__.py"))
+  assert subs, "no subpackages found"
+  code = ("import importlib, lowbit, lowbit.kernels, lowbit.quant; "
           "print(lowbit.__file__); print(lowbit.kernels.__file__); "
-          "print(lowbit.kernels.w4a16_matmul.__name__)")
+          "print(lowbit.kernels.w4a16_matmul.__name__); "
+          f"print(*[importlib.import_module('lowbit.' + s).__file__ for s in {subs!r}])")
   env = dict(os.environ, PYTHONPATH=str(site))
   boot = "import site, sys; sys.path.insert(0, %r); site.main(); " % str(site)
   out = subprocess.run([sys.executable, "-S", "-c", boot + code],
@@ -30,6 +33,8 @@ def test_non_editable_wheel_imports_lowbit_and_kernels(tmp_path):
   assert lines[0].startswith(str(site)) and lines[1].startswith(str(site)), out
   assert lines[1].endswith(os.path.join("lowbit", "kernels", "__init__.py"))
   assert lines[2] == "w4a16_matmul"
+  # every subpackage comes from the wheel, not from the source tree
+  assert len(lines) == 3 + len(subs) and all(f.startswith(str(site)) for f in lines[3:]), out
 
 
 def readme_commands():

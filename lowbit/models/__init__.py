@@ -1,0 +1,1 @@
+"""Importers for real pretrained checkpoints (no hub access)."""
