@@ -34,7 +34,8 @@ class TransformerConfig:
   """Shape and style of a decoder-only transformer.
 
   ``n_kv_heads < n_heads`` gives grouped-query attention; ``d_ff`` defaults to
-  ``4 * d_model``.
+  ``4 * d_model``; ``causal=False`` makes attention bidirectional (encoders,
+  :class:`lowbit.nn.Encoder`).
   """
 
   vocab_size: int
@@ -52,6 +53,7 @@ class TransformerConfig:
   use_bias: bool = True
   norm_eps: float = 1e-5
   gelu_approximate: bool = False
+  causal: bool = True
   dtype: jnp.dtype | None = None
   param_dtype: jnp.dtype = jnp.float32
 
@@ -115,7 +117,11 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """Causal multi-head attention with grouped-query heads and optional RoPE."""
+  """Multi-head attention (causal unless ``cfg.causal=False``), grouped-query heads, optional RoPE.
+
+  ``__call__(x [B, T, D], mask [B, T] bool | None)``: ``mask`` marks the keys
+  that may be attended to (False: padding).
+  """
 
   def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -125,7 +131,7 @@ class Attention(nnx.Module):
     self.v_proj = _linear(cfg, cfg.d_model, cfg.kv_heads * hd, rngs)
     self.o_proj = _linear(cfg, cfg.n_heads * hd, cfg.d_model, rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     b, t, _ = x.shape
     hd = cfg.head_dim
@@ -139,8 +145,11 @@ class Attention(nnx.Module):
     k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
     s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
     s = s / jnp.sqrt(jnp.float32(hd))
-    mask = jnp.tril(jnp.ones((t, t), bool))
-    s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+    allowed = jnp.tril(jnp.ones((t, t), bool)) if cfg.causal else jnp.ones((t, t), bool)
+    allowed = allowed[None, None]
+    if mask is not None:
+      allowed = allowed & mask[:, None, None, :].astype(bool)
+    s = jnp.where(allowed, s, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32)).astype(x.dtype)
     return self.o_proj(o.reshape(b, t, cfg.n_heads * hd))
