@@ -1,5 +1,6 @@
 """Flax NNX layers that take a precision, and a transformer built from them."""
 
+from lowbit.nn.encoder import Encoder, EncoderConfig, sentence_embedding
 from lowbit.nn.layers import (
                               ActScale,
                               QEinsum,
@@ -12,12 +13,12 @@ from lowbit.nn.layers import (
                               WeightZeroPoint,
                               converted_bytes,
 )
-from lowbit.nn.encoder import Encoder, EncoderConfig, sentence_embedding
 from lowbit.nn.surgery import convert, quantizable_layers, quantize_model, set_implementation
 from lowbit.nn.transformer import Transformer, TransformerConfig
 
 __all__ = [
-    "ActScale", "Encoder", "EncoderConfig", "QEinsum", "QLinear", "QScale", "QValue", "QuantState", "Transformer",
+    "ActScale", "Encoder", "EncoderConfig", "QEinsum", "QLinear", "QScale", "QValue", "QuantState",
+    "Transformer",
     "TransformerConfig", "WeightClip", "WeightScale", "WeightZeroPoint", "convert",
     "converted_bytes", "quantizable_layers", "quantize_model", "sentence_embedding",
     "set_implementation",
