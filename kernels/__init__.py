@@ -33,8 +33,8 @@ def kernel_for(w: QArray, act_spec: QuantSpec | None) -> str | None:
   """Name of the Pallas kernel that handles this weight / activation pairing, or None."""
   if w.ndim != 2 or w.zero_point is not None or w.channel_axes not in ((), (1,)):
     return None
-  if w.group_axis not in (None, 0):
-    return None
+  if w.group_axis not in (None, 0) or (w.group_size and w.shape[0] % w.group_size):
+    return None  # ragged groups: the XLA path (same numbers)
   a8 = (act_spec is not None and act_spec.bits <= 8 and act_spec.symmetric
         and act_spec.group_size is None and not act_spec.pack
         and tuple(a % 2 for a in act_spec.channel_axes) in ((), (0,)))

@@ -314,6 +314,9 @@ def weight_operands(w, name: str, packed: bool):
     if w.group_axis != 0:
       raise ValueError(f"{name}: w must be grouped along K (group_axis=0), got {w.group_axis}.")
     group = w.group_size
+    if k % group:
+      raise ValueError(f"{name}: w has a ragged last group (K={k}, group_size={group}); the Pallas "
+                       "kernels take whole groups. Use implementation='xla'.")
   scale = jnp.broadcast_to(scale, (scale.shape[0], n))
   return w.qvalue, scale, group
 

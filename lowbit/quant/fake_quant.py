@@ -10,7 +10,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lowbit.quant.quantize import QuantParams, _calibrate, _stat_range, expand_scale, to_blocks
+from lowbit.quant.quantize import (
+    QuantParams,
+    _calibrate,
+    _stat_range,
+    expand_scale,
+    from_blocks,
+    to_blocks,
+)
 from lowbit.quant.spec import Layout, QuantSpec
 
 
@@ -137,7 +144,7 @@ def fake_quant(x: jax.typing.ArrayLike, spec: QuantSpec,
   zb = jnp.zeros((1,) * xb.ndim, jnp.float32) if z is None else (
       expand_scale(z, layout) if z.ndim == len(layout.shape) else z)
   y = _fq(xb, sb, zb, spec.qmin, spec.qmax, grad_scale)
-  return y.reshape(x.shape).astype(x.dtype)
+  return from_blocks(y, layout).astype(x.dtype)
 
 
 def _ste_cast(v: jax.Array, dtype) -> jax.Array:

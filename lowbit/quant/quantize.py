@@ -33,8 +33,24 @@ class QuantParams(NamedTuple):
 
 
 def to_blocks(x: jax.Array, layout: Layout) -> jax.Array:
-  """Reshape ``x`` so that a scale of ``expand_scale`` shape broadcasts to it."""
+  """Reshape ``x`` so that a scale of ``expand_scale`` shape broadcasts to it.
+
+  A ragged last group is padded by repeating the axis' last element.
+  """
+  if layout.group_pad:
+    pad = [(0, 0)] * x.ndim
+    pad[layout.group_axis] = (0, layout.group_pad)
+    x = jnp.pad(x, pad, mode="edge")
   return x.reshape(layout.block_shape)
+
+
+def from_blocks(xb: jax.Array, layout: Layout) -> jax.Array:
+  """Inverse of :func:`to_blocks`: back to ``layout.shape`` (padding cut off)."""
+  if not layout.group_pad:
+    return xb.reshape(layout.shape)
+  a = layout.group_axis
+  full = layout.shape[:a] + (layout.shape[a] + layout.group_pad,) + layout.shape[a + 1:]
+  return lax.slice_in_dim(xb.reshape(full), 0, layout.shape[a], axis=a)
 
 
 def expand_scale(s: jax.Array, layout: Layout) -> jax.Array:
@@ -275,7 +291,7 @@ def _codes(x, params: QuantParams, spec: QuantSpec, layout: Layout, key) -> jax.
   elif params.zero_point is not None:
     v = v + expand_scale(params.zero_point.astype(jnp.float32), layout)
   q = jnp.clip(v, spec.qmin, spec.qmax).astype(jnp.int8)
-  return q.reshape(layout.shape)
+  return from_blocks(q, layout)
 
 
 def dequantize(qa: QArray, dtype: jnp.dtype = jnp.float32) -> jax.Array:
@@ -290,11 +306,11 @@ def dequantize(qa: QArray, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     u = q + float(2 ** (qa.bits - 1))
     out = u * expand_scale(qa.scale.astype(jnp.float32), layout) + expand_scale(
         qa.zero_point.astype(jnp.float32), layout)
-    return out.reshape(qa.shape).astype(dtype)
+    return from_blocks(out, layout).astype(dtype)
   if qa.zero_point is not None:
     q = q - expand_scale(qa.zero_point.astype(jnp.float32), layout)
   out = q * expand_scale(qa.scale.astype(jnp.float32), layout)
-  return out.reshape(qa.shape).astype(dtype)
+  return from_blocks(out, layout).astype(dtype)
 
 
 def quantization_error(x: jax.typing.ArrayLike, spec: QuantSpec) -> float:

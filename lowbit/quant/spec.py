@@ -53,6 +53,10 @@ class QuantSpec:
       elements, each with its own scale (per-group). Must divide that axis.
     group_axis: the axis grouped by ``group_size``; for a weight ``[K, N]`` it
       is the contraction axis ``0``.
+    ragged: allow a ``group_size`` that does not divide the group axis; the
+      last group is then shorter (``K = 576`` with groups of 128: four of 128
+      and one of 64). Off by default, so a size that does not divide is an
+      error rather than a surprise.
     calibration: how the clipping range is chosen: ``"absmax"`` (the largest
       magnitude), ``"percentile"`` (the ``percentile``-th percentile of the
       magnitudes, or of the values for asymmetric), or ``"mse"`` (the clip
@@ -76,6 +80,7 @@ class QuantSpec:
   channel_axes: tuple[int, ...] = ()
   group_size: int | None = None
   group_axis: int = 0
+  ragged: bool = False
   calibration: Calibration = "absmax"
   percentile: float = 99.9
   mse_grid: int = 64
@@ -170,12 +175,12 @@ class QuantSpec:
             f"QuantSpec: axis {group_axis} of {name} is both grouped and in "
             f"channel_axes={self.channel_axes}; an axis is either per-channel or "
             "per-group, not both.")
-      if shape[group_axis] % self.group_size:
+      if shape[group_axis] % self.group_size and not self.ragged:
         raise ValueError(
             f"QuantSpec.group_size={self.group_size} does not divide axis "
             f"{group_axis} of {name} (shape {tuple(shape)}, size "
             f"{shape[group_axis]}); pick a group size that divides "
-            f"{shape[group_axis]}, or pad that axis.")
+            f"{shape[group_axis]}, or set ragged=True for a shorter last group.")
     pack_axis = None
     if self.pack:
       pack_axis = norm(self.pack_axis, "pack_axis")
@@ -193,9 +198,12 @@ class QuantSpec:
 class Layout:
   """A spec resolved against a shape: which axes the scale varies along.
 
-  ``scale_shape`` has the tensor's rank: the size of a channel axis, ``size //
-  group_size`` on the group axis, and 1 elsewhere. Broadcasting a scale to the
-  tensor means repeating each entry ``group_size`` times along the group axis.
+  ``scale_shape`` has the tensor's rank: the size of a channel axis,
+  ``ceil(size / group_size)`` on the group axis, and 1 elsewhere. Broadcasting
+  a scale to the tensor means repeating each entry ``group_size`` times along
+  the group axis (the last group is shorter when the spec is ``ragged``; the
+  blocked view pads it to full length by repeating its last element, which
+  leaves its min, max and absmax unchanged, and the padding is cut off again).
   """
 
   shape: tuple[int, ...]
@@ -211,7 +219,7 @@ class Layout:
       if a in self.channel_axes:
         out.append(d)
       elif a == self.group_axis:
-        out.append(d // self.group_size)
+        out.append(-(-d // self.group_size))
       else:
         out.append(1)
     return tuple(out)
@@ -222,7 +230,14 @@ class Layout:
     if self.group_axis is None:
       return self.shape
     a = self.group_axis
-    return self.shape[:a] + (self.shape[a] // self.group_size, self.group_size) + self.shape[a + 1:]
+    return self.shape[:a] + (-(-self.shape[a] // self.group_size), self.group_size) + self.shape[a + 1:]
+
+  @property
+  def group_pad(self) -> int:
+    """Elements added to the group axis to make the last group full (0 unless ragged)."""
+    if self.group_axis is None:
+      return 0
+    return -self.shape[self.group_axis] % self.group_size
 
   @property
   def elements_per_scale(self) -> int:

@@ -159,3 +159,17 @@ def test_dispatch_picks_kernels_and_matches_reference():
     if expected is None:
       with pytest.raises(ValueError, match="no Pallas kernel"):
         K.qmatmul(x, wq, act_spec=aspec, implementation="pallas")
+
+
+def test_ragged_groups_take_the_xla_path_and_refuse_the_kernel():
+  """K = 576 with groups of 128 (SmolLM2's width): the kernels take whole groups only."""
+  w = jax.random.normal(jax.random.key(3), (576, 128))
+  x = jax.random.normal(jax.random.key(4), (5, 576))
+  qw = quantize(w, QuantSpec(bits=4, channel_axes=(1,), group_size=128, ragged=True, pack=True))
+  assert K.kernel_for(qw, None) is None
+  want = np.asarray(x, np.float64) @ np.asarray(dequantize(qw), np.float64)
+  np.testing.assert_allclose(np.asarray(K.qmatmul(x, qw)), want, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="no Pallas kernel takes w"):
+    K.qmatmul(x, qw, implementation="pallas")
+  with pytest.raises(ValueError, match="ragged last group"):
+    K.w4a16_matmul(x, qw)

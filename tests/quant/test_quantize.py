@@ -335,3 +335,35 @@ def test_min_form_in_code_units():
   z = code_zero_point(qa.scale, qa.zero_point, 4, "min")
   via_code = (np.asarray(qa.codes, np.float64) - np.asarray(z, np.float64)) * np.asarray(qa.scale)
   np.testing.assert_allclose(via_code, np.asarray(dequantize(qa)), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# ragged groups: a group size that does not divide the axis (K = 576, groups of 128)
+
+
+def test_ragged_groups_are_opt_in_and_match_per_slice_quantization():
+  x = normal((576, 24), 5)
+  with pytest.raises(ValueError, match="set ragged=True"):
+    QuantSpec(bits=4, channel_axes=(1,), group_size=128).resolve(x.shape)
+  for sym, form in ((True, "integer"), (False, "integer"), (False, "min")):
+    spec = QuantSpec(bits=4, symmetric=sym, zero_point_form=form, channel_axes=(1,),
+                     group_size=128, ragged=True, pack=True)
+    qa = quantize(x, spec)
+    assert qa.scale.shape == (5, 24) and qa.qvalue.shape == (288, 24)
+    # the same as quantizing each group (the last one 64 long) on its own, per channel
+    per = QuantSpec(bits=4, symmetric=sym, zero_point_form=form, channel_axes=(1,))
+    want = np.concatenate([np.asarray(dequantize(quantize(x[i:i + 128], per)))
+                           for i in range(0, 576, 128)])
+    np.testing.assert_allclose(np.asarray(dequantize(qa)), want, rtol=1e-6, atol=1e-7)
+
+
+def test_ragged_groups_fake_quant_and_gradients():
+  from lowbit.quant import fake_quant, init_learned_scale
+  x = normal((100, 8), 6)
+  spec = QuantSpec(bits=4, channel_axes=(1,), group_size=32, ragged=True)
+  np.testing.assert_allclose(np.asarray(fake_quant(x, spec)), np.asarray(dequantize(quantize(x, spec))),
+                             rtol=1e-6, atol=1e-7)
+  p = init_learned_scale(x, spec)
+  dx, dp = jax.grad(lambda x, p: fake_quant(x, spec, p).sum(), argnums=(0, 1))(x, p)
+  np.testing.assert_array_equal(np.asarray(dx), np.ones((100, 8)))   # absmax: all inside, STE
+  assert dp.scale.shape == (4, 8) and np.all(np.isfinite(np.asarray(dp.scale)))
