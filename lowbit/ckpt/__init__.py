@@ -121,8 +121,13 @@ def read_meta(path: str | pathlib.Path) -> dict[str, Any]:
     raise ValueError(f"restore: cannot read the metadata of {path}: {e}") from e
 
 
-def restore(path: str | pathlib.Path, abstract_model: nnx.Module, *, policy=None) -> nnx.Module:
+def restore(path: str | pathlib.Path, abstract_model: nnx.Module, *, policy=None,
+            mesh: jax.sharding.Mesh | None = None, rules: dict[str, str] | None = None) -> nnx.Module:
   """Restore into ``abstract_model`` (from ``nnx.eval_shape``); checks before reading.
+
+  With ``mesh`` and ``rules`` (see :mod:`lowbit.sharding`) every array is read
+  straight into its shards on that mesh, whatever mesh saved it: the stored
+  format (packed int4, scales) does not depend on the mesh.
 
   Raises ``ValueError`` naming the checkpoint path and the tensor when the
   format version differs, the policy differs (if ``policy`` is given), a
@@ -154,11 +159,20 @@ def restore(path: str | pathlib.Path, abstract_model: nnx.Module, *, policy=None
       raise ValueError(
           f"restore: tensor {k!r} in {path} is {have[k]['dtype']}{have[k]['shape']}, the model "
           f"expects {want[k]['dtype']}{want[k]['shape']}: the policy or shapes differ.")
-  target = {k: jax.ShapeDtypeStruct(tuple(v["shape"]), jnp.dtype(v["dtype"]))
-            for k, v in want.items()}
+  if (mesh is None) != (rules is None):
+    raise ValueError("restore: pass both mesh and rules (lowbit.sharding.RULES[...]), or neither.")
+  specs = {}
+  if mesh is not None:
+    from lowbit.sharding import partition_specs
+    specs = partition_specs(abstract_model, mesh, rules)
+  target = {k: jax.ShapeDtypeStruct(
+      tuple(v["shape"]), jnp.dtype(v["dtype"]),
+      sharding=jax.sharding.NamedSharding(mesh, specs[k]) if mesh is not None else None)
+      for k, v in want.items()}
   try:
     arrays = _checkpointer().restore(path, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(target)))["state"]
+        state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))["state"]
   except Exception as e:  # noqa: BLE001 - orbax/tensorstore errors, re-raised with the path
     raise ValueError(f"restore: reading the arrays of {path} failed (missing or truncated "
                      f"file?): {type(e).__name__}: {str(e)[:300]}") from e

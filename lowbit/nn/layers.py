@@ -93,6 +93,12 @@ class _QuantMixin:
     self.act_spec: QuantSpec | None = None
     self.learn: Learn = None
     self.qmeta: tuple | None = None
+    # logical axes of the kernel, e.g. ("embed", "mlp"); lowbit.sharding maps them (and every
+    # quantizer array derived from the kernel) onto a device mesh. None: by path, or replicated.
+    self.logical_axes: tuple[str | None, ...] | None = None
+    # where the fake-quant weight is computed (set by lowbit.sharding.shard for FSDP: the
+    # stored kernel is split over the data axis, the computation gathers only that axis).
+    self.compute_sharding = None
 
   # -- set up --------------------------------------------------------------
   def set_precision(self, weight: QuantSpec | None, act: QuantSpec | None, *,
@@ -185,6 +191,8 @@ class _QuantMixin:
 
   def _weight_for_fake_quant(self) -> jax.Array:
     kernel = self.kernel[...]
+    if self.compute_sharding is not None:
+      kernel = jax.lax.with_sharding_constraint(kernel, self.compute_sharding)
     if self.weight_spec is None:
       return kernel
     return fake_quant(kernel, self.weight_spec, self._weight_params()).astype(kernel.dtype)
@@ -225,6 +233,7 @@ class QLinear(_QuantMixin, nnx.Linear):
             bias_init=(lambda *_: bias) if bias is not None else nnx.initializers.zeros,
             dot_general=lin.dot_general, promote_dtype=lin.promote_dtype,
             preferred_element_type=lin.preferred_element_type, rngs=nnx.Rngs(0))
+    q.logical_axes = getattr(lin, "logical_axes", None)
     return q
 
   def _contract_axis(self) -> int:

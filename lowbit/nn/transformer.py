@@ -89,9 +89,13 @@ class TransformerConfig:
                          tie_embeddings=True), **kw})
 
 
-def _linear(cfg: TransformerConfig, i: int, o: int, rngs: nnx.Rngs, bias: bool | None = None):
-  return QLinear(i, o, use_bias=cfg.use_bias if bias is None else bias, dtype=cfg.dtype,
-                 param_dtype=cfg.param_dtype, rngs=rngs)
+def _linear(cfg: TransformerConfig, i: int, o: int, rngs: nnx.Rngs, bias: bool | None = None,
+            axes: tuple[str | None, str | None] | None = None):
+  """A QLinear ``[i, o]`` whose kernel carries the logical axes ``axes`` (see lowbit.sharding)."""
+  layer = QLinear(i, o, use_bias=cfg.use_bias if bias is None else bias, dtype=cfg.dtype,
+                  param_dtype=cfg.param_dtype, rngs=rngs)
+  layer.logical_axes = axes
+  return layer
 
 
 def _norm(cfg: TransformerConfig, rngs: nnx.Rngs):
@@ -126,10 +130,10 @@ class Attention(nnx.Module):
   def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     hd = cfg.head_dim
-    self.q_proj = _linear(cfg, cfg.d_model, cfg.n_heads * hd, rngs)
-    self.k_proj = _linear(cfg, cfg.d_model, cfg.kv_heads * hd, rngs)
-    self.v_proj = _linear(cfg, cfg.d_model, cfg.kv_heads * hd, rngs)
-    self.o_proj = _linear(cfg, cfg.n_heads * hd, cfg.d_model, rngs)
+    self.q_proj = _linear(cfg, cfg.d_model, cfg.n_heads * hd, rngs, axes=("embed", "heads"))
+    self.k_proj = _linear(cfg, cfg.d_model, cfg.kv_heads * hd, rngs, axes=("embed", "kv_heads"))
+    self.v_proj = _linear(cfg, cfg.d_model, cfg.kv_heads * hd, rngs, axes=("embed", "kv_heads"))
+    self.o_proj = _linear(cfg, cfg.n_heads * hd, cfg.d_model, rngs, axes=("heads", "embed"))
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
@@ -161,9 +165,9 @@ class MLP(nnx.Module):
   def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     if cfg.mlp == "swiglu":
-      self.gate_proj = _linear(cfg, cfg.d_model, cfg.ff, rngs)
-    self.up_proj = _linear(cfg, cfg.d_model, cfg.ff, rngs)
-    self.down_proj = _linear(cfg, cfg.ff, cfg.d_model, rngs)
+      self.gate_proj = _linear(cfg, cfg.d_model, cfg.ff, rngs, axes=("embed", "mlp"))
+    self.up_proj = _linear(cfg, cfg.d_model, cfg.ff, rngs, axes=("embed", "mlp"))
+    self.down_proj = _linear(cfg, cfg.ff, cfg.d_model, rngs, axes=("mlp", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.cfg.mlp == "swiglu":
@@ -201,7 +205,8 @@ class Transformer(nnx.Module):
     self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
     self.final_norm = _norm(cfg, rngs)
     if not cfg.tie_embeddings:
-      self.lm_head = _linear(cfg, cfg.d_model, cfg.vocab_size, rngs, bias=False)
+      self.lm_head = _linear(cfg, cfg.d_model, cfg.vocab_size, rngs, bias=False,
+                             axes=("embed", "vocab"))
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     t = tokens.shape[-1]

@@ -1,0 +1,304 @@
+"""Shard lowbit models over a device mesh with JAX's own machinery (GSPMD).
+
+Every array of a model gets *logical* axes, and a rule set maps logical axes
+onto mesh axes; the result is one ``NamedSharding`` per array, applied with
+``jax.device_put``. ``jax.jit`` then compiles the sharded program, inserting
+the collectives (data parallel, FSDP, tensor parallel, or 2-D mixes).
+
+Where the logical axes come from:
+
+* a lowbit layer's kernel: ``layer.logical_axes`` (the transformer sets
+  ``("embed", "heads")`` on ``q_proj``, ``("mlp", "embed")`` on ``down_proj``, ...),
+  else :data:`KERNEL_AXES` by path;
+* every quantizer array *derived from* that kernel follows it: packed int4
+  codes ``[K/2, N]`` take the kernel's ``(K, N)`` axes, scales / zero points /
+  learned clips ``[G, N]`` take ``(K axis if G > 1 else None, N axis)``,
+  SmoothQuant factors ``[K]`` the K axis, a bias ``[N]`` the N axis, a static
+  activation scale is replicated. So a scale shared over a sharded axis
+  (per-channel: ``G = 1``) is replicated along it, and group scales are split
+  exactly where their groups are;
+* embeddings and norms: :data:`OTHER_AXES` by path; anything else is replicated.
+
+A mesh axis is only used where it divides the dimension (else that dimension
+is replicated, and :func:`explain` says so). Sharding packed int4 along K
+splits the *packed* rows: under ``jax.jit`` XLA unpacks and reshards as needed,
+so results are exact on any mesh, and checkpoints keep the one packed format.
+
+>>> import jax
+>>> from flax import nnx
+>>> import lowbit
+>>> cfg = lowbit.TransformerConfig.llama(vocab_size=64, d_model=32, n_layers=1, n_heads=4,
+...                                      n_kv_heads=2, d_ff=64, max_len=16)
+>>> model = lowbit.Transformer(cfg, rngs=nnx.Rngs(0))
+>>> specs = partition_specs(model, make_mesh((1, 1)), RULES["tp"])
+>>> tuple(specs["layers/0/mlp/down_proj/kernel"]), tuple(specs["layers/0/attn/q_proj/kernel"])
+(('model',), (None, 'model'))
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lowbit.nn.surgery import quantizable_layers
+
+Axes = tuple[str | None, ...]
+
+KERNEL_AXES: tuple[tuple[str, tuple[str | None, str | None]], ...] = (
+    (r"(.*/)?attn/q_proj", ("embed", "heads")),
+    (r"(.*/)?attn/[kv]_proj", ("embed", "kv_heads")),
+    (r"(.*/)?attn/o_proj", ("heads", "embed")),
+    (r"(.*/)?mlp/(gate|up)_proj", ("embed", "mlp")),
+    (r"(.*/)?mlp/down_proj", ("mlp", "embed")),
+    (r"(.*/)?lm_head", ("embed", "vocab")),
+)
+"""Kernel ``[K, N]`` logical axes by layer path, for layers without ``logical_axes``."""
+
+OTHER_AXES: tuple[tuple[str, Axes], ...] = (
+    (r"(.*/)?embed/embedding", ("vocab", "embed")),
+    (r"(.*/)?(pos_embed|type_embed)/embedding", (None, "embed")),
+    (r".*norm/(scale|bias)", ("embed",)),
+)
+"""Logical axes of non-linear arrays, by variable path."""
+
+RULES: dict[str, dict[str, str]] = {
+    "dp": {},
+    "fsdp": {"embed": "data"},
+    "tp": {"heads": "model", "kv_heads": "model", "mlp": "model", "vocab": "model"},
+    "fsdp_tp": {"embed": "data", "heads": "model", "kv_heads": "model", "mlp": "model",
+                "vocab": "model"},
+}
+"""Ready-made logical -> mesh rules for a ``("data", "model")`` mesh. ``dp``:
+weights replicated (batch split over ``data``); ``fsdp``: weights split over
+``data`` along the model width; ``tp``: attention heads, MLP width and vocab
+split over ``model`` (Megatron's column / row parallel pairs); ``fsdp_tp``: both."""
+
+# lowbit layer attribute -> which kernel axes its array takes
+_DERIVED = {"kernel": "kernel", "qvalue": "kernel", "bias": "out", "qscale": "groups",
+            "qzero": "groups", "w_scale": "groups", "w_zero": "groups", "w_clip": "groups",
+            "w_clip_min": "groups", "smooth": "in", "act_scale": "none"}
+
+
+def _kernel_axes(path: str, layer) -> tuple[str | None, str | None] | None:
+  axes = getattr(layer, "logical_axes", None)
+  if axes is not None:
+    return tuple(axes)
+  for rx, a in KERNEL_AXES:
+    if re.fullmatch(rx, path):
+      return a
+  return None
+
+
+def _flat(state) -> dict[str, Any]:
+  return {"/".join(str(p) for p in k): v for k, v in nnx.to_flat_state(state)}
+
+
+def logical_axes(model: nnx.Module) -> dict[str, Axes]:
+  """``{variable path: logical axes}`` for every array of ``model`` (None: replicated)."""
+  flat = _flat(nnx.state(model))
+  out: dict[str, Axes] = {}
+  for lpath, layer in quantizable_layers(model).items():
+    axes = _kernel_axes(lpath, layer)
+    if axes is None or len(axes) != 2:
+      continue
+    k_ax, n_ax = axes
+    for attr, kind in _DERIVED.items():
+      key = f"{lpath}/{attr}"
+      if key not in flat:
+        continue
+      shape = flat[key].get_value().shape
+      out[key] = {"kernel": (k_ax, n_ax), "out": (n_ax,), "in": (k_ax,), "none": (None,) * len(shape),
+                  "groups": ((k_ax if shape[0] > 1 else None, n_ax) if len(shape) == 2
+                             else (None,) * len(shape))}[kind]
+  for key, var in flat.items():
+    if key in out:
+      continue
+    ndim = len(var.get_value().shape)
+    out[key] = next((a for rx, a in OTHER_AXES if re.fullmatch(rx, key) and len(a) == ndim),
+                    (None,) * ndim)
+  return out
+
+
+def _to_spec(axes: Axes, shape, mesh: Mesh, rules: Mapping[str, str]) -> tuple[PartitionSpec, list]:
+  used, spec, notes = set(), [], []
+  for a, d in zip(axes, shape, strict=True):
+    m = rules.get(a) if a is not None else None
+    if m is not None and (m in used or d % mesh.shape[m]):
+      notes.append(f"{a}={d} not split over {m} ({'axis already used' if m in used else 'indivisible'})")
+      m = None
+    if m is not None:
+      used.add(m)
+    spec.append(m)
+  while spec and spec[-1] is None:
+    spec.pop()
+  return PartitionSpec(*spec), notes
+
+
+def _group_conflicts(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str],
+                     fsdp_axis: str | None) -> dict[str, str]:
+  """Layers whose K axis must stay whole: ``{layer path: reason}``.
+
+  A quantization group along K must not straddle two devices of an axis the
+  computation stays split over (every axis but the FSDP one, which is gathered
+  before use), else the fake-quant or dequantize reshape forces a gather of
+  the full weight.
+  """
+  out = {}
+  for lpath, layer in quantizable_layers(model).items():
+    spec = getattr(layer, "weight_spec", None)
+    axes = _kernel_axes(lpath, layer)
+    if spec is None or spec.group_size is None or axes is None or spec.group_axis % 2 != 0:
+      continue
+    m = rules.get(axes[0]) if axes[0] is not None else None
+    k = int(getattr(layer, "in_features", 0) or 0)
+    if m is None or m == fsdp_axis or not k or k % mesh.shape[m]:
+      continue
+    if (k // mesh.shape[m]) % spec.group_size:
+      out[lpath] = (f"K={k} over {m}={mesh.shape[m]} cuts groups of {spec.group_size}; K kept whole")
+  return out
+
+
+def _layer_of(path: str, conflicts: Mapping[str, str]) -> str | None:
+  head, _, attr = path.rpartition("/")
+  return head if head in conflicts and attr in _DERIVED else None
+
+
+def _specs_and_notes(model, mesh, rules, fsdp_axis):
+  flat = _flat(nnx.state(model))
+  conflicts = _group_conflicts(model, mesh, rules, fsdp_axis)
+  out = {}
+  for k, axes in logical_axes(model).items():
+    layer = _layer_of(k, conflicts)
+    note = []
+    if layer is not None:
+      k_ax = _kernel_axes(layer, quantizable_layers(model)[layer])[0]
+      axes = tuple(None if a == k_ax else a for a in axes)
+      note = [conflicts[layer]]
+    spec, notes = _to_spec(axes, flat[k].get_value().shape, mesh, rules)
+    out[k] = (axes, spec, note + notes)
+  return out
+
+
+def partition_specs(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str], *,
+                    fsdp_axis: str | None = "data") -> dict[str, PartitionSpec]:
+  """``{variable path: PartitionSpec}`` under ``rules`` (logical axis -> mesh axis) on ``mesh``.
+
+  A mesh axis splits a dimension only if it divides it, and never cuts a
+  quantization group along K on an axis the computation stays split over.
+  """
+  return {k: spec for k, (_, spec, _) in _specs_and_notes(model, mesh, rules, fsdp_axis).items()}
+
+
+def explain(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str], *,
+            fsdp_axis: str | None = "data") -> list[dict[str, Any]]:
+  """One row per array: path, shape, logical axes, PartitionSpec, bytes per device, notes."""
+  flat = _flat(nnx.state(model))
+  rows = []
+  for k, (axes, spec, notes) in _specs_and_notes(model, mesh, rules, fsdp_axis).items():
+    v = flat[k].get_value()
+    split = int(np.prod([mesh.shape[m] for m in spec if m is not None]))
+    rows.append(dict(path=k, shape=tuple(v.shape), dtype=str(v.dtype), logical=axes, spec=spec,
+                     bytes_per_device=v.size * v.dtype.itemsize // split, notes="; ".join(notes)))
+  return rows
+
+
+def shard(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str], *,
+          fsdp_axis: str | None = "data") -> nnx.Module:
+  """Place every array of ``model`` on ``mesh`` per ``rules`` (in place); returns ``model``.
+
+  FSDP: a lowbit layer whose stored kernel is split over ``fsdp_axis`` gets a
+  ``compute_sharding`` without it, so a fake-quant step gathers the weight over
+  that axis only (and its gradient is reduce-scattered back), keeping the
+  tensor-parallel split; quantization groups along K stay whole on a device.
+  """
+  specs = partition_specs(model, mesh, rules, fsdp_axis=fsdp_axis)
+  state = nnx.state(model)
+  for k, var in _flat(state).items():
+    var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, specs[k])))
+  nnx.update(model, state)
+  for path, layer in quantizable_layers(model).items():
+    spec = specs.get(f"{path}/kernel")
+    if spec is None or not hasattr(layer, "compute_sharding"):
+      continue
+    if fsdp_axis is not None and fsdp_axis in tuple(spec):
+      layer.compute_sharding = NamedSharding(
+          mesh, PartitionSpec(*(None if a == fsdp_axis else a for a in spec)))
+    else:
+      layer.compute_sharding = None
+  return model
+
+
+def shard_like(obj: Any, model: nnx.Module, mesh: Mesh, rules: Mapping[str, str]) -> Any:
+  """Shard an object whose arrays mirror the model's (an ``nnx.Optimizer``: Adam moments).
+
+  An array whose path ends with a model variable's path and has its shape
+  takes that variable's sharding; everything else (step counters) is replicated.
+  """
+  specs = partition_specs(model, mesh, rules)
+  shapes = {k: v.get_value().shape for k, v in _flat(nnx.state(model)).items()}
+  state = nnx.state(obj)
+  for k, var in _flat(state).items():
+    v = var.get_value()
+    if not isinstance(v, jax.Array):
+      continue
+    match = next((m for m in _suffixes(k) if m in specs and shapes[m] == v.shape), None)
+    spec = specs[match] if match else PartitionSpec()
+    var.set_value(jax.device_put(v, NamedSharding(mesh, spec)))
+  nnx.update(obj, state)
+  return obj
+
+
+def _suffixes(path: str):
+  parts = path.split("/")
+  return ("/".join(parts[i:]) for i in range(len(parts)))
+
+
+def make_mesh(shape: tuple[int, ...] = (-1, 1), names: tuple[str, ...] = ("data", "model"),
+              devices=None) -> Mesh:
+  """A device mesh whose axes are *automatic* (GSPMD propagation), as lowbit's sharding expects.
+
+  ``jax.make_mesh`` defaults to explicit-sharding axes on newer jax, where a
+  gather from a sharded embedding needs an explicit output sharding; lowbit
+  leaves that to XLA. ``-1`` in ``shape`` takes the remaining devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = tuple(shape)
+  if shape.count(-1) > 1:
+    raise ValueError(f"make_mesh: at most one -1 in shape {shape}.")
+  if -1 in shape:
+    rest = int(np.prod([d for d in shape if d != -1]))
+    shape = tuple(len(devices) // rest if d == -1 else d for d in shape)
+  n = int(np.prod(shape))
+  if n > len(devices):
+    raise ValueError(f"make_mesh: shape {shape} needs {n} devices, {len(devices)} available.")
+  auto = (jax.sharding.AxisType.Auto,) * len(shape)
+  return jax.make_mesh(shape, names, axis_types=auto, devices=devices[:n])
+
+
+def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
+  """Inputs ``[B, ...]`` split over ``axis`` (the data-parallel axis)."""
+  return NamedSharding(mesh, PartitionSpec(axis))
+
+
+def bytes_per_device(tree: Any) -> dict[str, int]:
+  """``{device: bytes}`` that the arrays of ``tree`` (a model, state, or pytree) hold on each device."""
+  if isinstance(tree, nnx.Module):
+    tree = nnx.state(tree)
+  out: dict[str, int] = {}
+  for leaf in jax.tree_util.tree_leaves(tree):
+    if isinstance(leaf, nnx.Variable):
+      leaf = leaf.get_value()
+    if not isinstance(leaf, jax.Array):
+      continue
+    for s in leaf.addressable_shards:
+      out[str(s.device)] = out.get(str(s.device), 0) + s.data.nbytes
+  return out
+
+
+__all__ = ["KERNEL_AXES", "OTHER_AXES", "RULES", "batch_sharding", "bytes_per_device", "explain",
+           "logical_axes", "make_mesh", "partition_specs", "shard", "shard_like"]

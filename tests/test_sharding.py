@@ -1,0 +1,86 @@
+"""Sharded QAT, inference and checkpoints on 8 simulated CPU devices (a subprocess).
+
+``--xla_force_host_platform_device_count=8`` must be set before jax starts, so
+the checks run in ``tests/_sharding_worker.py`` in a fresh interpreter and this
+file asserts on the numbers it prints; the rest of the suite keeps one device.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from flax import nnx
+
+import lowbit
+from lowbit import sharding
+
+WORKER = pathlib.Path(__file__).with_name("_sharding_worker.py")
+
+
+@pytest.fixture(scope="module")
+def result():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, str(WORKER), "fsdp_tp"], env=env, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  line = next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))
+  return json.loads(line[len("RESULT "):])
+
+
+def test_weight_only_qat_on_a_4x2_mesh_equals_one_device(result):
+  """FSDP + TP, learned scales: same losses and parameters up to float summation order."""
+  assert result["wo_loss_rel_diff"] < 1e-6
+  assert result["wo_param_max_abs_diff"] < 1e-5 * max(1.0, result["wo_param_max_abs_change"])
+  assert result["shardings_kept_after_steps"]
+  k = result["sharded_kernels"]
+  assert k["layers/0/attn/q_proj/kernel"] == ["data", "model"]
+  assert k["layers/0/attn/o_proj/kernel"] == ["model", "data"]
+
+
+def test_qat_with_dynamic_int8_activations_tracks_one_device(result):
+  """An ulp of summation order can flip an activation code: losses agree to 1e-3."""
+  assert result["loss_rel_diff"] < 1e-3
+  assert result["losses_1"][0] == pytest.approx(result["losses_mesh"][0], rel=1e-6)
+
+
+def test_compiled_step_gathers_no_full_float_weight(result):
+  """TP: no weight is gathered at all except the gradient of a layer kept whole along K
+  (its groups would straddle devices); FSDP + TP: weights are gathered over 'data' only."""
+  allowed = set(result["kept_whole_kernel_shapes"])
+  assert allowed == {"f32[160,96]"}                      # down_proj: K=160 over 2 cuts groups of 32
+  for name in ("tp", "fsdp_tp"):
+    assert set(result[f"full_weight_all_gathers_{name}"]) <= allowed, result[f"all_gathers_{name}"]
+  assert result["all_gathers_tp"] == [g for g in result["all_gathers_tp"] if g in allowed]
+  assert "f32[96,48]" in result["all_gathers_fsdp_tp"]    # q_proj gathered over data, split on model
+
+
+def test_converted_inference_under_tensor_parallelism(result):
+  assert result["converted_wo_logits_max_abs_diff"] <= 1e-5 * result["converted_wo_logits_max_abs"]
+  assert result["converted_a8_logits_max_abs_diff"] <= 1e-2 * result["converted_a8_logits_max_abs"]
+  per_device = result["converted_bytes_per_device"]
+  assert len(per_device) == 8 and max(per_device.values()) < 0.6 * result["converted_bytes_total"]
+  assert result["packed_down_proj"]["dtype"] == "uint8"
+  assert result["explain_notes"] == ["K=160 over model=2 cuts groups of 32; K kept whole"]
+
+
+def test_checkpoint_restores_onto_other_meshes_exactly(result):
+  assert result["restore_2_exact"] and result["restore_1_exact"] and result["restore_logits_equal"]
+  assert result["restore_2_devices"] == 2
+
+
+def test_partition_specs_follow_the_kernel_and_divisibility():
+  """In-process (1 device): the specs a mesh would get, from logical axes alone."""
+  cfg = lowbit.TransformerConfig.llama(vocab_size=64, d_model=32, n_layers=1, n_heads=4,
+                                       n_kv_heads=2, d_ff=64, max_len=16)
+  model = lowbit.quantize_model(lowbit.Transformer(cfg, rngs=nnx.Rngs(0)),
+                                lowbit.policy.w4a16(32), learn="scale")
+  axes = sharding.logical_axes(model)
+  assert axes["layers/0/mlp/down_proj/kernel"] == ("mlp", "embed")
+  assert axes["layers/0/mlp/down_proj/w_scale"] == ("mlp", "embed")     # [2, 32] groups along K
+  assert axes["layers/0/attn/q_proj/w_scale"] == (None, "heads")         # [1, 32] per channel
+  assert axes["embed/embedding"] == ("vocab", "embed")
+  mesh = sharding.make_mesh((1, 1))
+  assert all(len(tuple(s)) <= 2 for s in sharding.partition_specs(model, mesh, sharding.RULES["tp"]).values())
