@@ -41,6 +41,7 @@ import re
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -158,7 +159,9 @@ def _group_conflicts(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str],
     k = int(getattr(layer, "in_features", 0) or 0)
     if m is None or m == fsdp_axis or not k or k % mesh.shape[m]:
       continue
-    if (k // mesh.shape[m]) % spec.group_size:
+    # packed int4 is half-split along K: each device's packed rows are two blocks of K / 2m
+    blocks = mesh.shape[m] * (2 if spec.pack else 1)
+    if k % blocks or (k // blocks) % spec.group_size:
       out[lpath] = (f"K={k} over {m}={mesh.shape[m]} cuts groups of {spec.group_size}; K kept whole")
   return out
 
@@ -208,28 +211,42 @@ def explain(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str], *,
 
 
 def shard(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str], *,
-          fsdp_axis: str | None = "data") -> nnx.Module:
+          fsdp_axis: str | None = "data", tp_axis: str = "model",
+          per_shard_kernels: bool | None = None) -> nnx.Module:
   """Place every array of ``model`` on ``mesh`` per ``rules`` (in place); returns ``model``.
 
   FSDP: a lowbit layer whose stored kernel is split over ``fsdp_axis`` gets a
   ``compute_sharding`` without it, so a fake-quant step gathers the weight over
   that axis only (and its gradient is reduce-scattered back), keeping the
   tensor-parallel split; quantization groups along K stay whole on a device.
+
+  ``per_shard_kernels`` (default: on GPU and TPU): converted layers split over
+  ``tp_axis`` run their matmul per device on the local block
+  (:func:`tp_qmatmul`), as a Pallas kernel must; otherwise XLA partitions the
+  converted matmul itself (the CPU path).
   """
+  if per_shard_kernels is None:
+    per_shard_kernels = jax.default_backend() in ("gpu", "tpu")
   specs = partition_specs(model, mesh, rules, fsdp_axis=fsdp_axis)
   state = nnx.state(model)
   for k, var in _flat(state).items():
     var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, specs[k])))
   nnx.update(model, state)
   for path, layer in quantizable_layers(model).items():
-    spec = specs.get(f"{path}/kernel")
-    if spec is None or not hasattr(layer, "compute_sharding"):
+    if not hasattr(layer, "compute_sharding"):
       continue
+    spec = specs.get(f"{path}/kernel", PartitionSpec())
     if fsdp_axis is not None and fsdp_axis in tuple(spec):
       layer.compute_sharding = NamedSharding(
           mesh, PartitionSpec(*(None if a == fsdp_axis else a for a in spec)))
     else:
       layer.compute_sharding = None
+    if hasattr(layer, "tp"):
+      layer.tp = None
+      qspec = tuple(specs.get(f"{path}/qvalue", ()))
+      if per_shard_kernels and getattr(layer, "mode", None) == "converted" and tp_axis in qspec:
+        kind = "column" if qspec.index(tp_axis) == 1 else "row"
+        layer.tp = (mesh, tp_axis, kind, fsdp_axis)
   return model
 
 
@@ -256,6 +273,104 @@ def shard_like(obj: Any, model: nnx.Module, mesh: Mesh, rules: Mapping[str, str]
 def _suffixes(path: str):
   parts = path.split("/")
   return ("/".join(parts[i:]) for i in range(len(parts)))
+
+
+# --------------------------------------------------------------------------- per-shard kernels
+
+
+def tp_qmatmul(x: jax.Array, w, mesh: Mesh, kind: str, *, axis: str = "model",
+               batch_axis: str | None = "data", act_spec=None, act_params=None,
+               implementation=None, out_dtype=None) -> jax.Array:
+  """``qmatmul`` with each device running the kernel on its own block of ``w`` (``shard_map``).
+
+  ``kind="column"``: ``w [K, N]`` split along N over ``axis``; every device
+  has all of ``x`` and computes its ``N / m`` outputs (no communication).
+  ``kind="row"``: ``w`` split along K. Packed int4 is half-split along K, so
+  device ``d``'s packed rows hold logical rows ``A_d = [d K/2m, (d+1) K/2m)``
+  and ``K/2 + A_d``; it takes exactly those columns of ``x`` (``x`` is
+  gathered over ``axis`` first) and the matching group scales, then the
+  partial products are summed with ``psum``. Dynamic activation scales are
+  computed on the whole ``x`` (so every device quantizes alike). The numbers
+  equal the unsharded ``qmatmul`` up to float summation order.
+
+  Shapes: ``x [..., K]``, result ``[..., N]``; the leading dims are split over
+  ``batch_axis`` when it divides them.
+  """
+  from jax.sharding import PartitionSpec as P
+
+  from lowbit import kernels
+  from lowbit.quant import QArray, calibrate
+
+  if kind not in ("column", "row"):
+    raise ValueError(f"tp_qmatmul: kind={kind!r}; use 'column' or 'row'.")
+  m = mesh.shape[axis]
+  lead, k = x.shape[:-1], x.shape[-1]
+  n = w.shape[1]
+  x2 = x.reshape(-1, k)
+  b_ax = batch_axis if batch_axis in mesh.shape and x2.shape[0] % mesh.shape[batch_axis] == 0 else None
+  if act_spec is not None and act_params is None:
+    act_params = calibrate(x2, act_spec)  # on the whole x: per-token scales [M, 1] or one scale
+  a_spec = (None if act_params is None else
+            P(b_ax if act_params.scale.shape[0] == x2.shape[0] and b_ax else None))
+  meta = dict(bits=w.bits, channel_axes=w.channel_axes, group_axis=w.group_axis,
+              group_size=w.group_size, pack_axis=w.pack_axis, zero_point_form=w.zero_point_form)
+  zero = w.zero_point
+  dt = out_dtype or x.dtype
+
+  def act(p):
+    return None if p is None else type(act_params)(p, None)
+
+  if kind == "column":
+    if n % m:
+      raise ValueError(f"tp_qmatmul: N={n} is not a multiple of {axis}={m}.")
+
+    def f(xl, qv, sc, zp, ap):
+      wl = QArray(qv, sc, zp, shape=(k, n // m), **meta)
+      return kernels.qmatmul(xl, wl, act_spec=act_spec, act_params=act(ap),
+                             implementation=implementation, out_dtype=dt)
+
+    w_spec = P(None, axis)
+    in_specs = (P(b_ax, None), w_spec, P(None, axis), None if zero is None else P(None, axis), a_spec)
+    out_spec = P(b_ax, axis)
+  else:
+    g = w.group_size or k
+    if k % (2 * m) or (w.group_size and (k // (2 * m)) % g):
+      raise ValueError(f"tp_qmatmul: K={k} split over {axis}={m} must leave whole groups of {g} "
+                       "in each half-block of the packed layout.")
+    half, blk = k // 2, k // (2 * m)
+    ngroups = w.scale.shape[0]
+
+    def take(a, d, axis_=1):  # the two half-blocks of device d, in local half-split order
+      if a.shape[axis_] == 1:
+        return a
+      size = a.shape[axis_]
+      hb = size // (2 * m)
+      lo = jax.lax.dynamic_slice_in_dim(a, d * hb, hb, axis_)
+      hi = jax.lax.dynamic_slice_in_dim(a, size // 2 + d * hb, hb, axis_)
+      return jnp.concatenate([lo, hi], axis_)
+
+    def f(xl, qv, sc, zp, ap):
+      d = jax.lax.axis_index(axis)
+      xs = take(xl, d) if w.packed else jax.lax.dynamic_slice_in_dim(xl, d * (k // m), k // m, 1)
+      if w.packed:
+        scl = take(sc, d, 0) if ngroups > 1 else sc
+        zpl = None if zp is None else (take(zp, d, 0) if ngroups > 1 else zp)
+      else:
+        gl = ngroups // m if ngroups > 1 else 1
+        scl = jax.lax.dynamic_slice_in_dim(sc, d * gl, gl, 0) if ngroups > 1 else sc
+        zpl = None if zp is None else (jax.lax.dynamic_slice_in_dim(zp, d * gl, gl, 0)
+                                       if ngroups > 1 else zp)
+      wl = QArray(qv, scl, zpl, shape=(k // m, n), **meta)
+      y = kernels.qmatmul(xs, wl, act_spec=act_spec, act_params=act(ap),
+                          implementation=implementation, out_dtype=jnp.float32)
+      return jax.lax.psum(y, axis).astype(dt)
+
+    del half, blk
+    in_specs = (P(b_ax, None), P(axis, None), P(), None if zero is None else P(), a_spec)
+    out_spec = P(b_ax, None)
+  fn = jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)
+  y = fn(x2, w.qvalue, w.scale, zero, None if act_params is None else act_params.scale)
+  return y.reshape(*lead, n)
 
 
 def make_mesh(shape: tuple[int, ...] = (-1, 1), names: tuple[str, ...] = ("data", "model"),
@@ -301,4 +416,4 @@ def bytes_per_device(tree: Any) -> dict[str, int]:
 
 
 __all__ = ["KERNEL_AXES", "OTHER_AXES", "RULES", "batch_sharding", "bytes_per_device", "explain",
-           "logical_axes", "make_mesh", "partition_specs", "shard", "shard_like"]
+           "logical_axes", "make_mesh", "partition_specs", "shard", "shard_like", "tp_qmatmul"]

@@ -154,6 +154,19 @@ def main():
     out[f"converted_{tag}_logits_max_abs_diff"] = float(np.abs(np.asarray(fwd(c8, xs)) - r).max())
     out[f"converted_{tag}_logits_max_abs"] = float(np.abs(r).max())
   conv1, conv8, ref = c1, c8, r
+  # the same, each device running the matmul on its own block (shard_map), Pallas (interpreted
+  # on CPU) where a kernel takes the layer, the XLA path elsewhere
+  wo_ref = np.asarray(convert(nnx.clone(wo_trained))(x))
+  for tag, trained, r in (("wo", wo_trained, wo_ref), ("a8", one, ref)):
+    cp = sharding.shard(convert(nnx.clone(trained)), mesh, sharding.RULES["tp"], per_shard_kernels=True)
+    kinds = {}
+    for path, layer in lowbit.nn.quantizable_layers(cp).items():
+      layer.implementation = "pallas" if lowbit.kernels.kernel_for(
+          layer.quantized_weight(), layer.act_spec) else "xla"
+      kinds[path] = (layer.tp[2] if layer.tp else None, layer.implementation)
+    y = np.asarray(fwd(cp, xs))
+    out[f"per_shard_{tag}_logits_max_abs_diff"] = float(np.abs(y - r).max())
+  out["per_shard_layers"] = {p: list(v) for p, v in kinds.items() if p.startswith("layers/0/")}
   out["converted_bytes_per_device"] = sharding.bytes_per_device(conv8)
   out["converted_bytes_total"] = sum(int(np.asarray(v.get_value()).nbytes) for _, v in
                                      nnx.to_flat_state(nnx.state(conv1)))
@@ -163,6 +176,20 @@ def main():
                                  local=list(qv.addressable_shards[0].data.shape))
   out["explain_notes"] = sorted({r["notes"] for r in sharding.explain(conv8, mesh, sharding.RULES["tp"])
                                  if r["notes"]})
+
+  # --- tp_qmatmul alone: every layout, column and row, with and without int8 activations
+  errs = []
+  for spec in (W4G32, QuantSpec(bits=4, channel_axes=(1,), pack=True), W8):
+    w = lowbit.quant.quantize(jnp.asarray(rng.normal(size=(256, 96)), jnp.float32), spec)
+    xx = jnp.asarray(rng.normal(size=(8, 5, 256)), jnp.float32)
+    for act in (None, A8):
+      r = np.asarray(lowbit.kernels.qmatmul(xx, w, act_spec=act, implementation="reference"))
+      impl = "pallas" if lowbit.kernels.kernel_for(w, act) else "xla"
+      for kind in ("column", "row"):
+        y = jax.jit(lambda xx, w, kind=kind, act=act, impl=impl: sharding.tp_qmatmul(
+            xx, w, mesh, kind, act_spec=act, implementation=impl))(xx, w)
+        errs.append(float(np.abs(np.asarray(y) - r).max() / np.abs(r).max()))
+  out["tp_qmatmul_max_rel_err"], out["tp_qmatmul_cases"] = max(errs), len(errs)
 
   # --- checkpoints: saved from the (4, 2) mesh, restored onto 2 devices and onto 1
   with tempfile.TemporaryDirectory() as d:

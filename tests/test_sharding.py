@@ -84,3 +84,20 @@ def test_partition_specs_follow_the_kernel_and_divisibility():
   assert axes["embed/embedding"] == ("vocab", "embed")
   mesh = sharding.make_mesh((1, 1))
   assert all(len(tuple(s)) <= 2 for s in sharding.partition_specs(model, mesh, sharding.RULES["tp"]).values())
+
+
+def test_per_shard_kernels_under_tensor_parallelism(result):
+  """shard_map: column-parallel layers on their N block, row-parallel ones on their K block
+  (the two half-blocks of the packed layout), Pallas kernels interpreted on CPU."""
+  assert result["per_shard_wo_logits_max_abs_diff"] <= 1e-5 * result["converted_wo_logits_max_abs"]
+  assert result["per_shard_a8_logits_max_abs_diff"] <= 1e-2 * result["converted_a8_logits_max_abs"]
+  kinds = result["per_shard_layers"]
+  assert kinds["layers/0/attn/q_proj"] == ["column", "pallas"]
+  assert kinds["layers/0/attn/o_proj"] == ["row", "pallas"]
+  assert kinds["layers/0/mlp/gate_proj"] == ["column", "pallas"]
+  assert kinds["layers/0/mlp/down_proj"][0] is None          # kept whole: groups would straddle
+
+
+def test_tp_qmatmul_matches_the_unsharded_reference(result):
+  assert result["tp_qmatmul_cases"] == 12
+  assert result["tp_qmatmul_max_rel_err"] < 1e-5

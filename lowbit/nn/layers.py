@@ -99,6 +99,9 @@ class _QuantMixin:
     # where the fake-quant weight is computed (set by lowbit.sharding.shard for FSDP: the
     # stored kernel is split over the data axis, the computation gathers only that axis).
     self.compute_sharding = None
+    # converted mode under tensor parallelism: (mesh, axis, "column" | "row", batch_axis) makes
+    # each device run the matmul on its own block (lowbit.sharding.tp_qmatmul, shard_map).
+    self.tp: tuple | None = None
 
   # -- set up --------------------------------------------------------------
   def set_precision(self, weight: QuantSpec | None, act: QuantSpec | None, *,
@@ -266,6 +269,12 @@ class QLinear(_QuantMixin, nnx.Linear):
       if self.weight_spec is None:  # activation-only quantization
         x2 = fake_quant(x.reshape(-1, x.shape[-1]), self.act_spec, self._act_params())
         y = jnp.dot(x2.reshape(x.shape), self.kernel[...].astype(dtype), precision=self.precision)
+      elif self.tp is not None:
+        from lowbit.sharding import tp_qmatmul
+        mesh, axis, kind, batch_axis = self.tp
+        y = tp_qmatmul(x, self.quantized_weight(), mesh, kind, axis=axis, batch_axis=batch_axis,
+                       act_spec=self.act_spec, act_params=self._act_params(),
+                       implementation=self.implementation, out_dtype=dtype)
       else:
         y = kernels.qmatmul(x, self.quantized_weight(), act_spec=self.act_spec,
                             act_params=self._act_params(), implementation=self.implementation,
