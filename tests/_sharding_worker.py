@@ -10,8 +10,6 @@ import re
 import sys
 import tempfile
 
-assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", ""), "set XLA_FLAGS"
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -86,6 +84,7 @@ def compiled_gathers(base, batch, mesh, rules):
 
 
 def main():
+  assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", ""), "set XLA_FLAGS"
   devices = jax.devices()
   assert len(devices) == 8, devices
   mesh = sharding.make_mesh((4, 2))
