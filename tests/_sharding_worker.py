@@ -207,6 +207,22 @@ def main():
     out["restore_2_devices"] = len(qv2.sharding.device_set)
     out["restore_2_packed_local"] = list(qv2.addressable_shards[0].data.shape)
     out["restore_logits_equal"] = bool(np.array_equal(np.asarray(r1(x)), ref))
+  # --- a QAT train state saved on the (4, 2) mesh, restored into a model and optimizers
+  # already sharded on 2 devices: the arrays land in those shards, the values bit-exact
+  with tempfile.TemporaryDirectory() as d:
+    ckpt.save_train_state(d, 3, many, *opts8)
+    two = sharding.make_mesh((1, 2), devices=devices[:2])
+    fresh = quantize_model(lowbit.Transformer(CFG, rngs=nnx.Rngs(5)), POLICY, learn="scale")
+    fopts = make_optimizers(fresh, optax.sgd(0.5), optax.sgd(0.01))
+    sharding.shard(fresh, two, sharding.RULES["tp"])
+    for o in fopts:
+      sharding.shard_like(o, fresh, two, sharding.RULES["tp"])
+    step, _ = ckpt.restore_train_state(d, fresh, *fopts)
+    a, b = flat(many), flat(fresh)
+    out["train_state_restore_exact"] = step == 3 and all(np.array_equal(a[k], b[k]) for k in a)
+    k = fresh.layers[0].mlp.up_proj.kernel.get_value()
+    out["train_state_restore_devices"] = len(k.sharding.device_set)
+    out["train_state_restore_local"] = list(k.addressable_shards[0].data.shape)
   print("RESULT " + json.dumps(out))
 
 

@@ -101,3 +101,9 @@ def test_per_shard_kernels_under_tensor_parallelism(result):
 def test_tp_qmatmul_matches_the_unsharded_reference(result):
   assert result["tp_qmatmul_cases"] == 12
   assert result["tp_qmatmul_max_rel_err"] < 1e-5
+
+
+def test_train_state_restores_into_a_model_sharded_on_another_mesh(result):
+  assert result["train_state_restore_exact"]
+  assert result["train_state_restore_devices"] == 2
+  assert result["train_state_restore_local"] == [96, 80]     # up_proj [96, 160] split over 2
