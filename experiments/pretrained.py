@@ -1,7 +1,7 @@
 """Int4 vs int8 post-training quantization on real pretrained weights, with Qwix side by side.
 
     pip install -e ".[eval,peers]"                         # gguf, tokenizers, safetensors; qwix
-    python experiments/pretrained.py --full-float          # both models, ~17 min on 2 CPU cores
+    python experiments/pretrained.py --full-float          # both models, ~25 min on 2 CPU cores
     python experiments/pretrained.py --only minilm         # ~1 min
     python experiments/pretrained.py --windows 4 --no-qwix # a quick look
 
