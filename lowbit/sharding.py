@@ -153,7 +153,9 @@ def _group_conflicts(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str],
   for lpath, layer in quantizable_layers(model).items():
     spec = getattr(layer, "weight_spec", None)
     axes = _kernel_axes(lpath, layer)
-    if spec is None or spec.group_size is None or axes is None or spec.group_axis % 2 != 0:
+    if spec is None or axes is None or (spec.group_size is None and not spec.pack):
+      continue
+    if spec.group_size is not None and spec.group_axis % 2 != 0:
       continue
     m = rules.get(axes[0]) if axes[0] is not None else None
     k = int(getattr(layer, "in_features", 0) or 0)
@@ -161,8 +163,9 @@ def _group_conflicts(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str],
       continue
     # packed int4 is half-split along K: each device's packed rows are two blocks of K / 2m
     blocks = mesh.shape[m] * (2 if spec.pack else 1)
-    if k % blocks or (k // blocks) % spec.group_size:
-      out[lpath] = (f"K={k} over {m}={mesh.shape[m]} cuts groups of {spec.group_size}; K kept whole")
+    if k % blocks or (spec.group_size and (k // blocks) % spec.group_size):
+      what = f"groups of {spec.group_size}" if spec.group_size else "the packed half-blocks"
+      out[lpath] = f"K={k} over {m}={mesh.shape[m]} cuts {what}; K kept whole"
   return out
 
 

@@ -107,3 +107,33 @@ def test_train_state_restores_into_a_model_sharded_on_another_mesh(result):
   assert result["train_state_restore_exact"]
   assert result["train_state_restore_devices"] == 2
   assert result["train_state_restore_local"] == [96, 80]     # up_proj [96, 160] split over 2
+
+
+def test_group_and_packing_conflicts_keep_k_whole():
+  """On a 2-way model axis: K=160 with groups of 32 (80 per device: 2.5 groups) and packed
+  per-channel K=90 (two half-blocks of 22.5 rows) stay whole; K=128 g32 splits."""
+  from lowbit.nn import QLinear
+  from lowbit.quant import QuantSpec
+
+  class M(nnx.Module):
+    def __init__(self):
+      self.a = QLinear(160, 8, rngs=nnx.Rngs(0))
+      self.b = QLinear(90, 8, rngs=nnx.Rngs(1))
+      self.c = QLinear(128, 8, rngs=nnx.Rngs(2))
+      for layer in (self.a, self.b, self.c):
+        layer.logical_axes = ("mlp", "embed")
+
+  m = M()
+  m.a.set_precision(QuantSpec(bits=4, channel_axes=(1,), group_size=32, pack=True), None)
+  m.b.set_precision(QuantSpec(bits=4, channel_axes=(1,), pack=True), None)
+  m.c.set_precision(QuantSpec(bits=4, channel_axes=(1,), group_size=32, pack=True), None)
+
+  class FakeMesh:  # partition_specs only reads mesh.shape
+    shape = {"data": 1, "model": 2}
+
+  conflicts = sharding._group_conflicts(m, FakeMesh(), sharding.RULES["tp"], "data")
+  assert conflicts == {"a": "K=160 over model=2 cuts groups of 32; K kept whole",
+                       "b": "K=90 over model=2 cuts the packed half-blocks; K kept whole"}
+  specs = sharding.partition_specs(m, FakeMesh(), sharding.RULES["tp"])
+  assert tuple(specs["a/kernel"]) == () and tuple(specs["b/kernel"]) == ()
+  assert tuple(specs["c/kernel"]) == ("model",)
