@@ -336,11 +336,11 @@ def tp_qmatmul(x: jax.Array, w, mesh: Mesh, kind: str, *, axis: str = "model",
     in_specs = (P(b_ax, None), w_spec, P(None, axis), None if zero is None else P(None, axis), a_spec)
     out_spec = P(b_ax, axis)
   else:
-    g = w.group_size or k
-    if k % (2 * m) or (w.group_size and (k // (2 * m)) % g):
-      raise ValueError(f"tp_qmatmul: K={k} split over {axis}={m} must leave whole groups of {g} "
-                       "in each half-block of the packed layout.")
-    half, blk = k // 2, k // (2 * m)
+    blocks = 2 * m if w.packed else m  # packed: two half-blocks of K per device
+    if k % blocks or (w.group_size and (k // blocks) % w.group_size):
+      raise ValueError(f"tp_qmatmul: K={k} split over {axis}={m} must leave whole groups of "
+                       f"{w.group_size} in each of the {blocks} blocks of K "
+                       f"({'half-blocks of the packed layout' if w.packed else 'one per device'}).")
     ngroups = w.scale.shape[0]
 
     def take(a, d, axis_=1):  # the two half-blocks of device d, in local half-split order
@@ -368,7 +368,6 @@ def tp_qmatmul(x: jax.Array, w, mesh: Mesh, kind: str, *, axis: str = "model",
                           implementation=implementation, out_dtype=jnp.float32)
       return jax.lax.psum(y, axis).astype(dt)
 
-    del half, blk
     in_specs = (P(b_ax, None), P(axis, None), P(), None if zero is None else P(), a_spec)
     out_spec = P(b_ax, None)
   fn = jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)
