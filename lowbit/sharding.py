@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lowbit.nn.surgery import quantizable_layers
+from lowbit.nn.surgery import flat_variables, quantizable_layers
 
 Axes = tuple[str | None, ...]
 
@@ -95,13 +95,9 @@ def _kernel_axes(path: str, layer) -> tuple[str | None, str | None] | None:
   return None
 
 
-def _flat(state) -> dict[str, Any]:
-  return {"/".join(str(p) for p in k): v for k, v in nnx.to_flat_state(state)}
-
-
 def logical_axes(model: nnx.Module) -> dict[str, Axes]:
   """``{variable path: logical axes}`` for every array of ``model`` (None: replicated)."""
-  flat = _flat(nnx.state(model))
+  flat = flat_variables(nnx.state(model))
   out: dict[str, Axes] = {}
   for lpath, layer in quantizable_layers(model).items():
     axes = _kernel_axes(lpath, layer)
@@ -175,14 +171,15 @@ def _layer_of(path: str, conflicts: Mapping[str, str]) -> str | None:
 
 
 def _specs_and_notes(model, mesh, rules, fsdp_axis):
-  flat = _flat(nnx.state(model))
+  flat = flat_variables(nnx.state(model))
   conflicts = _group_conflicts(model, mesh, rules, fsdp_axis)
+  layers = quantizable_layers(model) if conflicts else {}
   out = {}
   for k, axes in logical_axes(model).items():
     layer = _layer_of(k, conflicts)
     note = []
     if layer is not None:
-      k_ax = _kernel_axes(layer, quantizable_layers(model)[layer])[0]
+      k_ax = _kernel_axes(layer, layers[layer])[0]
       axes = tuple(None if a == k_ax else a for a in axes)
       note = [conflicts[layer]]
     spec, notes = _to_spec(axes, flat[k].get_value().shape, mesh, rules)
@@ -203,7 +200,7 @@ def partition_specs(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str], *,
 def explain(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str], *,
             fsdp_axis: str | None = "data") -> list[dict[str, Any]]:
   """One row per array: path, shape, logical axes, PartitionSpec, bytes per device, notes."""
-  flat = _flat(nnx.state(model))
+  flat = flat_variables(nnx.state(model))
   rows = []
   for k, (axes, spec, notes) in _specs_and_notes(model, mesh, rules, fsdp_axis).items():
     v = flat[k].get_value()
@@ -232,7 +229,7 @@ def shard(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str], *,
     per_shard_kernels = jax.default_backend() in ("gpu", "tpu")
   specs = partition_specs(model, mesh, rules, fsdp_axis=fsdp_axis)
   state = nnx.state(model)
-  for k, var in _flat(state).items():
+  for k, var in flat_variables(state).items():
     var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, specs[k])))
   nnx.update(model, state)
   for path, layer in quantizable_layers(model).items():
@@ -260,9 +257,9 @@ def shard_like(obj: Any, model: nnx.Module, mesh: Mesh, rules: Mapping[str, str]
   takes that variable's sharding; everything else (step counters) is replicated.
   """
   specs = partition_specs(model, mesh, rules)
-  shapes = {k: v.get_value().shape for k, v in _flat(nnx.state(model)).items()}
+  shapes = {k: v.get_value().shape for k, v in flat_variables(nnx.state(model)).items()}
   state = nnx.state(obj)
-  for k, var in _flat(state).items():
+  for k, var in flat_variables(state).items():
     v = var.get_value()
     if not isinstance(v, jax.Array):
       continue

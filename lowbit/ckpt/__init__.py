@@ -42,22 +42,14 @@ from flax import nnx
 
 import lowbit
 from lowbit.nn.layers import QValue
-from lowbit.nn.surgery import quantizable_layers
+from lowbit.nn.surgery import flat_variables, quantizable_layers
 
 FORMAT_VERSION = 1
 
 
-def _flat(state: nnx.State) -> dict[str, Any]:
-  """``{'a/b/0/c': leaf}`` of a state's Variables (leaf = the Variable's array)."""
-  out = {}
-  for path, var in nnx.to_flat_state(state):
-    out["/".join(str(p) for p in path)] = var
-  return out
-
-
 def _tensor_meta(state: nnx.State) -> dict[str, dict[str, Any]]:
   return {k: {"shape": list(v.get_value().shape), "dtype": jnp.dtype(v.get_value().dtype).name,
-              "type": type(v).__name__} for k, v in _flat(state).items()}
+              "type": type(v).__name__} for k, v in flat_variables(state).items()}
 
 
 def _layers_meta(model: nnx.Module) -> dict[str, Any]:
@@ -96,7 +88,7 @@ def save(path: str | pathlib.Path, model: nnx.Module, *, policy=None,
           "(lowbit.convert), or checkpoint training with save_train_state.")
   # Converted layers keep only codes, scales and a static activation scale (if calibrated).
   state = nnx.state(model)
-  flat = _flat(state)
+  flat = flat_variables(state)
   meta = {"format_version": FORMAT_VERSION, "lowbit_version": lowbit.__version__,
           "jax_version": jax.__version__, "policy": None if policy is None else policy.to_dict(),
           "tensors": _tensor_meta(state), "layers": _layers_meta(model)}
@@ -176,7 +168,7 @@ def restore(path: str | pathlib.Path, abstract_model: nnx.Module, *, policy=None
   except Exception as e:  # noqa: BLE001 - orbax/tensorstore errors, re-raised with the path
     raise ValueError(f"restore: reading the arrays of {path} failed (missing or truncated "
                      f"file?): {type(e).__name__}: {str(e)[:300]}") from e
-  flat = _flat(state)
+  flat = flat_variables(state)
   for k, var in flat.items():
     a = arrays[k]
     if tuple(a.shape) != tuple(want[k]["shape"]) or jnp.dtype(a.dtype) != jnp.dtype(want[k]["dtype"]):
@@ -201,7 +193,7 @@ def _str_keys(tree):
 
 def _apply_pure(obj: nnx.Module, pure: dict) -> None:
   state = nnx.state(obj)
-  flat = _flat(state)
+  flat = flat_variables(state)
   for k, var in flat.items():
     node = pure
     for part in k.split("/"):

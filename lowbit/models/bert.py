@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from lowbit.nn.encoder import Encoder, EncoderConfig, sentence_embedding
+from lowbit.nn.surgery import flat_variables
 
 
 @dataclasses.dataclass
@@ -99,7 +100,7 @@ def load_bert(model_file: str | pathlib.Path, config_file: str | pathlib.Path,
   tensors = load_file(str(model_file))
   abstract = nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  flat = {"/".join(str(p) for p in k): v for k, v in nnx.to_flat_state(state)}
+  flat = flat_variables(state)
   mapping = _mapping(cfg.n_layers)
   assert set(mapping) == set(flat), sorted(set(mapping) ^ set(flat))
   for path, (name, transpose) in mapping.items():

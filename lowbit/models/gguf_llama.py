@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lowbit.nn.surgery import flat_variables
 from lowbit.nn.transformer import Transformer, TransformerConfig
 from lowbit.quant import QArray, QuantSpec, dequantize, pack_int4
 
@@ -220,7 +221,7 @@ def load_gguf(path: str | pathlib.Path, *, max_len: int | None = None,
   cfg = config_from_gguf(reader, max_len=max_len, dtype=dtype)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  flat = {"/".join(str(p) for p in k): v for k, v in nnx.to_flat_state(state)}
+  flat = flat_variables(state)
   qarrays, types, seen = {}, {}, set()
   for t in reader.tensors:
     target, kind = _target(t.name, cfg)

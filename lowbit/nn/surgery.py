@@ -20,6 +20,11 @@ def quantizable_layers(model: nnx.Module) -> dict[str, nnx.Module]:
   return out
 
 
+def flat_variables(state: nnx.State) -> dict[str, nnx.Variable]:
+  """``{'a/b/0/c': Variable}`` of a state (the '/'-joined paths lowbit uses everywhere)."""
+  return {"/".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
+
+
 def _set(model: nnx.Module, path: str, new: nnx.Module) -> None:
   parts = [int(p) if p.isdigit() else p for p in path.split("/")]
   parent = model
