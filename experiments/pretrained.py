@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 import lowbit
-from lowbit import ptq
+from lowbit import ablation, ptq
 from lowbit.data import TINY_SHAKESPEARE_SHA256, sha256
 from lowbit.harness import environment, write_json
 from lowbit.models import bert, gguf_llama
@@ -53,12 +53,12 @@ ANCHORS = {"float": 34.43, "w8a16 per-channel": 34.67, "w4a16 per-channel": 66.8
            "w4a16 g64": 51.04, "w4a16 g32": 45.08, "w4a16 g32 asym-min fp16": 34.43}
 
 
-def W(bits: int, group: int | None = None, **kw) -> QuantSpec:
-  """Per-output-channel weight spec, optionally grouped along K; int4 packed."""
-  scale = kw.pop("scale_dtype", jnp.bfloat16 if group else jnp.float32)
-  # ragged: SmolLM2's width 576 is not a multiple of 128 (4 groups of 128 and one of 64)
-  return QuantSpec(bits=bits, channel_axes=(1,), group_size=group, pack=bits <= 4,
-                   scale_dtype=scale, ragged=group is not None, **kw)
+def W(bits: int, group: int | None = None, symmetric: bool = True, calibration: str = "absmax",
+      **kw) -> QuantSpec:
+  """The ablation harness's weight spec (:func:`lowbit.ablation.W`), with ragged groups:
+  SmolLM2's width 576 is not a multiple of 128 (four groups of 128 and one of 64)."""
+  spec = ablation.W(bits, group or "channel", symmetric, calibration)
+  return dataclasses.replace(spec, ragged=group is not None, **kw)
 
 
 Q4_1 = W(4, 32, symmetric=False, zero_point_form="min", scale_dtype=jnp.float16)
@@ -202,11 +202,17 @@ def smollm2(args) -> dict:
   float_m, ref = eval_lm(g.model, eval_wins, None, keep=True)
   float_bytes = linear_bytes(g.model)
   total_float = device_bytes(nnx.state(g.model))
-  add = lambda name, m, nbytes, secs, **kw: out["rows"].append(  # noqa: E731
-      dict(name=name, **m, delta_ppl=m["ppl"] - float_m["ppl"], linear_bytes=nbytes,
-           total_bytes=total_float - float_bytes + nbytes, seconds=secs, **kw))
-  add("float", float_m, float_bytes, time.time() - t, library="-")
-  log(f"float ppl {float_m['ppl']:.3f} ({time.time() - t:.0f}s)")
+
+  def add(name, m, model, t_start, library):
+    """Record (and print) one row; ``model``'s linear weights give its bytes."""
+    nbytes = linear_bytes(model)
+    out["rows"].append(dict(name=name, **m, delta_ppl=m["ppl"] - float_m["ppl"],
+                            linear_bytes=nbytes, total_bytes=total_float - float_bytes + nbytes,
+                            seconds=time.time() - t_start, library=library))
+    log(f"{name:40s} ppl {m['ppl']:8.3f}  kl {m['kl']:.4f}  top1 {m['top1']:.4f}  "
+        f"{nbytes / 2**20:.1f} MiB  ({time.time() - t_start:.0f}s)")
+
+  add("float", float_m, g.model, t, "-")
   if args.full_float:
     t = time.time()
     full, _ = eval_lm(g.model, windows(held, None), None)
@@ -216,8 +222,7 @@ def smollm2(args) -> dict:
   t = time.time()
   own = gguf_llama.converted_from_gguf(g)
   m, _ = eval_lm(own, eval_wins, ref)
-  add("file's own Q4_1 (converted, no requantization)", m, linear_bytes(own), time.time() - t,
-      library="lowbit")
+  add("file's own Q4_1 (converted, no requantization)", m, own, t, "lowbit")
   del own
 
   regex = r"layers/.*"
@@ -235,9 +240,7 @@ def smollm2(args) -> dict:
     conv = convert(q)
     del q
     m, _ = eval_lm(conv, eval_wins, ref)
-    add(row.name, m, linear_bytes(conv), time.time() - t, library="lowbit")
-    log(f"{row.name:40s} ppl {m['ppl']:8.3f}  kl {m['kl']:.4f}  top1 {m['top1']:.4f}  "
-        f"{linear_bytes(conv) / 2**20:.1f} MiB  ({time.time() - t:.0f}s)")
+    add(row.name, m, conv, t, "lowbit")
     del conv
 
   if not args.no_qwix:
@@ -262,9 +265,7 @@ def smollm2(args) -> dict:
           log(f"{name:40s} fails: {type(e).__name__}: {e}")
           continue
         m, _ = eval_lm(qm, eval_wins, ref)
-        add(name, m, linear_bytes(qm), time.time() - t, library="qwix")
-        log(f"{name:40s} ppl {m['ppl']:8.3f}  kl {m['kl']:.4f}  top1 {m['top1']:.4f}  "
-            f"{linear_bytes(qm) / 2**20:.1f} MiB  ({time.time() - t:.0f}s)")
+        add(name, m, qm, t, "qwix")
         del qm
   out["seconds"] = time.time() - t0
   return out

@@ -151,7 +151,7 @@ def _group_conflicts(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str],
     axes = _kernel_axes(lpath, layer)
     if spec is None or axes is None or (spec.group_size is None and not spec.pack):
       continue
-    if spec.group_size is not None and spec.group_axis % 2 != 0:
+    if spec.group_size is not None and spec.group_axis not in (0, -2):  # grouped along K only
       continue
     m = rules.get(axes[0]) if axes[0] is not None else None
     k = int(getattr(layer, "in_features", 0) or 0)

@@ -43,6 +43,7 @@ from flax import nnx
 import lowbit
 from lowbit.nn.layers import QValue
 from lowbit.nn.surgery import flat_variables, quantizable_layers
+from lowbit.sharding import partition_specs
 
 FORMAT_VERSION = 1
 
@@ -155,7 +156,6 @@ def restore(path: str | pathlib.Path, abstract_model: nnx.Module, *, policy=None
     raise ValueError("restore: pass both mesh and rules (lowbit.sharding.RULES[...]), or neither.")
   specs = {}
   if mesh is not None:
-    from lowbit.sharding import partition_specs
     specs = partition_specs(abstract_model, mesh, rules)
   target = {k: jax.ShapeDtypeStruct(
       tuple(v["shape"]), jnp.dtype(v["dtype"]),

@@ -40,6 +40,7 @@ from lowbit.nn.transformer import Transformer, TransformerConfig
 from lowbit.quant import QArray, QuantSpec, dequantize, pack_int4
 
 BLOCK = 32
+QARRAY_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # GGUF types gguf_qarray maps onto a QArray
 
 
 @dataclasses.dataclass
@@ -238,11 +239,8 @@ def load_gguf(path: str | pathlib.Path, *, max_len: int | None = None,
       if t.name.endswith(("attn_q.weight", "attn_k.weight")):
         heads = cfg.n_heads if "attn_q" in t.name else cfg.kv_heads
         perm = unpermute_rope_rows(n, heads)
-      try:
+      if ttype.name in QARRAY_TYPES:
         qa = gguf_qarray(t)
-      except ValueError:
-        qa = None
-      if qa is not None:
         if perm is not None:
           qa = _permute_cols(qa, perm)
         qarrays[layer], types[layer] = qa, ttype.name
