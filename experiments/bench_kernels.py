@@ -5,21 +5,37 @@ Usage::
     python experiments/bench_kernels.py                  # CPU: XLA paths, small grid
     python experiments/bench_kernels.py --full --sweep   # GPU: every kernel, every shape
 
-All timings of one run share a process and a device; each is the median over
-``--reps`` calls of a jitted function that multiplies by ``R`` different weight
-buffers (so the L2 cache does not hold the weight), divided by ``R``. Ratios
-are to XLA's bf16 ``jnp.dot`` measured in the same run. The bound is the
-roofline ratio ``t_floor(bf16) / t_floor(impl)``, each floor the larger of
-bytes / bandwidth (bandwidth measured here by a device copy) and operations /
-the datasheet peak (H100/H200: 989 TFLOP/s bf16, 1979 TOP/s int8).
-Writes a JSON file with every row and prints a markdown table.
+Every implementation is a jitted function that multiplies one activation by
+``R`` different weight buffers (so the 50-60 MB L2 cache does not hold the
+weight between calls); a time is that function's time divided by ``R``.
+
+* On a GPU the time is **device time**: CUPTI records every kernel the function
+  launches (``jax.experimental.mosaic.gpu.profiler.measure``), so a call that
+  launches a pad, a kernel and a reduction is charged all three, and the host's
+  launch latency is not (on the lent VM it is ~18 us per op; the wall-clock
+  median is recorded beside it as ``us_wall``). Median over ``--reps``
+  iterations.
+* On CPU the time is the wall-clock median.
+
+Ratios are to XLA's bf16 ``jnp.dot`` timed the same way in the same run. The
+bound is the roofline ratio ``t_floor(bf16) / t_floor(impl)``, each floor the
+larger of bytes / bandwidth (bandwidth measured here by a device copy) and
+operations / the datasheet peak (H100/H200: 989 TFLOP/s bf16, 1979 TOP/s int8).
+``--sweep`` also times ``BlockSizes`` candidates (tiles, orientation, split-K,
+K-major weights) at K = N = 8192; every candidate's output is checked against
+the XLA path and a wrong one is reported, never ranked. Executables are
+compiled in parallel threads first, then timed one at a time. Writes a JSON
+file after every point and prints a markdown table at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
+import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,13 +49,17 @@ from lowbit.quant import QuantSpec, dequantize, quantize
 
 PEAK = {"bf16": 989e12, "int8": 1979e12}
 M_ALL = (1, 16, 64, 256, 4096)
-KN_ALL = ((4096, 4096), (8192, 8192), (4096, 14336))
+KN_ALL = ((8192, 8192), (4096, 4096), (4096, 14336))
 GROUP = 128
+KERNELS = (("w8a8", K.w8a8_matmul, "int8", "int8", "int8"),
+           ("w4a16", K.w4a16_matmul, "int4", "bf16", "bf16"),
+           ("w4a8", K.w4a8_matmul, "int4", "int8", "int8"))
+XLA_OF = {"w8a8": "xla_int8_dot", "w4a16": "xla_w4a16_g128", "w4a8": "xla_w4a8_g128"}
 
 
-def timed(fn, args, reps: int) -> float:
-  """Median wall seconds of ``fn(*args)`` after warm-up (block_until_ready)."""
-  t_end = time.perf_counter() + 0.3  # warm up (compile, clocks) for >= 0.3 s
+def wall(fn, args, reps: int) -> float:
+  """Median wall seconds of ``fn(*args)`` after >= 0.05 s of warm-up (block_until_ready)."""
+  t_end = time.perf_counter() + 0.05
   while True:
     jax.block_until_ready(fn(*args))
     if time.perf_counter() > t_end:
@@ -52,18 +72,44 @@ def timed(fn, args, reps: int) -> float:
   return statistics.median(ts)
 
 
+def device(fn, args, reps: int):
+  """``(median seconds, {kernel name: seconds})`` per call of ``fn`` from CUPTI, or None.
+
+  ``None`` when CUPTI is unavailable (CPU, or a jaxlib without Mosaic GPU).
+  """
+  if jax.default_backend() != "gpu":
+    return None
+  try:
+    from jax.experimental.mosaic.gpu import profiler
+    _, per_iter = profiler.measure(fn, aggregate=False, iterations=reps)(*args)
+  except Exception as e:  # noqa: BLE001 - CUPTI refused: the caller falls back to wall time
+    print(f"CUPTI timing failed ({type(e).__name__}: {str(e)[:200]}); wall clock instead",
+          flush=True)
+    return None
+  if not per_iter:
+    return None
+  if isinstance(per_iter[0], tuple):  # one iteration
+    per_iter = [per_iter]
+  totals = [sum(t for _, t in it) * 1e-3 for it in per_iter]
+  parts: dict[str, float] = {}
+  for name, t in per_iter[len(per_iter) // 2]:
+    parts[name] = parts.get(name, 0.0) + t * 1e-3
+  return statistics.median(totals), parts
+
+
 def n_buffers(weight_bytes: int, platform: str) -> int:
   if platform == "cpu":
     return 2
-  return int(min(16, max(2, -(-256 * 2**20 // weight_bytes))))
+  return int(min(16, max(2, -(-160 * 2**20 // weight_bytes))))
 
 
-def copy_bandwidth(platform: str) -> float | None:
+def copy_bandwidth(platform: str, reps: int) -> float | None:
   if platform == "cpu":
     return None
-  a = jnp.ones((512 * 2**20,), jnp.float32)  # 2 GiB
-  f = jax.jit(lambda a: a * 1.0)
-  t = timed(f, (a,), 10)
+  a = jnp.ones((512 * 2**20,), jnp.float32)  # 2 GiB read + 2 GiB written
+  f = jax.jit(lambda a: a + 1.0)
+  d = device(f, (a,), reps)
+  t = d[0] if d else wall(f, (a,), reps)
   return 2 * a.nbytes / t
 
 
@@ -80,16 +126,15 @@ def make_weights(k, n, r, key):
   return out
 
 
-def impls(platform: str, m: int, k: int, n: int, bs_override=None):
-  """name -> (callable(x, w), weight kind, activation kind, op kind)."""
-  def many(f):
-    return jax.jit(lambda x, ws: [f(x, w) for w in ws])
+def many(f):
+  return lambda x, ws: [f(x, w) for w in ws]
 
-  out = {
+
+def baselines():
+  """name -> (fn(x, w), weight kind, activation kind, op kind): XLA's paths."""
+  return {
       "xla_bf16_dot": (many(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.bfloat16)),
                        "bf16", "bf16", "bf16"),
-      "xla_f32_dot": (many(lambda x, w: jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))),
-                      "bf16", "bf16", "bf16"),
       "xla_int8_dot": (many(lambda x, w: K.w8a8.xla(x, w, out_dtype=jnp.bfloat16)),
                        "int8", "int8", "int8"),
       "xla_dequant_dot_w4g128": (many(lambda x, w: jnp.dot(x, dequantize(w, x.dtype))),
@@ -99,16 +144,10 @@ def impls(platform: str, m: int, k: int, n: int, bs_override=None):
       "xla_w4a8_g128": (many(lambda x, w: K.w4a8.xla(x, w, out_dtype=jnp.bfloat16)),
                         "int4", "int8", "int8"),
   }
-  if platform in ("gpu", "tpu"):
-    def kern(fn, kind, bs):
-      return many(lambda x, w: fn(x, w, out_dtype=jnp.bfloat16, block_sizes=bs))
-    for name, fn, wk, ak, op, kname in (
-        ("lowbit_w8a8", K.w8a8_matmul, "int8", "int8", "int8", "w8a8"),
-        ("lowbit_w4a16_g128", K.w4a16_matmul, "int4", "bf16", "bf16", "w4a16"),
-        ("lowbit_w4a8_g128", K.w4a8_matmul, "int4", "int8", "int8", "w4a8")):
-      bs = (bs_override or {}).get(kname)
-      out[name] = (kern(fn, wk, bs), wk, ak, op)
-  return out
+
+
+def kernel_fn(fn, bs):
+  return many(lambda x, w: fn(x, w, out_dtype=jnp.bfloat16, block_sizes=bs))
 
 
 def bytes_of(m, k, n, wkind, akind):
@@ -121,29 +160,57 @@ def floor_time(m, k, n, wkind, akind, op, bw):
   return max(bytes_of(m, k, n, wkind, akind) / bw, 2 * m * k * n / PEAK[op])
 
 
-SWEEP_SMALL_M = [
-    BlockSizes(bm=16, bn=32, bk=256, split_k=1, num_warps=4, num_stages=4),
-    BlockSizes(bm=16, bn=64, bk=256, split_k=1, num_warps=4, num_stages=4),
-    BlockSizes(bm=16, bn=64, bk=128, split_k=4, num_warps=4, num_stages=4),
-    BlockSizes(bm=16, bn=64, bk=256, split_k=2, num_warps=4, num_stages=4),
-    BlockSizes(bm=16, bn=128, bk=128, split_k=4, num_warps=4, num_stages=4),
-    BlockSizes(bm=16, bn=32, bk=256, split_k=4, num_warps=2, num_stages=4),
-    BlockSizes(bm=16, bn=64, bk=128, split_k=8, num_warps=4, num_stages=3),
-    BlockSizes(bm=16, bn=128, bk=256, split_k=8, num_warps=8, num_stages=3),
-]
-SWEEP_MID_M = [
-    BlockSizes(bm=64, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4),
-    BlockSizes(bm=64, bn=128, bk=64, num_warps=4, num_stages=4),
-    BlockSizes(bm=128, bn=128, bk=64, num_warps=8, num_stages=3),
-    BlockSizes(bm=64, bn=128, bk=128, split_k=2, num_warps=4, num_stages=3),
-]
-SWEEP_LARGE_M = [
-    BlockSizes(bm=128, bn=128, bk=64, num_warps=4, num_stages=4),
-    BlockSizes(bm=128, bn=256, bk=64, num_warps=8, num_stages=3),
-    BlockSizes(bm=128, bn=128, bk=128, num_warps=8, num_stages=3),
-    BlockSizes(bm=128, bn=256, bk=128, num_warps=8, num_stages=3),
-    BlockSizes(bm=64, bn=256, bk=64, num_warps=4, num_stages=4),
-]
+def B(bm, bn, bk, split_k=1, num_warps=4, num_stages=3, orient="xw", k_major=False):
+  return BlockSizes(bm=bm, bn=bn, bk=bk, split_k=split_k, num_warps=num_warps,
+                    num_stages=num_stages, orient=orient, k_major=k_major)
+
+
+def candidates(m: int) -> list[BlockSizes]:
+  """BlockSizes tried by ``--sweep`` at one M (orientation x tiles x split-K)."""
+  if m <= 4:
+    vec = [B(1, bn, bk, sk, w) for bn, bk, sk, w in (
+        (32, 128, 1, 2), (64, 128, 1, 4), (64, 128, 2, 4), (128, 128, 2, 4), (128, 128, 4, 4),
+        (256, 64, 4, 4), (32, 128, 4, 2), (64, 64, 4, 4), (256, 128, 2, 8))]
+  else:
+    vec = []
+  if m <= 16:
+    wx = [B(16, bn, bk, sk, w, st, "wx") for bn, bk, sk, w, st in (
+        (64, 128, 1, 4, 3), (64, 128, 2, 4, 3), (128, 128, 2, 4, 3), (128, 128, 4, 4, 3),
+        (128, 64, 4, 4, 4), (64, 128, 4, 4, 4), (256, 128, 2, 8, 3), (64, 64, 8, 4, 4))]
+    xw = [B(16, 64, 128, 8, 4, 3), B(16, 128, 128, 4, 4, 4)]
+    return vec + wx + xw
+  if m <= 64:
+    return ([B(64, bn, bk, sk, w, st, "wx") for bn, bk, sk, w, st in (
+        (128, 128, 1, 4, 3), (128, 128, 2, 4, 3), (64, 128, 2, 4, 3), (256, 64, 1, 8, 3))]
+            + [B(64, 64, 128, 2, 4, 4), B(64, 128, 128, 2, 4, 3)])
+  if m <= 256:
+    return ([B(bm, bn, bk, 1, w, 3) for bm, bn, bk, w in (
+        (128, 128, 64, 8), (128, 128, 128, 8), (64, 128, 128, 4), (128, 256, 64, 8))]
+            + [B(bm, bn, bk, 1, w, 3, "wx") for bm, bn, bk, w in (
+                (128, 128, 128, 8), (64, 128, 128, 4), (128, 256, 64, 8))]
+            + [B(128, 128, 128, 1, 8, 3, k_major=True), B(128, 256, 64, 1, 8, 3, k_major=True)])
+  return ([B(bm, bn, bk, 1, 8, st) for bm, bn, bk, st in (
+      (128, 128, 128, 3), (128, 256, 64, 3), (128, 256, 128, 3), (256, 128, 64, 3))]
+          + [B(128, bn, bk, 1, 8, 3, "wx") for bn, bk in ((128, 128), (256, 64))]
+          + [B(128, bn, bk, 1, 8, 3, k_major=True) for bn, bk in ((128, 128), (256, 128), (256, 64))]
+          + [B(128, 256, 128, 1, 8, 3, "wx", k_major=True)])
+
+
+def compile_all(jobs, threads: int):
+  """``jobs: [(key, fn, args)]`` -> ``{key: compiled or Exception}``, compiled in threads."""
+  def one(job):
+    key, fn, args = job
+    try:
+      return key, jax.jit(fn).lower(*args).compile()
+    except Exception as e:  # noqa: BLE001 - a rejected candidate is data, not a crash
+      return key, e
+  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as ex:
+    return dict(ex.map(one, jobs))
+
+
+def rel_err(a, b) -> float:
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 def main(argv=None):
@@ -153,103 +220,144 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=20)
   ap.add_argument("--out", default="bench_kernels.json")
   ap.add_argument("--m", type=int, nargs="*", help="override the M list")
+  ap.add_argument("--kn", type=str, nargs="*", help="override (K, N): e.g. 8192x8192")
   ap.add_argument("--sweep-m", type=int, nargs="*", default=[1, 16, 64, 256, 4096, 8192],
                   help="M values (at K = N = 8192) where --sweep runs")
+  ap.add_argument("--sweep-kernels", nargs="*", default=["w8a8", "w4a16", "w4a8"])
+  ap.add_argument("--deadline", type=float, default=1e9,
+                  help="seconds; no new point starts after this (the JSON so far is kept)")
+  ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+  ap.add_argument("--force-kernels", action="store_true",
+                  help="time the kernels (interpreted) and sweep on CPU too: tests this script")
   args = ap.parse_args(argv)
+  t_start = time.perf_counter()
 
   platform = jax.default_backend()
   dev = jax.devices()[0]
-  if args.m:
-    ms = tuple(args.m)
-  elif args.full or platform != "cpu":
-    ms = M_ALL
+  ms = tuple(args.m) if args.m else (M_ALL if (args.full or platform != "cpu") else (1, 16, 64, 256))
+  if args.kn:
+    kns = tuple(tuple(int(v) for v in s.split("x")) for s in args.kn)
   else:
-    ms = (1, 16, 64, 256)
-  kns = KN_ALL if (args.full or platform != "cpu") else ((4096, 4096),)
-  bw = copy_bandwidth(platform)
-  # The per-op floor of this harness: R tiny dependent-free ops in one jitted call.
+    kns = KN_ALL if (args.full or platform != "cpu") else ((4096, 4096),)
+  bw = copy_bandwidth(platform, args.reps)
   tiny = jnp.ones((8, 128), jnp.float32)
-  floor = timed(jax.jit(lambda x, ws: [x + w for w in ws]), (tiny, [tiny] * 8), 20) / 8
+  floor = wall(jax.jit(many(lambda x, w: x + w)), (tiny, [tiny] * 8), 20) / 8
+  timer = "cupti" if device(jax.jit(lambda a: a + 1.0), (tiny,), 2) else "wall"
   meta = dict(device=str(dev.device_kind), platform=platform, jax=jax.__version__,
               date=datetime.date.today().isoformat(), copy_bandwidth_GBps=bw and bw / 1e9,
-              reps=args.reps, group=GROUP, per_op_floor_us=floor * 1e6)
+              reps=args.reps, group=GROUP, per_op_floor_us=floor * 1e6, timer=timer)
   print(json.dumps(meta), flush=True)
   rows, sweeps = [], []
   key = jax.random.key(0)
   for k, n in kns:
     r = n_buffers(k * n // 2, platform)
     ws = make_weights(k, n, r, jax.random.fold_in(key, k * n))
-    for m in ms + ((8192,) if (k, n) == (8192, 8192) and platform == "gpu" else ()):
+    extra = (8192,) if (k, n) == (8192, 8192) and platform == "gpu" and not args.m else ()
+    for m in ms + extra:
+      if time.perf_counter() - t_start > args.deadline:
+        print(f"deadline reached before m={m} k={k} n={n}", flush=True)
+        break
       x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.float32)
       xs = {"bf16": x.astype(jnp.bfloat16),
             "int8": quantize(x, QuantSpec(bits=8, channel_axes=(0,)))}
-      base = None
-      outs = {}
-      for name, (fn, wk, ak, op) in impls(platform, m, k, n).items():
+      impls = dict(baselines())
+      if platform in ("gpu", "tpu") or args.force_kernels:
+        for kname, fn, wk, ak, op in KERNELS:
+          impls[f"lowbit_{kname}" + ("_g128" if wk == "int4" else "")] = (
+              kernel_fn(fn, None), wk, ak, op)
+      jobs = [(name, fn, (xs[ak], ws[wk])) for name, (fn, wk, ak, _op) in impls.items()]
+      sweep_here = args.sweep and m in args.sweep_m and (
+          args.force_kernels or (platform == "gpu" and (k, n) == (8192, 8192)))
+      if sweep_here:
+        for (kname, fn, wk, ak, _op), bs in itertools.product(KERNELS, candidates(m)):
+          if kname in args.sweep_kernels and not (m == 8192 and kname != "w8a8"):
+            jobs.append(((kname, bs), kernel_fn(fn, bs), (xs[ak], ws[wk])))
+      t0 = time.perf_counter()
+      compiled = compile_all(jobs, args.threads if platform == "gpu" else 1)
+      print(f"m={m} k={k} n={n}: compiled {len(jobs)} in {time.perf_counter() - t0:.1f} s",
+            flush=True)
+      outs, base = {}, None
+
+      def timeit(job_key, a, with_wall=True, compiled=compiled, r=r):
+        c = compiled[job_key]
+        if isinstance(c, Exception):
+          raise c
+        d = device(c, a, args.reps) if timer == "cupti" else None
+        t_wall = wall(c, a, max(5, args.reps // 2)) / r if (with_wall or not d) else None
+        return (d[0] / r if d else t_wall), t_wall, ({nm: v / r for nm, v in d[1].items()}
+                                                    if d else None), c(*a)[0]
+
+      for name, (_fn, wk, ak, op) in impls.items():
+        a = (xs[ak], ws[wk])
         try:
-          t = timed(fn, (xs[ak], ws[wk]), args.reps) / r
-          outs[name] = fn(xs[ak], ws[wk])[0].astype(jnp.float32)
-        except Exception as e:  # report and go on: one failing kernel must not hide the rest
+          t, t_wall, parts, y = timeit(name, a)
+        except Exception as e:  # one failing kernel must not hide the rest
           print(f"FAILED {name} m={m} k={k} n={n}: {type(e).__name__}: {str(e)[:300]}", flush=True)
           continue
+        outs[name] = y
         if name == "xla_bf16_dot":
           base = t
         nb = bytes_of(m, k, n, wk, ak)
-        row = dict(m=m, k=k, n=n, impl=name, us=t * 1e6, speedup_vs_bf16=base / t,
-                   GBps=nb / t / 1e9, TOPs=2 * m * k * n / t / 1e12)
+        row = dict(m=m, k=k, n=n, impl=name, us=t * 1e6, us_wall=t_wall * 1e6,
+                   speedup_vs_bf16=base / t, GBps=nb / t / 1e9, TOPs=2 * m * k * n / t / 1e12,
+                   kernels_us=parts and {nm: v * 1e6 for nm, v in parts.items()})
         if bw:
           row["bound"] = floor_time(m, k, n, "bf16", "bf16", "bf16", bw) / floor_time(
               m, k, n, wk, ak, op, bw)
         if name.startswith("lowbit_"):
           kname = name.split("_")[1]
-          ref = outs.get("xla_" + ("int8_dot" if kname == "w8a8" else name[len("lowbit_"):]))
-          if ref is not None:
-            row["rel_err_vs_xla"] = float(jnp.linalg.norm(outs[name] - ref) / jnp.linalg.norm(ref))
+          if XLA_OF[kname] in outs:
+            row["rel_err_vs_xla"] = rel_err(y, outs[XLA_OF[kname]])
           row["block_sizes"] = str(default_block_sizes(kname, "gpu", m, k, n))
         rows.append(row)
         print(json.dumps(row), flush=True)
-      if args.sweep and platform == "gpu" and (k, n) == (8192, 8192) and m in args.sweep_m:
-        cands = SWEEP_SMALL_M if m <= 16 else SWEEP_MID_M if m <= 256 else SWEEP_LARGE_M
-        for kname, fn, wk, ak in (("w8a8", K.w8a8_matmul, "int8", "int8"),
-                                  ("w4a16", K.w4a16_matmul, "int4", "bf16"),
-                                  ("w4a8", K.w4a8_matmul, "int4", "int8")):
-          for bs in cands:
-            f = jax.jit(lambda x, ws, bs=bs, fn=fn: [
-                fn(x, w, out_dtype=jnp.bfloat16, block_sizes=bs) for w in ws])
-            try:
-              t = timed(f, (xs[ak], ws[wk]), max(5, args.reps // 2)) / r
-            except Exception as e:  # a candidate the compiler rejects is data, not a crash
-              print(f"sweep {kname} m={m} {bs}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-              continue
-            s = dict(m=m, k=k, n=n, kernel=kname, block_sizes=str(bs), us=t * 1e6,
-                     speedup_vs_bf16=base / t)
-            sweeps.append(s)
-            print(json.dumps(s), flush=True)
+      for job_key, _fn, a in jobs:
+        if not isinstance(job_key, tuple):
+          continue
+        kname, bs = job_key
+        try:
+          t, t_wall, parts, y = timeit(job_key, a, with_wall=False)
+        except Exception as e:  # a candidate the compiler rejects is data, not a crash
+          print(f"sweep {kname} m={m} {bs}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+          continue
+        err = rel_err(y, outs[XLA_OF[kname]]) if XLA_OF[kname] in outs else None
+        s = dict(m=m, k=k, n=n, kernel=kname, block_sizes=str(bs), us=t * 1e6,
+                 us_wall=t_wall and t_wall * 1e6, speedup_vs_bf16=base / t if base else 0.0,
+                 rel_err_vs_xla=err, correct=err is not None and err < 1e-2)
+        sweeps.append(s)
+        print(json.dumps(s), flush=True)
       with open(args.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows, sweeps=sweeps), f, indent=1)
     del ws
+  with open(args.out, "w") as f:
+    json.dump(dict(meta=meta, rows=rows, sweeps=sweeps), f, indent=1)
   print_table(meta, rows, sweeps)
 
 
 def print_table(meta, rows, sweeps):
   print(f"\n{meta['device']} ({meta['platform']}), jax {meta['jax']}, {meta['date']}; "
-        f"median of {meta['reps']}; speedup = t(xla bf16 dot) / t(impl)")
-  print("| M | K | N | impl | us | x bf16 | bound | GB/s | TOP/s |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        f"timer {meta['timer']}, median of {meta['reps']}; speedup = t(xla bf16 dot) / t(impl)")
+  print("| M | K | N | impl | us | us wall | x bf16 | bound | GB/s | TOP/s |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     b = f"{r['bound']:.2f}" if "bound" in r else "-"
-    print(f"| {r['m']} | {r['k']} | {r['n']} | {r['impl']} | {r['us']:.1f} | "
+    print(f"| {r['m']} | {r['k']} | {r['n']} | {r['impl']} | {r['us']:.1f} | {r['us_wall']:.1f} | "
           f"{r['speedup_vs_bf16']:.2f} | {b} | {r['GBps']:.0f} | {r['TOPs']:.1f} |")
   if sweeps:
-    print("\nbest BlockSizes per point (sweep):")
+    print("\nbest correct BlockSizes per point (sweep):")
     best = {}
     for s in sweeps:
       key = (s["m"], s["k"], s["n"], s["kernel"])
-      if key not in best or s["us"] < best[key]["us"]:
+      if s["correct"] and (key not in best or s["us"] < best[key]["us"]):
         best[key] = s
     for key, s in sorted(best.items()):
       print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {s['us']:.1f} | "
             f"{s['speedup_vs_bf16']:.2f} | {s['block_sizes']} |")
+    bad = [s for s in sweeps if not s["correct"]]
+    if bad:
+      print(f"\n{len(bad)} sweep candidates gave wrong outputs (excluded):")
+      for s in bad[:20]:
+        print(f"  m={s['m']} {s['kernel']} {s['block_sizes']} rel err {s['rel_err_vs_xla']}")
 
 
 if __name__ == "__main__":

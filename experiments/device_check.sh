@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
 # The one script run on a lent GPU: install lowbit (no network there), run the
-# kernel tests compiled (not interpreted), then the kernel benchmark.
+# kernel tests compiled (not interpreted), the kernel benchmark (device time from
+# CUPTI), and, if time is left, which matrix instructions the kernels compile to.
 #   usage (device tool): bash experiments/device_check.sh
+#   knobs: SWEEP=--sweep (default) or SWEEP= ; BENCH_DEADLINE (s), REPS, BENCH_ARGS
 # Writes logs and bench_kernels.json under $OUT (or ./device_out).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
 REPO=$(pwd)
+T0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | tail -3
 export PYTHONPATH=/tmp/site
 python3 -c "import jax, lowbit.kernels; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 cd /tmp
-LOWBIT_TEST_BACKEND=gpu timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -x -p no:cacheprovider \
-  "$REPO/tests/kernels/test_matmul_kernels.py" 2>&1 | tee "$OUT/kernel_tests.log" | tail -25
-timeout ${BENCH_TIMEOUT:-360} python3 "$REPO/experiments/bench_kernels.py" --full --sweep --reps ${REPS:-15} ${BENCH_ARGS:-} \
-  --out "$OUT/bench_kernels.json" 2>&1 > "$OUT/bench.log"
-echo "bench exit $?"
-grep -v '^{' "$OUT/bench.log" | tail -120
+# Tests in parallel processes: no process may preallocate most of the GPU.
+XLA_PYTHON_CLIENT_PREALLOCATE=false LOWBIT_TEST_BACKEND=gpu timeout ${TEST_TIMEOUT:-150} \
+  python3 -m pytest -q -x -n ${TEST_WORKERS:-8} -p no:cacheprovider \
+  "$REPO/tests/kernels/test_matmul_kernels.py" 2>&1 | tee "$OUT/kernel_tests.log" | tail -15
+echo "tests done at $(( $(date +%s) - T0 )) s"
+timeout ${BENCH_TIMEOUT:-300} python3 "$REPO/experiments/bench_kernels.py" --full ${SWEEP---sweep} \
+  --reps ${REPS:-10} --deadline ${BENCH_DEADLINE:-230} ${BENCH_ARGS:-} \
+  --out "$OUT/bench_kernels.json" > "$OUT/bench.log" 2>&1
+echo "bench exit $? at $(( $(date +%s) - T0 )) s"
+grep -v '^{' "$OUT/bench.log" | grep -v '^m=' | tail -150
+if [ "${PTX:-1}" = 1 ]; then
+  timeout ${PTX_TIMEOUT:-60} python3 "$REPO/experiments/kernel_ptx.py" 2>&1 | tee "$OUT/ptx.log" | tail -25
+fi
+echo "all done at $(( $(date +%s) - T0 )) s"

@@ -20,12 +20,16 @@ from jax.experimental import pallas as pl
 Backend = Literal["gpu", "tpu", "interpret"]
 
 
+Orient = Literal["xw", "wx", "vec"]
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes of a matmul kernel.
+  """Tile sizes and tile orientation of a matmul kernel.
 
   Attributes:
-    bm: rows of x per program (M is padded up to a multiple of it).
+    bm: rows of x per program (the last block of M is masked on GPU and in
+      interpret mode, padded on TPU).
     bn: columns of the output per program (must divide N).
     bk: K-step inside the program, counted in rows of the weight array as
       stored (packed int4: one row holds two K positions, K/2 rows in all).
@@ -35,6 +39,18 @@ class BlockSizes:
       their f32 partial sums are added after the kernel (for small M, where
       ``M/bm * N/bn`` programs cannot fill the GPU).
     num_warps, num_stages: Triton compiler parameters (GPU only).
+    orient: how a program's tile is computed.
+      ``"xw"``: ``x_tile [bm, bk] @ w_tile [bk, bn]`` (tokens are the MMA's rows);
+      ``"wx"``: ``w_tile^T [bn, bk] @ x_tile^T [bk, bm]``, transposed once at the
+      end (the weight is the MMA's A operand, tokens its narrow N: decode and
+      small batches, where a 64-row MMA would be mostly padding);
+      ``"vec"``: no MMA; ``bm`` must be 1 and each program multiplies one
+      token's K-slice into the weight tile and sums over K on the vector units
+      (a GEMV, for M of a few tokens).
+    k_major: transpose the weight to ``[N, K]`` (K contiguous) before the kernel,
+      one XLA pass over the weight per call, so both MMA operands are K-major
+      (what Hopper's 8-bit tensor-core instructions read). Pays only when M is
+      large enough to amortize the pass.
   """
 
   bm: int = 64
@@ -43,6 +59,8 @@ class BlockSizes:
   split_k: int = 1
   num_warps: int = 4
   num_stages: int = 3
+  orient: Orient = "xw"
+  k_major: bool = False
 
   def __post_init__(self):
     for f in ("bm", "bn", "bk", "split_k", "num_warps", "num_stages"):
@@ -53,6 +71,12 @@ class BlockSizes:
       v = getattr(self, f)
       if v & (v - 1):
         raise ValueError(f"BlockSizes.{f}={v} must be a power of two (Triton tiles are).")
+    if self.orient not in ("xw", "wx", "vec"):
+      raise ValueError(f"BlockSizes.orient={self.orient!r}: use 'xw', 'wx' or 'vec'.")
+    if self.orient == "vec" and (self.bm != 1 or self.k_major):
+      raise ValueError(
+          f"BlockSizes(orient='vec') multiplies one token per program: it needs bm=1 and "
+          f"k_major=False (got bm={self.bm}, k_major={self.k_major}).")
 
 
 def default_block_sizes(kernel: str, backend: Backend, m: int, k: int, n: int) -> BlockSizes:
@@ -131,83 +155,129 @@ def unpack_tile(p: jax.Array) -> tuple[jax.Array, jax.Array]:
           lax.shift_right_arithmetic(lax.shift_left(w, 24), 28))
 
 
-def matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, k: int, bk: int, steps: int,
-                packed: bool, group: int | None, int_dot: bool, split: bool,
-                precision):
+def matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, k: int, bk: int, steps: int,
+                packed: bool, group: int | None, int_dot: bool, split: bool, orient: Orient,
+                k_major: bool, masked: bool, precision):
   """One program's tile of ``out = (x * xs) @ dequant(w)``.
 
   Refs: ``x_ref [bm, K]`` (float or int8), ``xs_ref [bm, 1]`` f32 per-token
-  scale or ``None``, ``w_ref [K or K/2, bn]`` int8 or packed uint8,
-  ``ws_ref [K/group or 1, bn]`` weight scale, ``o_ref [bm, bn]`` (or
-  ``[1, bm, bn]`` with split-K, holding f32 partial sums).
+  scale or ``None``, ``w_ref [K or K/2, bn]`` int8 or packed uint8 (``[bn, K or
+  K/2]`` when ``k_major``), ``ws_ref [K/group or 1, bn]`` weight scale,
+  ``o_ref [bm, bn]`` (or ``[1, bm, bn]`` with split-K, holding f32 partial sums).
 
   For each K-step the packed tile gives ``lo`` (rows ``k0:k0+bk``) and ``hi``
-  (rows ``K/2+k0 : K/2+k0+bk``) of the weight; each is dotted with its slice
-  of x, accumulating in int32 (int8 x) or f32. Grouped scales multiply each
-  partial sum in f32 before it is added (``bk`` divides the group, so a tile
-  lies in one group); per-channel scales multiply the total once at the end.
+  (rows ``K/2+k0 : K/2+k0+bk``) of the weight; each is multiplied with its
+  slice of x, accumulating in int32 (int8 x) or f32. Grouped scales multiply
+  each partial sum in f32 before it is added (``bk`` divides the group, so a
+  tile lies in one group); per-channel scales multiply the total once at the
+  end. ``orient`` (see :class:`BlockSizes`) picks ``x @ w``, ``(w^T x^T)^T``
+  or a vector-unit GEMV; ``masked`` guards the rows of the last M block.
   """
   half = k // 2
   s = pl.program_id(2) if split else 0
+  bm, bn = (o_ref.shape[-2], o_ref.shape[-1])
+  fold = orient == "wx"  # the accumulator is [bn, bm]: the tile transposed
   acc_dtype = jnp.int32 if (int_dot and group is None) else jnp.float32
   dot_dtype = jnp.int8 if int_dot else x_ref.dtype
   part_dtype = jnp.int32 if int_dot else jnp.float32
-  bm, bn = (o_ref.shape[-2], o_ref.shape[-1])
+  if masked:
+    row_ok = (pl.program_id(0) * bm + jnp.arange(bm, dtype=jnp.int32))[:, None] < m
 
-  def dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=part_dtype, precision=precision)
+  def load_x(x0):
+    if not masked:
+      return x_ref[:, pl.ds(x0, bk)]
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.load(x_ref.at[:, pl.ds(x0, bk)], mask=jnp.broadcast_to(row_ok, (bm, bk)),
+                         other=0)
+
+  def load_w(r0):
+    return w_ref[:, pl.ds(r0, bk)] if k_major else w_ref[pl.ds(r0, bk), :]
+
+  def product(xt, wt):
+    """``xt [bm, bk]`` times the weight tile, in the accumulator's orientation."""
+    if orient == "vec":  # bm == 1: [bk, 1] * [bk, bn], summed over K
+      xc = jnp.transpose(xt).astype(part_dtype)
+      return jnp.sum(xc * wt.astype(part_dtype), axis=0, keepdims=True)
+    wt = wt.astype(dot_dtype)
+    wk = 1 if k_major else 0  # the weight tile's K axis
+    if fold:
+      dims = (((wk,), (1,)), ((), ()))
+      return lax.dot_general(wt, xt, dims, precision=precision, preferred_element_type=part_dtype)
+    dims = (((1,), (wk,)), ((), ()))
+    return lax.dot_general(xt, wt, dims, precision=precision, preferred_element_type=part_dtype)
+
+  def group_scale(x0):
+    sc = ws_ref[pl.ds(x0 // group, 1), :].astype(jnp.float32)  # [1, bn]
+    return jnp.transpose(sc) if fold else sc
 
   def body(t, acc):
     r0 = (s * steps + t) * bk
     if packed:
-      lo, hi = unpack_tile(w_ref[pl.ds(r0, bk), :])
+      lo, hi = unpack_tile(load_w(r0))
       parts = ((r0, lo), (half + r0, hi))
     else:
-      parts = ((r0, w_ref[pl.ds(r0, bk), :]),)
+      parts = ((r0, load_w(r0)),)
     for x0, wt in parts:
-      d = dot(x_ref[:, pl.ds(x0, bk)], wt.astype(dot_dtype))
+      d = product(load_x(x0), wt)
       if group is not None:
-        sc = ws_ref[pl.ds(x0 // group, 1), :].astype(jnp.float32)
-        acc = acc + d.astype(jnp.float32) * sc
+        acc = acc + d.astype(jnp.float32) * group_scale(x0)
       else:
         acc = acc + d
     return acc
 
-  acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), acc_dtype))
+  acc_shape = (bn, bm) if fold else (bm, bn)
+  acc = lax.fori_loop(0, steps, body, jnp.zeros(acc_shape, acc_dtype))
   out = acc.astype(jnp.float32)
+  if fold:
+    out = jnp.transpose(out)
   if group is None:
     out = out * ws_ref[...].astype(jnp.float32)
   if xs_ref is not None:
     out = out * xs_ref[...].astype(jnp.float32)
-  if split:
-    o_ref[0] = out.astype(o_ref.dtype)
+  out = out.astype(o_ref.dtype)
+  if masked:
+    from jax.experimental.pallas import triton as pltriton
+    mask = jnp.broadcast_to(row_ok, (bm, bn))
+    if split:
+      out, mask = out[None], mask[None]
+    pltriton.store(o_ref, out, mask=mask)
+  elif split:
+    o_ref[0] = out
   else:
-    o_ref[...] = out.astype(o_ref.dtype)
+    o_ref[...] = out
 
 
 def run_matmul(x, xs, w, ws, *, k: int, n: int, packed: bool, group: int | None,
                int_dot: bool, out_dtype, bs: BlockSizes, backend: Backend, name: str):
-  """Pad M, build the grid and BlockSpecs, call :func:`matmul_body`; returns ``[M, N]``.
+  """Build the grid and BlockSpecs, call :func:`matmul_body`; returns ``[M, N]``.
 
   Shapes: ``x [M, K]``, ``xs [M, 1] | None``, ``w [K or K/2, N]``,
-  ``ws [groups, N]``. Assumes the caller validated divisibility.
+  ``ws [groups, N]``. With ``bs.k_major`` the weight is transposed here (an
+  XLA pass) and the kernel reads ``[N, K or K/2]``. The last M block is masked
+  inside the kernel on GPU and interpreted (no padding op), padded on TPU.
+  Assumes the caller validated divisibility (:func:`check_block_fit`).
   """
   m = x.shape[0]
   bm, bn, bk = bs.bm, bs.bn, bs.bk
   if group is not None and bk > group:
     bk = group
   w_rows = k // 2 if packed else k
-  m_pad = -(-m // bm) * bm
-  if m_pad != m:
+  masked = backend != "tpu" and m % bm != 0
+  m_grid = -(-m // bm)
+  if backend == "tpu" and m % bm:
+    m_pad = m_grid * bm
     x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
     if xs is not None:
       xs = jnp.pad(xs, ((0, m_pad - m), (0, 0)), constant_values=1.0)
+  m_out = x.shape[0]
+  if bs.k_major:
+    w = w.T
   split_k = bs.split_k
   while split_k > 1 and (w_rows // bk) % split_k:
     split_k //= 2
   steps = w_rows // bk // split_k
   split = split_k > 1
-  grid = (m_pad // bm, n // bn) + ((split_k,) if split else ())
+  grid = (m_grid, n // bn) + ((split_k,) if split else ())
   nd = len(grid)
 
   def im(f):
@@ -218,14 +288,17 @@ def run_matmul(x, xs, w, ws, *, k: int, n: int, packed: bool, group: int | None,
   if xs is not None:
     in_specs.append(pl.BlockSpec((bm, 1), im(lambda i, j: (i, 0))))
     args.append(xs)
-  in_specs += [pl.BlockSpec((w_rows, bn), im(lambda i, j: (0, j))),
-               pl.BlockSpec((ws.shape[0], bn), im(lambda i, j: (0, j)))]
+  if bs.k_major:
+    in_specs.append(pl.BlockSpec((bn, w_rows), im(lambda i, j: (j, 0))))
+  else:
+    in_specs.append(pl.BlockSpec((w_rows, bn), im(lambda i, j: (0, j))))
+  in_specs.append(pl.BlockSpec((ws.shape[0], bn), im(lambda i, j: (0, j))))
   args += [w, ws]
   if split:
-    out_shape = jax.ShapeDtypeStruct((split_k, m_pad, n), jnp.float32)
+    out_shape = jax.ShapeDtypeStruct((split_k, m_out, n), jnp.float32)
     out_spec = pl.BlockSpec((1, bm, bn), lambda i, j, s: (s, i, j))
   else:
-    out_shape = jax.ShapeDtypeStruct((m_pad, n), out_dtype)
+    out_shape = jax.ShapeDtypeStruct((m_out, n), out_dtype)
     out_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
   precision = lax.Precision.HIGHEST if (not int_dot and x.dtype == jnp.float32) else None
 
@@ -237,9 +310,9 @@ def run_matmul(x, xs, w, ws, *, k: int, n: int, packed: bool, group: int | None,
       xs_ref = None
     else:
       x_ref, xs_ref, w_ref, ws_ref, o_ref = refs
-    matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, k=k, bk=bk, steps=steps,
-                packed=packed, group=group, int_dot=int_dot, split=split,
-                precision=precision)
+    matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, m=m, k=k, bk=bk, steps=steps,
+                packed=packed, group=group, int_dot=int_dot, split=split, orient=bs.orient,
+                k_major=bs.k_major, masked=masked, precision=precision)
 
   out = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec,
@@ -247,7 +320,7 @@ def run_matmul(x, xs, w, ws, *, k: int, n: int, packed: bool, group: int | None,
       interpret=backend == "interpret", name=name)(*args)
   if split:
     out = out.sum(axis=0).astype(out_dtype)
-  return out[:m]
+  return out[:m] if m_out != m else out
 
 
 def check_block_fit(name: str, k: int, n: int, packed: bool, group: int | None,
@@ -269,6 +342,14 @@ def check_block_fit(name: str, k: int, n: int, packed: bool, group: int | None,
     # tile lies inside one group (the group need not divide K/2).
     if group % bk:
       raise ValueError(f"{name}: group size {group} is not a multiple of bk={bk}.")
+  if backend == "tpu" and (bs.orient != "xw" or bs.k_major):
+    raise ValueError(
+        f"{name}: the Mosaic TPU kernel takes orient='xw', k_major=False (got "
+        f"orient={bs.orient!r}, k_major={bs.k_major}).")
+  if backend != "tpu" and bs.orient != "vec" and bs.bm < 16:
+    raise ValueError(
+        f"{name}: BlockSizes.bm={bs.bm}: Triton's dot needs tiles of at least 16 rows; use "
+        "orient='vec' with bm=1 for a GEMV.")
   if backend == "tpu" and (bk % 128 or bs.bn % 128):
     raise ValueError(
         f"{name}: Mosaic TPU needs bk and bn to be multiples of 128 (got bk={bk}, "

@@ -15,7 +15,7 @@ from lowbit.kernels import BlockSizes
 from lowbit import kernels as K
 from lowbit.quant import QuantSpec, quantize
 
-M, KD, N = 16, 1024, 512
+M, KD, N = 5, 1024, 512  # M = 5: the last M block is masked
 
 
 def operands():
@@ -41,10 +41,18 @@ def lower(fn, a, b, backend, platform, bs):
   return f.trace(a, b).lower(lowering_platforms=(platform,)).as_text()
 
 
-GPU_BLOCKS = [None, BlockSizes(bm=64, bn=128, bk=64), BlockSizes(bm=16, bn=64, bk=128, split_k=4)]
+GPU_BLOCKS = {
+    "default": None,
+    "64x128x64": BlockSizes(bm=64, bn=128, bk=64),
+    "splitk4": BlockSizes(bm=16, bn=64, bk=128, split_k=4),
+    "wx-splitk2": BlockSizes(bm=16, bn=64, bk=128, split_k=2, orient="wx"),
+    "vec": BlockSizes(bm=1, bn=64, bk=128, split_k=2, orient="vec"),
+    "kmajor": BlockSizes(bm=64, bn=128, bk=64, k_major=True),
+    "wx-kmajor": BlockSizes(bm=64, bn=128, bk=64, orient="wx", k_major=True),
+}
 
 
-@pytest.mark.parametrize("bs", GPU_BLOCKS, ids=["default", "64x128x64", "splitk4"])
+@pytest.mark.parametrize("bs", list(GPU_BLOCKS.values()), ids=list(GPU_BLOCKS))
 @pytest.mark.parametrize("name", list(operands()))
 def test_lowers_for_cuda_through_triton(name, bs):
   fn, a, b = operands()[name]

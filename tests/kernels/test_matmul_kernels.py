@@ -48,14 +48,25 @@ def oracle(xa, wq):
   return xd @ np.asarray(dequantize(wq), np.float64)
 
 
-# (m, k, n, block sizes): multiples of the blocks, ragged M (decode and prefill),
-# and split-K.
+# (m, k, n, block sizes): multiples of the blocks, ragged M (decode and prefill,
+# masked in the kernel), split-K, and every tile orientation: x @ w ("xw"),
+# (w^T x^T)^T ("wx"), the vector-unit GEMV ("vec"), and K-major weights.
 SHAPES = [
     (16, 256, 128, BlockSizes(bm=16, bn=64, bk=64)),
     (5, 512, 128, BlockSizes(bm=16, bn=64, bk=64, split_k=2)),
     (1, 256, 64, None),
     (70, 256, 128, BlockSizes(bm=32, bn=64, bk=32)),
+    (5, 512, 128, BlockSizes(bm=16, bn=64, bk=64, split_k=2, orient="wx")),
+    (3, 256, 128, BlockSizes(bm=1, bn=64, bk=32, split_k=2, orient="vec")),
+    (70, 256, 128, BlockSizes(bm=64, bn=64, bk=32, orient="wx", k_major=True)),
+    (40, 512, 128, BlockSizes(bm=32, bn=128, bk=64, k_major=True)),
 ]
+ORIENTS = [BlockSizes(bm=16, bn=64, bk=64), BlockSizes(bm=16, bn=64, bk=64, orient="wx"),
+           BlockSizes(bm=1, bn=64, bk=64, orient="vec")]
+
+
+def _bs_id(bs):
+  return bs.orient + ("-kmajor" if bs.k_major else "")
 
 CASES = [
     ("w8a8", K.w8a8, K.w8a8_matmul, dict(wbits=8, group=None)),
@@ -70,7 +81,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}")
+@pytest.mark.parametrize(
+    "shape", SHAPES,
+    ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}" + (f"-{_bs_id(s[3])}" if s[3] else ""))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
 def test_kernel_f32_matches_reference_and_float64(case, shape):
   name, mod, fn, kw = case
@@ -84,21 +97,22 @@ def test_kernel_f32_matches_reference_and_float64(case, shape):
   assert rel(mod.xla(xa, wq, out_dtype=jnp.float32), oracle(xa, wq)) < 1e-5
 
 
+@pytest.mark.parametrize("bs", ORIENTS, ids=_bs_id)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
-def test_kernel_bf16_output(case):
+def test_kernel_bf16_output(case, bs):
   name, mod, fn, kw = case
   kw = dict(kw)
   if not kw.get("act", True):
     kw["xdtype"] = jnp.bfloat16
   xa, wq = make(24, 256, 128, **kw)
-  out = fn(xa, wq, out_dtype=jnp.bfloat16, block_sizes=BlockSizes(bm=16, bn=64, bk=64),
-           backend=BACKEND)
+  out = fn(xa, wq, out_dtype=jnp.bfloat16, block_sizes=bs, backend=BACKEND)
   assert out.dtype == jnp.bfloat16
   assert rel(out, oracle(xa, wq)) < 1e-2
 
 
+@pytest.mark.parametrize("bs", ORIENTS, ids=_bs_id)
 @pytest.mark.parametrize("name,fn", [("w8a8", K.w8a8_matmul), ("w4a8", K.w4a8_matmul)])
-def test_int32_accumulation_is_exact(name, fn):
+def test_int32_accumulation_is_exact(name, fn, bs):
   """With unit scales the output is the integer dot product itself, exactly."""
   m, k, n = 9, 512, 128
   rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
@@ -109,8 +123,7 @@ def test_int32_accumulation_is_exact(name, fn):
                 params=_unit(m, 1))
   wspec = QuantSpec(bits=8 if name == "w8a8" else 4, channel_axes=(1,), pack=name != "w8a8")
   wq = quantize(jnp.asarray(wc, jnp.float32), wspec, params=_unit(1, n))
-  out = fn(xa, wq, out_dtype=jnp.float32, block_sizes=BlockSizes(bm=16, bn=64, bk=64),
-           backend=BACKEND)
+  out = fn(xa, wq, out_dtype=jnp.float32, block_sizes=bs, backend=BACKEND)
   np.testing.assert_array_equal(np.asarray(out), (xc @ wc).astype(np.float32))
 
 
@@ -134,6 +147,15 @@ def test_bad_shapes_raise_clear_errors():
         bits=4, symmetric=False, channel_axes=(1,), pack=True)), backend=BACKEND)
   with pytest.raises(ValueError, match="must be a power of two"):
     BlockSizes(bm=24)
+  with pytest.raises(ValueError, match="needs bm=1"):
+    BlockSizes(bm=16, orient="vec")
+  with pytest.raises(ValueError, match="orient='xw', 'wx' or 'vec'|use 'xw', 'wx' or 'vec'"):
+    BlockSizes(orient="yx")
+  with pytest.raises(ValueError, match="at least 16 rows"):
+    K.w4a16_matmul(xa, wq, block_sizes=BlockSizes(bm=8, bn=64, bk=64), backend="gpu")
+  with pytest.raises(ValueError, match="Mosaic TPU kernel takes orient='xw'"):
+    K.w4a16_matmul(xa, wq, block_sizes=BlockSizes(bm=16, bn=128, bk=128, orient="wx"),
+                   backend="tpu")
 
 
 def test_dispatch_picks_kernels_and_matches_reference():
