@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import itertools
 import json
 import os
 import statistics
@@ -160,40 +159,47 @@ def floor_time(m, k, n, wkind, akind, op, bw):
   return max(bytes_of(m, k, n, wkind, akind) / bw, 2 * m * k * n / PEAK[op])
 
 
-def B(bm, bn, bk, split_k=1, num_warps=4, num_stages=3, orient="xw", k_major=False):
+def B(bm, bn, bk, split_k=1, num_warps=4, num_stages=3, orient="xw", k_major=False,
+      fast_unpack=True):
   return BlockSizes(bm=bm, bn=bn, bk=bk, split_k=split_k, num_warps=num_warps,
-                    num_stages=num_stages, orient=orient, k_major=k_major)
+                    num_stages=num_stages, orient=orient, k_major=k_major,
+                    fast_unpack=fast_unpack)
 
 
-def candidates(m: int) -> list[BlockSizes]:
-  """BlockSizes tried by ``--sweep`` at one M (orientation x tiles x split-K)."""
-  if m <= 4:
-    vec = [B(1, bn, bk, sk, w) for bn, bk, sk, w in (
-        (32, 128, 1, 2), (64, 128, 1, 4), (64, 128, 2, 4), (128, 128, 2, 4), (128, 128, 4, 4),
-        (256, 64, 4, 4), (32, 128, 4, 2), (64, 64, 4, 4), (256, 128, 2, 8))]
-  else:
-    vec = []
+def candidates(kernel: str, m: int) -> list[BlockSizes]:
+  """BlockSizes tried by ``--sweep`` for one kernel at one M (the first run's best and
+  its neighbours: orientation, tiles, split-K, K-major weights, the int4 unpack)."""
+  int4 = kernel != "w8a8"
   if m <= 16:
-    wx = [B(16, bn, bk, sk, w, st, "wx") for bn, bk, sk, w, st in (
-        (64, 128, 1, 4, 3), (64, 128, 2, 4, 3), (128, 128, 2, 4, 3), (128, 128, 4, 4, 3),
-        (128, 64, 4, 4, 4), (64, 128, 4, 4, 4), (256, 128, 2, 8, 3), (64, 64, 8, 4, 4))]
-    xw = [B(16, 64, 128, 8, 4, 3), B(16, 128, 128, 4, 4, 4)]
-    return vec + wx + xw
+    out = [B(16, 128, 128, 4, 4, 4), B(16, 64, 128, 8, 4, 3), B(16, 128, 128, 8, 4, 4),
+           B(16, 64, 128, 4, 4, 4, "wx"), B(16, 128, 128, 4, 4, 4, "wx"),
+           B(16, 128, 64, 8, 4, 4), B(16, 256, 128, 4, 8, 4)]
+    if m <= 4:
+      out += [B(1, bn, bk, sk, w, st, "vec") for bn, bk, sk, w, st in (
+          (32, 128, 1, 2, 3), (64, 128, 1, 4, 3), (64, 128, 2, 4, 3), (128, 128, 2, 4, 4),
+          (128, 128, 4, 4, 4), (256, 64, 4, 4, 4), (64, 64, 4, 4, 4), (256, 128, 2, 8, 4))]
+    if int4:
+      out.append(B(16, 128, 128, 4, 4, 4, fast_unpack=False))
+    return out
   if m <= 64:
-    return ([B(64, bn, bk, sk, w, st, "wx") for bn, bk, sk, w, st in (
-        (128, 128, 1, 4, 3), (128, 128, 2, 4, 3), (64, 128, 2, 4, 3), (256, 64, 1, 8, 3))]
-            + [B(64, 64, 128, 2, 4, 4), B(64, 128, 128, 2, 4, 3)])
+    out = [B(64, 64, 128, 2, 4, 4), B(64, 64, 128, 2, 4, 3, "wx"), B(64, 64, 128, 4, 4, 3, "wx"),
+           B(64, 64, 128, 1, 4, 3, "wx"), B(64, 128, 64, 2, 4, 4, "wx"),
+           B(16, 128, 128, 4, 4, 4), B(64, 64, 128, 2, 4, 4, k_major=True)]
+    if int4:
+      out.append(B(64, 64, 128, 2, 4, 3, "wx", fast_unpack=False))
+    return out
+  if kernel == "w8a8":
+    return [B(128, 128, 128, 1, 8, 3, k_major=True), B(128, 128, 128, 1, 8, 4, k_major=True),
+            B(128, 128, 128, 1, 4, 4, k_major=True), B(256, 128, 64, 1, 8, 3, k_major=True),
+            B(128, 128, 256, 1, 8, 3, k_major=True), B(128, 64, 128, 1, 4, 4, k_major=True),
+            B(256, 128, 128, 1, 8, 3, k_major=True), B(128, 256, 128, 1, 8, 4, k_major=True)]
+  out = [B(128, 128, 128, 1, 8, 3, "wx"), B(128, 128, 128, 1, 8, 4, "wx"),
+         B(256, 128, 64, 1, 8, 3, "wx"), B(128, 64, 128, 1, 4, 4, "wx"),
+         B(256, 64, 128, 1, 8, 3, "wx"), B(128, 128, 64, 1, 4, 4, "wx"),
+         B(128, 128, 128, 1, 8, 3, "wx", fast_unpack=False)]
   if m <= 256:
-    return ([B(bm, bn, bk, 1, w, 3) for bm, bn, bk, w in (
-        (128, 128, 64, 8), (128, 128, 128, 8), (64, 128, 128, 4), (128, 256, 64, 8))]
-            + [B(bm, bn, bk, 1, w, 3, "wx") for bm, bn, bk, w in (
-                (128, 128, 128, 8), (64, 128, 128, 4), (128, 256, 64, 8))]
-            + [B(128, 128, 128, 1, 8, 3, k_major=True), B(128, 256, 64, 1, 8, 3, k_major=True)])
-  return ([B(bm, bn, bk, 1, 8, st) for bm, bn, bk, st in (
-      (128, 128, 128, 3), (128, 256, 64, 3), (128, 256, 128, 3), (256, 128, 64, 3))]
-          + [B(128, bn, bk, 1, 8, 3, "wx") for bn, bk in ((128, 128), (256, 64))]
-          + [B(128, bn, bk, 1, 8, 3, k_major=True) for bn, bk in ((128, 128), (256, 128), (256, 64))]
-          + [B(128, 256, 128, 1, 8, 3, "wx", k_major=True)])
+    out += [B(64, 128, 128, 2, 4, 3, "wx"), B(128, 64, 128, 2, 4, 3, "wx")]
+  return out
 
 
 def compile_all(jobs, threads: int):
@@ -269,8 +275,10 @@ def main(argv=None):
       sweep_here = args.sweep and m in args.sweep_m and (
           args.force_kernels or (platform == "gpu" and (k, n) == (8192, 8192)))
       if sweep_here:
-        for (kname, fn, wk, ak, _op), bs in itertools.product(KERNELS, candidates(m)):
-          if kname in args.sweep_kernels and not (m == 8192 and kname != "w8a8"):
+        for kname, fn, wk, ak, _op in KERNELS:
+          if kname not in args.sweep_kernels or (m == 8192 and kname != "w8a8"):
+            continue
+          for bs in candidates(kname, m):
             jobs.append(((kname, bs), kernel_fn(fn, bs), (xs[ak], ws[wk])))
       t0 = time.perf_counter()
       compiled = compile_all(jobs, args.threads if platform == "gpu" else 1)

@@ -51,6 +51,10 @@ class BlockSizes:
       one XLA pass over the weight per call, so both MMA operands are K-major
       (what Hopper's 8-bit tensor-core instructions read). Pays only when M is
       large enough to amortize the pass.
+    fast_unpack: unpack packed int4 with bit tricks (:func:`unpack_tile_fast`:
+      PTX over 4 bytes at a time on GPU) instead of int32 shifts and an
+      int->float conversion per value. Same numbers either way; the TPU
+      kernel always shifts in int32.
   """
 
   bm: int = 64
@@ -61,6 +65,7 @@ class BlockSizes:
   num_stages: int = 3
   orient: Orient = "xw"
   k_major: bool = False
+  fast_unpack: bool = True
 
   def __post_init__(self):
     for f in ("bm", "bn", "bk", "split_k", "num_warps", "num_stages"):
@@ -99,23 +104,19 @@ def default_block_sizes(kernel: str, backend: Backend, m: int, k: int, n: int) -
 def _tuned_block_sizes(kernel: str, backend: Backend, m: int) -> BlockSizes:
   if backend == "tpu":
     return BlockSizes(bm=128 if m > 64 else max(8, _pow2_at_least(m)), bn=256, bk=256)
-  # GPU numbers: best of the sweep in experiments/bench_kernels.py on an H200,
-  # jax 0.11.2, 2026-11-27 (docs/kernels.md).
+  # GPU numbers: the best correct candidate of the sweep in
+  # experiments/bench_kernels.py on an H200, jax 0.11.2, 2026-11-27
+  # (docs/kernels.md, docs/device_runs/).
   if m <= 16:  # decode: memory-bound on the weight; spread K over programs
-    if kernel == "w8a8":
-      return BlockSizes(bm=16, bn=128, bk=128, split_k=4, num_warps=4, num_stages=4)
-    return BlockSizes(bm=16, bn=64, bk=128, split_k=8, num_warps=4, num_stages=3)
+    return BlockSizes(bm=16, bn=128, bk=128, split_k=4, num_warps=4, num_stages=4)
   if m <= 64:
-    if kernel == "w4a16":
-      return BlockSizes(bm=64, bn=128, bk=128, split_k=2, num_warps=4, num_stages=3)
-    return BlockSizes(bm=64, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4)
-  if m <= 256:
-    if kernel == "w4a16":
-      return BlockSizes(bm=128, bn=128, bk=64, num_warps=8, num_stages=3)
-    return BlockSizes(bm=64, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4)
-  if kernel == "w4a16":
-    return BlockSizes(bm=128, bn=256, bk=64, num_warps=8, num_stages=3)
-  return BlockSizes(bm=128, bn=128, bk=128, num_warps=8, num_stages=3)
+    if kernel == "w8a8":
+      return BlockSizes(bm=64, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4)
+    return BlockSizes(bm=64, bn=64, bk=128, split_k=2, num_warps=4, num_stages=3, orient="wx")
+  if kernel == "w8a8":  # int8 tensor cores read K-major operands: transpose the weight once
+    return BlockSizes(bm=128, bn=128, bk=128, num_warps=8, num_stages=3, k_major=True)
+  # int4: the unpacked weight is the MMA's A operand, straight from registers
+  return BlockSizes(bm=128, bn=128, bk=128, num_warps=8, num_stages=3, orient="wx")
 
 
 def _pow2_at_least(v: int) -> int:
@@ -155,9 +156,74 @@ def unpack_tile(p: jax.Array) -> tuple[jax.Array, jax.Array]:
           lax.shift_right_arithmetic(lax.shift_left(w, 24), 28))
 
 
+# Packed int4 -> bf16 with no int->float conversion (those run at a quarter of
+# the ALU rate on Hopper), 4 bytes per instance: flip each nibble to offset
+# binary (u = s + 8), move the nibbles of bytes (0, 1) and (2, 3) into the two
+# halves of a word, place u in the mantissa of the bf16 128.0 (0x4300 | u ==
+# 128 + u, exact), and subtract 136 with one bf16x2 FMA. One instance per
+# half (Pallas' inline assembly has a single result): $0, $1 hold the four
+# values of the low (first) or high (second) nibbles, $2 the four bytes.
+_ASM_I4_TO_BF16 = """{
+.reg .b32 lbt, lba, lbb, lbz, lbone, lboff;
+mov.b32 lbz, 0;
+mov.b32 lbone, 0x3F803F80;
+mov.b32 lboff, 0xC308C308;
+xor.b32 lbt, $2, 0x88888888;
+prmt.b32 lba, lbt, lbz, 0x4140;
+prmt.b32 lbb, lbt, lbz, 0x4342;
+%s
+lop3.b32 $0, lba, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $1, lbb, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $0, $0, lbone, lboff;
+fma.rn.bf16x2 $1, $1, lbone, lboff;
+}"""
+_ASM_I4_TO_BF16_LO = _ASM_I4_TO_BF16 % ""
+_ASM_I4_TO_BF16_HI = _ASM_I4_TO_BF16 % "shr.b32 lba, lba, 4;\nshr.b32 lbb, lbb, 4;"
+
+# Packed int4 -> int8 * 16 in 1 or 2 instructions per 4 values: the low nibble
+# shifted into the high half of its byte, the high nibble masked in place; each
+# byte is then the signed nibble times 16 (its sign bit is the byte's).
+_ASM_I4_TO_I8X16_LO = "{\nshl.b32 $0, $1, 4;\nand.b32 $0, $0, 0xF0F0F0F0;\n}"
+_ASM_I4_TO_I8X16_HI = "{\nand.b32 $0, $1, 0xF0F0F0F0;\n}"
+
+#: The factor by which :func:`unpack_tile_fast`'s int8 values exceed the codes.
+I8_UNPACK_SCALE = 16
+
+
+def unpack_tile_fast(p: jax.Array, dtype, backend: Backend) -> tuple[jax.Array, jax.Array]:
+  """Both halves of a packed uint8 tile, ready for the dot, in few instructions.
+
+  ``dtype`` int8: returns ``(16 * lo, 16 * hi)`` as int8 (``lo = (p << 4) &
+  0xF0``, ``hi = p & 0xF0`` read as signed bytes): the caller divides the
+  int32 product by :data:`I8_UNPACK_SCALE`, exactly. A float ``dtype``: the
+  codes themselves (bf16 bit tricks on GPU, then cast to ``dtype``). On GPU
+  both are PTX inline assembly over 4 bytes at a time; interpreted, the same
+  values from jnp.
+  """
+  def asm(code, constraints, out_dtype):
+    from jax.experimental.pallas import triton as pltriton
+    [y] = pltriton.elementwise_inline_asm(
+        code, args=[p], constraints=constraints, pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, out_dtype)])
+    return y
+
+  if jnp.dtype(dtype) == jnp.int8:
+    if backend == "gpu":
+      return (asm(_ASM_I4_TO_I8X16_LO, "=r,r", jnp.int8),
+              asm(_ASM_I4_TO_I8X16_HI, "=r,r", jnp.int8))
+    return (lax.bitcast_convert_type(lax.shift_left(p, jnp.uint8(4)), jnp.int8),
+            lax.bitcast_convert_type(p & jnp.uint8(0xF0), jnp.int8))
+  if backend == "gpu":
+    lo = asm(_ASM_I4_TO_BF16_LO, "=r,=r,r", jnp.bfloat16)
+    hi = asm(_ASM_I4_TO_BF16_HI, "=r,=r,r", jnp.bfloat16)
+  else:
+    lo, hi = (v.astype(jnp.bfloat16) for v in unpack_tile(p))
+  return lo.astype(dtype), hi.astype(dtype)
+
+
 def matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, k: int, bk: int, steps: int,
                 packed: bool, group: int | None, int_dot: bool, split: bool, orient: Orient,
-                k_major: bool, masked: bool, precision):
+                k_major: bool, masked: bool, fast_unpack: bool, backend: Backend, precision):
   """One program's tile of ``out = (x * xs) @ dequant(w)``.
 
   Refs: ``x_ref [bm, K]`` (float or int8), ``xs_ref [bm, 1]`` f32 per-token
@@ -212,7 +278,10 @@ def matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, k: int, bk: int,
 
   def body(t, acc):
     r0 = (s * steps + t) * bk
-    if packed:
+    if packed and fast_unpack:
+      lo, hi = unpack_tile_fast(load_w(r0), dot_dtype, backend)
+      parts = ((r0, lo), (half + r0, hi))
+    elif packed:
       lo, hi = unpack_tile(load_w(r0))
       parts = ((r0, lo), (half + r0, hi))
     else:
@@ -228,6 +297,8 @@ def matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, k: int, bk: int,
   acc_shape = (bn, bm) if fold else (bm, bn)
   acc = lax.fori_loop(0, steps, body, jnp.zeros(acc_shape, acc_dtype))
   out = acc.astype(jnp.float32)
+  if packed and fast_unpack and int_dot:
+    out = out * (1.0 / I8_UNPACK_SCALE)  # exact: a power of two
   if fold:
     out = jnp.transpose(out)
   if group is None:
@@ -301,6 +372,8 @@ def run_matmul(x, xs, w, ws, *, k: int, n: int, packed: bool, group: int | None,
     out_shape = jax.ShapeDtypeStruct((m_out, n), out_dtype)
     out_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
   precision = lax.Precision.HIGHEST if (not int_dot and x.dtype == jnp.float32) else None
+  # int8 * 16 codes: |x| <= 128, |16 q| <= 128 keeps the int32 sum exact for K < 2^17.
+  fast_unpack = bs.fast_unpack and backend != "tpu" and not (int_dot and k >= 2**17)
 
   has_xs = xs is not None
 
@@ -312,7 +385,8 @@ def run_matmul(x, xs, w, ws, *, k: int, n: int, packed: bool, group: int | None,
       x_ref, xs_ref, w_ref, ws_ref, o_ref = refs
     matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, m=m, k=k, bk=bk, steps=steps,
                 packed=packed, group=group, int_dot=int_dot, split=split, orient=bs.orient,
-                k_major=bs.k_major, masked=masked, precision=precision)
+                k_major=bs.k_major, masked=masked, precision=precision, backend=backend,
+                fast_unpack=fast_unpack)
 
   out = pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec,

@@ -60,13 +60,14 @@ SHAPES = [
     (3, 256, 128, BlockSizes(bm=1, bn=64, bk=32, split_k=2, orient="vec")),
     (70, 256, 128, BlockSizes(bm=64, bn=64, bk=32, orient="wx", k_major=True)),
     (40, 512, 128, BlockSizes(bm=32, bn=128, bk=64, k_major=True)),
+    (20, 256, 128, BlockSizes(bm=16, bn=64, bk=64, orient="wx", fast_unpack=False)),
 ]
 ORIENTS = [BlockSizes(bm=16, bn=64, bk=64), BlockSizes(bm=16, bn=64, bk=64, orient="wx"),
            BlockSizes(bm=1, bn=64, bk=64, orient="vec")]
 
 
 def _bs_id(bs):
-  return bs.orient + ("-kmajor" if bs.k_major else "")
+  return bs.orient + ("-kmajor" if bs.k_major else "") + ("" if bs.fast_unpack else "-shift")
 
 CASES = [
     ("w8a8", K.w8a8, K.w8a8_matmul, dict(wbits=8, group=None)),
