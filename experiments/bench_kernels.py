@@ -167,17 +167,13 @@ def B(bm, bn, bk, split_k=1, num_warps=4, num_stages=3, orient="xw", k_major=Fal
 
 
 def candidates(kernel: str, m: int) -> list[BlockSizes]:
-  """BlockSizes tried by ``--sweep`` for one kernel at one M (the first run's best and
-  its neighbours: orientation, tiles, split-K, K-major weights, the int4 unpack)."""
+  """BlockSizes tried by ``--sweep`` for one kernel at one M: earlier runs' best and
+  their neighbours (orientation, tiles, split-K, K-major weights, the int4 unpack)."""
   int4 = kernel != "w8a8"
   if m <= 16:
     out = [B(16, 128, 128, 4, 4, 4), B(16, 64, 128, 8, 4, 3), B(16, 128, 128, 8, 4, 4),
            B(16, 64, 128, 4, 4, 4, "wx"), B(16, 128, 128, 4, 4, 4, "wx"),
            B(16, 128, 64, 8, 4, 4), B(16, 256, 128, 4, 8, 4)]
-    if m <= 4:
-      out += [B(1, bn, bk, sk, w, st, "vec") for bn, bk, sk, w, st in (
-          (32, 128, 1, 2, 3), (64, 128, 1, 4, 3), (64, 128, 2, 4, 3), (128, 128, 2, 4, 4),
-          (128, 128, 4, 4, 4), (256, 64, 4, 4, 4), (64, 64, 4, 4, 4), (256, 128, 2, 8, 4))]
     if int4:
       out.append(B(16, 128, 128, 4, 4, 4, fast_unpack=False))
     return out

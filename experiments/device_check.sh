@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one script run on a lent GPU: install lowbit (no network there), run the
-# kernel tests compiled (not interpreted), the kernel benchmark (device time from
-# CUPTI), and, if time is left, which matrix instructions the kernels compile to.
+# kernel tests compiled (not interpreted), then the kernel benchmark (device time
+# from CUPTI).
 #   usage (device tool): bash experiments/device_check.sh
 #   knobs: SWEEP=--sweep (default) or SWEEP= ; BENCH_DEADLINE (s), REPS, BENCH_ARGS
 # Writes logs and bench_kernels.json under $OUT (or ./device_out).
@@ -13,8 +13,8 @@ T0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . 2>&1 | tail -3
 export PYTHONPATH=/tmp/site
+cd /tmp  # import the installed package, not the source tree (kernels/ maps to lowbit.kernels)
 python3 -c "import jax, lowbit.kernels; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
-cd /tmp
 # Tests in parallel processes: no process may preallocate most of the GPU.
 XLA_PYTHON_CLIENT_PREALLOCATE=false LOWBIT_TEST_BACKEND=gpu timeout ${TEST_TIMEOUT:-150} \
   python3 -m pytest -q -n ${TEST_WORKERS:-8} -p no:cacheprovider \
@@ -25,7 +25,4 @@ timeout ${BENCH_TIMEOUT:-300} python3 "$REPO/experiments/bench_kernels.py" --ful
   --out "$OUT/bench_kernels.json" > "$OUT/bench.log" 2>&1
 echo "bench exit $? at $(( $(date +%s) - T0 )) s"
 grep -v '^{' "$OUT/bench.log" | grep -v '^m=' | tail -150
-if [ "${PTX:-1}" = 1 ]; then
-  timeout ${PTX_TIMEOUT:-60} python3 "$REPO/experiments/kernel_ptx.py" 2>&1 | tee "$OUT/ptx.log" | tail -25
-fi
 echo "all done at $(( $(date +%s) - T0 )) s"

@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 Backend = Literal["gpu", "tpu", "interpret"]
 
 
-Orient = Literal["xw", "wx", "vec"]
+Orient = Literal["xw", "wx"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +42,11 @@ class BlockSizes:
     orient: how a program's tile is computed.
       ``"xw"``: ``x_tile [bm, bk] @ w_tile [bk, bn]`` (tokens are the MMA's rows);
       ``"wx"``: ``w_tile^T [bn, bk] @ x_tile^T [bk, bm]``, transposed once at the
-      end (the weight is the MMA's A operand, tokens its narrow N: decode and
-      small batches, where a 64-row MMA would be mostly padding);
-      ``"vec"``: no MMA; ``bm`` must be 1 and each program multiplies one
-      token's K-slice into the weight tile and sums over K on the vector units
-      (a GEMV, for M of a few tokens).
+      end (the weight is the MMA's A operand, straight from registers after the
+      int4 unpack; the tokens are its N). On an H200 "wx" wins for int4 weights
+      at M >= 64, "xw" at decode and for int8 weights (docs/kernels.md). A
+      vector-unit GEMV (no MMA, one token per program) was measured too and ran
+      2-3x slower than a 16-row MMA tile at M = 1, so it is not offered.
     k_major: transpose the weight to ``[N, K]`` (K contiguous) before the kernel,
       one XLA pass over the weight per call, so both MMA operands are K-major
       (what Hopper's 8-bit tensor-core instructions read). Pays only when M is
@@ -76,12 +76,8 @@ class BlockSizes:
       v = getattr(self, f)
       if v & (v - 1):
         raise ValueError(f"BlockSizes.{f}={v} must be a power of two (Triton tiles are).")
-    if self.orient not in ("xw", "wx", "vec"):
-      raise ValueError(f"BlockSizes.orient={self.orient!r}: use 'xw', 'wx' or 'vec'.")
-    if self.orient == "vec" and (self.bm != 1 or self.k_major):
-      raise ValueError(
-          f"BlockSizes(orient='vec') multiplies one token per program: it needs bm=1 and "
-          f"k_major=False (got bm={self.bm}, k_major={self.k_major}).")
+    if self.orient not in ("xw", "wx"):
+      raise ValueError(f"BlockSizes.orient={self.orient!r}: use 'xw' or 'wx'.")
 
 
 def default_block_sizes(kernel: str, backend: Backend, m: int, k: int, n: int) -> BlockSizes:
@@ -104,18 +100,23 @@ def default_block_sizes(kernel: str, backend: Backend, m: int, k: int, n: int) -
 def _tuned_block_sizes(kernel: str, backend: Backend, m: int) -> BlockSizes:
   if backend == "tpu":
     return BlockSizes(bm=128 if m > 64 else max(8, _pow2_at_least(m)), bn=256, bk=256)
-  # GPU numbers: the best correct candidate of the sweep in
-  # experiments/bench_kernels.py on an H200, jax 0.11.2, 2026-11-27
-  # (docs/kernels.md, docs/device_runs/).
+  # GPU: the best correct candidate of `experiments/bench_kernels.py --sweep` on
+  # an H200, jax 0.11.2, 2026-11-27 (docs/device_runs/2026-11-27-h200-run4.json;
+  # device time from CUPTI, K = N = 8192).
   if m <= 16:  # decode: memory-bound on the weight; spread K over programs
-    return BlockSizes(bm=16, bn=128, bk=128, split_k=4, num_warps=4, num_stages=4)
+    if kernel == "w8a8":
+      return BlockSizes(bm=16, bn=128, bk=128, split_k=4, num_warps=4, num_stages=4)
+    return BlockSizes(bm=16, bn=128, bk=64, split_k=8, num_warps=4, num_stages=4)
   if m <= 64:
     if kernel == "w8a8":
-      return BlockSizes(bm=64, bn=64, bk=128, split_k=2, num_warps=4, num_stages=4)
+      return BlockSizes(bm=64, bn=64, bk=128, split_k=4, num_warps=4, num_stages=3, orient="wx")
     return BlockSizes(bm=64, bn=64, bk=128, split_k=2, num_warps=4, num_stages=3, orient="wx")
   if kernel == "w8a8":  # int8 tensor cores read K-major operands: transpose the weight once
-    return BlockSizes(bm=128, bn=128, bk=128, num_warps=8, num_stages=3, k_major=True)
+    bk = 256 if m <= 256 else 128
+    return BlockSizes(bm=128, bn=128, bk=bk, num_warps=8, num_stages=3, k_major=True)
   # int4: the unpacked weight is the MMA's A operand, straight from registers
+  if m <= 256 and kernel == "w4a8":
+    return BlockSizes(bm=128, bn=64, bk=128, split_k=2, num_warps=4, num_stages=3, orient="wx")
   return BlockSizes(bm=128, bn=128, bk=128, num_warps=8, num_stages=3, orient="wx")
 
 
@@ -236,8 +237,8 @@ def matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, k: int, bk: int,
   slice of x, accumulating in int32 (int8 x) or f32. Grouped scales multiply
   each partial sum in f32 before it is added (``bk`` divides the group, so a
   tile lies in one group); per-channel scales multiply the total once at the
-  end. ``orient`` (see :class:`BlockSizes`) picks ``x @ w``, ``(w^T x^T)^T``
-  or a vector-unit GEMV; ``masked`` guards the rows of the last M block.
+  end. ``orient`` (see :class:`BlockSizes`) picks ``x @ w`` or ``(w^T x^T)^T``;
+  ``masked`` guards the rows of the last M block.
   """
   half = k // 2
   s = pl.program_id(2) if split else 0
@@ -261,9 +262,6 @@ def matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, k: int, bk: int,
 
   def product(xt, wt):
     """``xt [bm, bk]`` times the weight tile, in the accumulator's orientation."""
-    if orient == "vec":  # bm == 1: [bk, 1] * [bk, bn], summed over K
-      xc = jnp.transpose(xt).astype(part_dtype)
-      return jnp.sum(xc * wt.astype(part_dtype), axis=0, keepdims=True)
     wt = wt.astype(dot_dtype)
     wk = 1 if k_major else 0  # the weight tile's K axis
     if fold:
@@ -420,10 +418,10 @@ def check_block_fit(name: str, k: int, n: int, packed: bool, group: int | None,
     raise ValueError(
         f"{name}: the Mosaic TPU kernel takes orient='xw', k_major=False (got "
         f"orient={bs.orient!r}, k_major={bs.k_major}).")
-  if backend != "tpu" and bs.orient != "vec" and bs.bm < 16:
+  if backend != "tpu" and bs.bm < 16:
     raise ValueError(
-        f"{name}: BlockSizes.bm={bs.bm}: Triton's dot needs tiles of at least 16 rows; use "
-        "orient='vec' with bm=1 for a GEMV.")
+        f"{name}: BlockSizes.bm={bs.bm}: Triton's dot needs tiles of at least 16 rows "
+        "(the last M block is masked, so decode with M = 1 uses bm=16).")
   if backend == "tpu" and (bk % 128 or bs.bn % 128):
     raise ValueError(
         f"{name}: Mosaic TPU needs bk and bn to be multiples of 128 (got bk={bk}, "

@@ -46,7 +46,6 @@ GPU_BLOCKS = {
     "64x128x64": BlockSizes(bm=64, bn=128, bk=64),
     "splitk4": BlockSizes(bm=16, bn=64, bk=128, split_k=4),
     "wx-splitk2": BlockSizes(bm=16, bn=64, bk=128, split_k=2, orient="wx"),
-    "vec": BlockSizes(bm=1, bn=64, bk=128, split_k=2, orient="vec"),
     "kmajor": BlockSizes(bm=64, bn=128, bk=64, k_major=True),
     "wx-kmajor": BlockSizes(bm=64, bn=128, bk=64, orient="wx", k_major=True),
     "shift-unpack": BlockSizes(bm=64, bn=128, bk=64, fast_unpack=False),

@@ -50,20 +50,20 @@ def oracle(xa, wq):
 
 # (m, k, n, block sizes): multiples of the blocks, ragged M (decode and prefill,
 # masked in the kernel), split-K, and every tile orientation: x @ w ("xw"),
-# (w^T x^T)^T ("wx"), the vector-unit GEMV ("vec"), and K-major weights.
+# (w^T x^T)^T ("wx"), K-major weights, and the shift-based int4 unpack.
 SHAPES = [
     (16, 256, 128, BlockSizes(bm=16, bn=64, bk=64)),
     (5, 512, 128, BlockSizes(bm=16, bn=64, bk=64, split_k=2)),
     (1, 256, 64, None),
     (70, 256, 128, BlockSizes(bm=32, bn=64, bk=32)),
     (5, 512, 128, BlockSizes(bm=16, bn=64, bk=64, split_k=2, orient="wx")),
-    (3, 256, 128, BlockSizes(bm=1, bn=64, bk=32, split_k=2, orient="vec")),
+    (3, 256, 128, BlockSizes(bm=16, bn=64, bk=32, split_k=4, orient="wx")),
     (70, 256, 128, BlockSizes(bm=64, bn=64, bk=32, orient="wx", k_major=True)),
     (40, 512, 128, BlockSizes(bm=32, bn=128, bk=64, k_major=True)),
     (20, 256, 128, BlockSizes(bm=16, bn=64, bk=64, orient="wx", fast_unpack=False)),
 ]
 ORIENTS = [BlockSizes(bm=16, bn=64, bk=64), BlockSizes(bm=16, bn=64, bk=64, orient="wx"),
-           BlockSizes(bm=1, bn=64, bk=64, orient="vec")]
+           BlockSizes(bm=32, bn=64, bk=64, k_major=True)]
 
 
 def _bs_id(bs):
@@ -148,9 +148,7 @@ def test_bad_shapes_raise_clear_errors():
         bits=4, symmetric=False, channel_axes=(1,), pack=True)), backend=BACKEND)
   with pytest.raises(ValueError, match="must be a power of two"):
     BlockSizes(bm=24)
-  with pytest.raises(ValueError, match="needs bm=1"):
-    BlockSizes(bm=16, orient="vec")
-  with pytest.raises(ValueError, match="orient='xw', 'wx' or 'vec'|use 'xw', 'wx' or 'vec'"):
+  with pytest.raises(ValueError, match="use 'xw' or 'wx'"):
     BlockSizes(orient="yx")
   with pytest.raises(ValueError, match="at least 16 rows"):
     K.w4a16_matmul(xa, wq, block_sizes=BlockSizes(bm=8, bn=64, bk=64), backend="gpu")
