@@ -49,19 +49,23 @@ def oracle(xa, wq):
 
 
 # (m, k, n, block sizes): multiples of the blocks, ragged M (decode and prefill,
-# masked in the kernel), split-K, and every tile orientation: x @ w ("xw"),
-# (w^T x^T)^T ("wx"), K-major weights, and the shift-based int4 unpack.
+# masked in the kernel), split-K; for every case.
 SHAPES = [
     (16, 256, 128, BlockSizes(bm=16, bn=64, bk=64)),
     (5, 512, 128, BlockSizes(bm=16, bn=64, bk=64, split_k=2)),
     (1, 256, 64, None),
     (70, 256, 128, BlockSizes(bm=32, bn=64, bk=32)),
+]
+# The other tile variants: (w^T x^T)^T ("wx"), K-major weights, the shift-based
+# int4 unpack; on W8A8, grouped W4A8 and per-channel and grouped W4A16.
+VARIANT_SHAPES = [
     (5, 512, 128, BlockSizes(bm=16, bn=64, bk=64, split_k=2, orient="wx")),
     (3, 256, 128, BlockSizes(bm=16, bn=64, bk=32, split_k=4, orient="wx")),
     (70, 256, 128, BlockSizes(bm=64, bn=64, bk=32, orient="wx", k_major=True)),
     (40, 512, 128, BlockSizes(bm=32, bn=128, bk=64, k_major=True)),
     (20, 256, 128, BlockSizes(bm=16, bn=64, bk=64, orient="wx", fast_unpack=False)),
 ]
+VARIANT_CASES = ("w8a8", "w4a8-g64", "w4a16", "w4a16-g128-bf16scale")
 ORIENTS = [BlockSizes(bm=16, bn=64, bk=64), BlockSizes(bm=16, bn=64, bk=64, orient="wx"),
            BlockSizes(bm=32, bn=64, bk=64, k_major=True)]
 
@@ -82,10 +86,19 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "shape", SHAPES,
-    ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}" + (f"-{_bs_id(s[3])}" if s[3] else ""))
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def _shape_id(s):
+  return f"{s[0]}x{s[1]}x{s[2]}" + (f"-{_bs_id(s[3])}" if s[3] else "")
+
+
+def _matrix():
+  cases = [(c, sh) for c in CASES for sh in SHAPES]
+  cases += [(c, sh) for c in CASES if c[0] in VARIANT_CASES for sh in VARIANT_SHAPES
+            if c[2] is not K.w8a8_matmul or sh[3].fast_unpack]  # nothing to unpack in W8A8
+  return cases
+
+
+@pytest.mark.parametrize("case,shape", _matrix(), ids=lambda v: v[0] if isinstance(v[0], str)
+                         else _shape_id(v))
 def test_kernel_f32_matches_reference_and_float64(case, shape):
   name, mod, fn, kw = case
   m, k, n, bs = shape
@@ -98,8 +111,10 @@ def test_kernel_f32_matches_reference_and_float64(case, shape):
   assert rel(mod.xla(xa, wq, out_dtype=jnp.float32), oracle(xa, wq)) < 1e-5
 
 
-@pytest.mark.parametrize("bs", ORIENTS, ids=_bs_id)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+@pytest.mark.parametrize(
+    "case,bs", [(c, ORIENTS[0]) for c in CASES]
+    + [(c, bs) for c in CASES if c[0] in VARIANT_CASES for bs in ORIENTS[1:]],
+    ids=lambda v: v[0] if isinstance(v, tuple) else _bs_id(v))
 def test_kernel_bf16_output(case, bs):
   name, mod, fn, kw = case
   kw = dict(kw)
