@@ -19,14 +19,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from lowbit.kernels import w4a8, w4a16, w8a8
-from lowbit.kernels._pallas import BlockSizes, default_block_sizes, dequant_dot, platform
+from lowbit.kernels._pallas import BlockSizes, default_block_sizes, dequant_dot, float_dot_dtype, platform
 from lowbit.kernels.w4a8 import w4a8_matmul
 from lowbit.kernels.w4a16 import w4a16_matmul
 from lowbit.kernels.w8a8 import w8a8_matmul
 
 from lowbit.quant import QArray, QuantParams, QuantSpec, dequantize, quantize
 
-Implementation = Literal["pallas", "xla", "reference"]
+Implementation = Literal["pallas", "xla", "dequant", "reference"]
 
 
 def kernel_for(w: QArray, act_spec: QuantSpec | None) -> str | None:
@@ -61,8 +61,14 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
   ``implementation``: ``None`` uses the Pallas kernel on GPU/TPU when one
   handles the pairing and the XLA path otherwise (and always on CPU);
   ``"pallas"`` forces the kernel (interpreted on CPU) and raises a
-  ``ValueError`` when none applies; ``"xla"`` the XLA path; ``"reference"``
-  dequantize-then-dot in f32.
+  ``ValueError`` when none applies; ``"xla"`` the XLA path (same numbers as the
+  kernel: int32 sums, group scales on f32 partial sums); ``"dequant"``
+  dequantizes the weight to ``x``'s dtype and runs one float dot with f32
+  accumulation (``x @ dequantize(w, x.dtype)``: the weight is rounded to that
+  dtype, so it differs from the kernels by about its rounding); on an H200 it
+  beats the W4A16 kernel from M = 256 up (0.94x of bf16 against 0.33x at
+  M = 4096, docs/kernels.md), so choose it for long prefills; ``"reference"``
+  dequantize-then-dot in f32 at highest precision.
   """
   x = jnp.asarray(x)
   out_dtype = out_dtype or x.dtype
@@ -75,16 +81,22 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
   impl = implementation
   if impl is None:
     impl = "pallas" if (name is not None and platform() in ("gpu", "tpu")) else "xla"
-  if impl not in ("pallas", "xla", "reference"):
-    raise ValueError(f"qmatmul: implementation={impl!r}; use 'pallas', 'xla', 'reference' or None.")
+  if impl not in ("pallas", "xla", "dequant", "reference"):
+    raise ValueError(f"qmatmul: implementation={impl!r}; use 'pallas', 'xla', 'dequant', "
+                     "'reference' or None.")
   if impl == "pallas" and name is None:
     raise ValueError(
         f"qmatmul: no Pallas kernel takes w (bits={w.bits}, packed={w.packed}, "
         f"group_size={w.group_size}, symmetric={w.symmetric}) with act_spec={act_spec}; "
         "use implementation='xla'.")
-  if impl == "reference" or (impl == "xla" and name is None):
+  if impl in ("reference", "dequant") or (impl == "xla" and name is None):
     xin = dequantize(xq) if xq is not None else x2
-    if impl == "reference":
+    if impl == "dequant":
+      dt = float_dot_dtype(x.dtype)
+      prec = lax.Precision.HIGHEST if dt == jnp.float32 else None  # no TF32 on GPU
+      y = lax.dot(xin.astype(dt), dequantize(w, dt), precision=prec,
+                  preferred_element_type=jnp.float32)
+    elif impl == "reference":
       y = jnp.dot(xin.astype(jnp.float32), dequantize(w), precision=lax.Precision.HIGHEST)
     else:
       y = dequant_dot(xin.astype(x.dtype), w)

@@ -89,7 +89,8 @@ def convert(model: nnx.Module, policy: PrecisionPolicy | None = None, *,
 
 
 def set_implementation(model: nnx.Module, implementation: str | None) -> None:
-  """Force the matmul implementation (``"pallas"``, ``"xla"``, ``"reference"``) of converted QLinears."""
+  """Force the matmul implementation (``"pallas"``, ``"xla"``, ``"dequant"``, ``"reference"``; see
+  :func:`lowbit.kernels.qmatmul`) of converted QLinears."""
   for layer in quantizable_layers(model).values():
     if isinstance(layer, QLinear):
       layer.implementation = implementation

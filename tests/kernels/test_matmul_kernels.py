@@ -188,13 +188,27 @@ def test_dispatch_picks_kernels_and_matches_reference():
     wq = quantize(w, wspec)
     assert K.kernel_for(wq, aspec) == expected
     ref = K.qmatmul(x, wq, act_spec=aspec, implementation="reference")
-    for impl in ("xla",) + (("pallas",) if expected else ()):
+    for impl in ("xla", "dequant") + (("pallas",) if expected else ()):
       y = K.qmatmul(x, wq, act_spec=aspec, implementation=impl)
       assert y.shape == (2, 3, 128)
       assert rel(y, ref) < 1e-5, (wspec, aspec, impl)
     if expected is None:
       with pytest.raises(ValueError, match="no Pallas kernel"):
         K.qmatmul(x, wq, act_spec=aspec, implementation="pallas")
+
+
+def test_dequant_path_rounds_the_weight_to_the_activation_dtype():
+  """``implementation="dequant"``: bf16 activations see the weight rounded to bf16."""
+  k1, k2 = jax.random.split(fresh_key())
+  x = jax.random.normal(k1, (6, 256), jnp.float32).astype(jnp.bfloat16)
+  wq = quantize(jax.random.normal(k2, (256, 128)),
+                QuantSpec(bits=4, channel_axes=(1,), group_size=64, pack=True))
+  y = K.qmatmul(x, wq, implementation="dequant")
+  assert y.dtype == jnp.bfloat16
+  want = np.asarray(x, np.float64) @ np.asarray(dequantize(wq, jnp.bfloat16), np.float64)
+  assert rel(y, want) < 1e-2
+  with pytest.raises(ValueError, match="'dequant'"):
+    K.qmatmul(x, wq, implementation="fast")
 
 
 def test_ragged_groups_take_the_xla_path_and_refuse_the_kernel():

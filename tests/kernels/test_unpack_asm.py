@@ -1,0 +1,125 @@
+"""The GPU kernels' int4-unpack PTX, executed by a small numpy model of its instructions.
+
+The inline assembly in ``lowbit.kernels._pallas`` runs only on a GPU. Here each
+shipped string is parsed and run instruction by instruction on every pair of
+neighbouring bytes (both orders), and compared with the signed nibbles the
+packing stores, so a wrong constant or selector cannot land unnoticed. The
+model follows the PTX ISA for the instructions used (``prmt`` default mode,
+``lop3`` truth table, ``fma.rn.bf16x2`` exact here since every value is a
+small integer).
+"""
+
+
+import ml_dtypes
+import numpy as np
+from lowbit.kernels import _pallas
+
+U32 = np.uint32
+
+
+def _bf16x2_to_f32(w):
+  lo = (w & U32(0xFFFF)).astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
+  hi = (w >> U32(16)).astype(np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
+  return lo, hi
+
+
+def _f32_to_bf16x2(lo, hi):
+  lo = lo.astype(ml_dtypes.bfloat16).view(np.uint16).astype(U32)
+  hi = hi.astype(ml_dtypes.bfloat16).view(np.uint16).astype(U32)
+  return lo | (hi << U32(16))
+
+
+def run_ptx(asm: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Run the straight-line PTX in ``asm`` on uint32 arrays; ``inputs`` names ``$i`` registers."""
+  regs = dict(inputs)
+
+  def val(tok):
+    tok = tok.strip()
+    if tok in regs:
+      return regs[tok]
+    return np.full_like(next(iter(inputs.values())), U32(int(tok, 0)))
+
+  for line in asm.splitlines():
+    line = line.strip().rstrip(";")
+    if not line or line in "{}" or line.startswith(".reg"):
+      continue
+    op, rest = line.split(None, 1)
+    args = [a.strip() for a in rest.split(",")]
+    dst, srcs = args[0], [val(a) for a in args[1:]]
+    if op == "mov.b32":
+      out = srcs[0]
+    elif op == "xor.b32":
+      out = srcs[0] ^ srcs[1]
+    elif op == "and.b32":
+      out = srcs[0] & srcs[1]
+    elif op == "shl.b32":
+      out = srcs[0] << srcs[1]
+    elif op == "shr.b32":
+      out = srcs[0] >> srcs[1]
+    elif op == "prmt.b32":  # bytes of {b, a}: a is 0..3, b is 4..7; selector nibbles
+      a, b, sel = srcs
+      src = [(a >> U32(8 * i)) & U32(0xFF) for i in range(4)]
+      src += [(b >> U32(8 * i)) & U32(0xFF) for i in range(4)]
+      out = np.zeros_like(a)
+      s = int(sel.flat[0])
+      for i in range(4):
+        out |= src[(s >> (4 * i)) & 7] << U32(8 * i)
+    elif op == "lop3.b32":  # truth table over (a, b, c) = (0xF0, 0xCC, 0xAA)
+      a, b, c, lut = srcs
+      lut = int(lut.flat[0])
+      out = np.zeros_like(a)
+      for bit in range(8):
+        if lut >> bit & 1:
+          ta = a if bit & 4 else ~a
+          tb = b if bit & 2 else ~b
+          tc = c if bit & 1 else ~c
+          out |= ta & tb & tc
+    elif op == "fma.rn.bf16x2":
+      (a0, a1), (b0, b1), (c0, c1) = (_bf16x2_to_f32(v) for v in srcs)
+      out = _f32_to_bf16x2(a0 * b0 + c0, a1 * b1 + c1)
+    else:
+      raise NotImplementedError(f"no model for PTX instruction {op!r}")
+    regs[dst] = out.astype(U32)
+  return regs
+
+
+def all_byte_pairs() -> np.ndarray:
+  b0, b1 = (v.ravel().astype(U32) for v in np.meshgrid(np.arange(256), np.arange(256)))
+  return np.concatenate([b0 | b1 << U32(8) | b0 << U32(16) | b1 << U32(24),
+                         b1 | b0 << U32(8) | b1 << U32(16) | b0 << U32(24)])
+
+
+def nibbles(words, high: bool) -> np.ndarray:
+  """``[n, 4]`` signed nibbles (two's complement), byte i of each word in column i."""
+  b = np.stack([(words >> U32(8 * i)) & U32(0xFF) for i in range(4)], -1).astype(np.int64)
+  v = (b >> 4) if high else (b & 0xF)
+  return (v ^ 8) - 8
+
+
+def test_int4_to_bf16_asm_gives_the_signed_nibbles():
+  words = all_byte_pairs()
+  for asm, high in ((_pallas._ASM_I4_TO_BF16_LO, False), (_pallas._ASM_I4_TO_BF16_HI, True)):
+    out = run_ptx(asm, {"$2": words})
+    got = np.stack([*_bf16x2_to_f32(out["$0"]), *_bf16x2_to_f32(out["$1"])], -1)
+    np.testing.assert_array_equal(got, nibbles(words, high))
+
+
+def test_int4_to_int8x16_asm_gives_sixteen_times_the_nibbles():
+  words = all_byte_pairs()
+  for asm, high in ((_pallas._ASM_I4_TO_I8X16_LO, False), (_pallas._ASM_I4_TO_I8X16_HI, True)):
+    out = run_ptx(asm, {"$1": words})["$0"]
+    got = np.stack([((out >> U32(8 * i)) & U32(0xFF)).astype(np.uint8).view(np.int8)
+                    for i in range(4)], -1).astype(np.int64)
+    np.testing.assert_array_equal(got, _pallas.I8_UNPACK_SCALE * nibbles(words, high))
+
+
+def test_the_packing_stores_twos_complement_nibbles_low_first():
+  """What the two tests above assume of ``lowbit.quant``'s int4 packing."""
+  import jax.numpy as jnp
+
+  from lowbit.quant import pack_int4
+  codes = np.arange(-8, 8, dtype=np.int8)
+  q = np.stack([codes, codes[::-1]])  # [2, 16]: row 0 -> low nibble, row 1 -> high
+  p = np.asarray(pack_int4(jnp.asarray(q), 0)).astype(U32)  # [1, 16] uint8
+  np.testing.assert_array_equal(nibbles(p.ravel(), False)[:, 0], codes)
+  np.testing.assert_array_equal(nibbles(p.ravel(), True)[:, 0], codes[::-1])
