@@ -191,7 +191,7 @@ _ASM_I4_TO_I8X16_HI = "{\nand.b32 $0, $1, 0xF0F0F0F0;\n}"
 I8_UNPACK_SCALE = 16
 
 
-def unpack_tile_fast(p: jax.Array, dtype, backend: Backend) -> tuple[jax.Array, jax.Array]:
+def unpack_tile_fast(p: jax.Array, dtype: jnp.dtype, backend: Backend) -> tuple[jax.Array, jax.Array]:
   """Both halves of a packed uint8 tile, ready for the dot, in few instructions.
 
   ``dtype`` int8: returns ``(16 * lo, 16 * hi)`` as int8 (``lo = (p << 4) &
