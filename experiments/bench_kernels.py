@@ -250,6 +250,11 @@ def main(argv=None):
               reps=args.reps, group=GROUP, per_op_floor_us=floor * 1e6, timer=timer)
   print(json.dumps(meta), flush=True)
   rows, sweeps = [], []
+
+  def save():  # after every point: a run killed at its time limit keeps what it measured
+    with open(args.out, "w") as f:
+      json.dump(dict(meta=meta, rows=rows, sweeps=sweeps), f, indent=1)
+
   key = jax.random.key(0)
   for k, n in kns:
     r = n_buffers(k * n // 2, platform)
@@ -330,11 +335,9 @@ def main(argv=None):
                  rel_err_vs_xla=err, correct=err is not None and err < 1e-2)
         sweeps.append(s)
         print(json.dumps(s), flush=True)
-      with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows, sweeps=sweeps), f, indent=1)
+      save()
     del ws
-  with open(args.out, "w") as f:
-    json.dump(dict(meta=meta, rows=rows, sweeps=sweeps), f, indent=1)
+  save()
   print_table(meta, rows, sweeps)
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from lowbit.kernels import w4a8, w4a16, w8a8
-from lowbit.kernels._pallas import BlockSizes, default_block_sizes, dequant_dot, float_dot_dtype, platform
+from lowbit.kernels._pallas import BlockSizes, default_block_sizes, dequant_dot, platform
 from lowbit.kernels.w4a8 import w4a8_matmul
 from lowbit.kernels.w4a16 import w4a16_matmul
 from lowbit.kernels.w8a8 import w8a8_matmul
@@ -62,13 +62,13 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
   handles the pairing and the XLA path otherwise (and always on CPU);
   ``"pallas"`` forces the kernel (interpreted on CPU) and raises a
   ``ValueError`` when none applies; ``"xla"`` the XLA path (same numbers as the
-  kernel: int32 sums, group scales on f32 partial sums); ``"dequant"``
-  dequantizes the weight to ``x``'s dtype and runs one float dot with f32
-  accumulation (``x @ dequantize(w, x.dtype)``: the weight is rounded to that
-  dtype, so it differs from the kernels by about its rounding); on an H200 it
-  beats the W4A16 kernel from M = 256 up (0.94x of bf16 against 0.33x at
-  M = 4096, docs/kernels.md), so choose it for long prefills; ``"reference"``
-  dequantize-then-dot in f32 at highest precision.
+  kernel: int32 sums, group scales on f32 partial sums); ``"dequant"`` one
+  float dot in ``x``'s dtype with f32 accumulation, the path weights without a
+  kernel take (:func:`lowbit.kernels._pallas.dequant_dot`: grouped weights are
+  dequantized to that dtype first, so they differ from the kernels by about its
+  rounding); on an H200 it beats the W4A16 kernel from M = 256 up (0.94x of
+  bf16 against 0.33x at M = 4096, docs/kernels.md), so choose it for long
+  prefills; ``"reference"`` dequantize-then-dot in f32 at highest precision.
   """
   x = jnp.asarray(x)
   out_dtype = out_dtype or x.dtype
@@ -91,12 +91,7 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
         "use implementation='xla'.")
   if impl in ("reference", "dequant") or (impl == "xla" and name is None):
     xin = dequantize(xq) if xq is not None else x2
-    if impl == "dequant":
-      dt = float_dot_dtype(x.dtype)
-      prec = lax.Precision.HIGHEST if dt == jnp.float32 else None  # no TF32 on GPU
-      y = lax.dot(xin.astype(dt), dequantize(w, dt), precision=prec,
-                  preferred_element_type=jnp.float32)
-    elif impl == "reference":
+    if impl == "reference":
       y = jnp.dot(xin.astype(jnp.float32), dequantize(w), precision=lax.Precision.HIGHEST)
     else:
       y = dequant_dot(xin.astype(x.dtype), w)

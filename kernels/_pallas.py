@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 Backend = Literal["gpu", "tpu", "interpret"]
 
@@ -142,8 +143,7 @@ def float_dot_dtype(dtype) -> jnp.dtype:
 
 def compiler_params(backend: Backend, bs: BlockSizes, n_grid: int):
   if backend == "gpu":
-    from jax.experimental.pallas import triton as plgpu
-    return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+    return pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
   if backend == "tpu":
     from jax.experimental.pallas import tpu as pltpu
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_grid)
@@ -202,7 +202,6 @@ def unpack_tile_fast(p: jax.Array, dtype: jnp.dtype, backend: Backend) -> tuple[
   values from jnp.
   """
   def asm(code, constraints, out_dtype):
-    from jax.experimental.pallas import triton as pltriton
     [y] = pltriton.elementwise_inline_asm(
         code, args=[p], constraints=constraints, pack=4,
         result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, out_dtype)])
@@ -253,7 +252,6 @@ def matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, k: int, bk: int,
   def load_x(x0):
     if not masked:
       return x_ref[:, pl.ds(x0, bk)]
-    from jax.experimental.pallas import triton as pltriton
     return pltriton.load(x_ref.at[:, pl.ds(x0, bk)], mask=jnp.broadcast_to(row_ok, (bm, bk)),
                          other=0)
 
@@ -276,11 +274,9 @@ def matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, k: int, bk: int,
 
   def body(t, acc):
     r0 = (s * steps + t) * bk
-    if packed and fast_unpack:
-      lo, hi = unpack_tile_fast(load_w(r0), dot_dtype, backend)
-      parts = ((r0, lo), (half + r0, hi))
-    elif packed:
-      lo, hi = unpack_tile(load_w(r0))
+    if packed:
+      p = load_w(r0)
+      lo, hi = unpack_tile_fast(p, dot_dtype, backend) if fast_unpack else unpack_tile(p)
       parts = ((r0, lo), (half + r0, hi))
     else:
       parts = ((r0, load_w(r0)),)
@@ -305,7 +301,6 @@ def matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, k: int, bk: int,
     out = out * xs_ref[...].astype(jnp.float32)
   out = out.astype(o_ref.dtype)
   if masked:
-    from jax.experimental.pallas import triton as pltriton
     mask = jnp.broadcast_to(row_ok, (bm, bn))
     if split:
       out, mask = out[None], mask[None]
@@ -392,7 +387,7 @@ def run_matmul(x, xs, w, ws, *, k: int, n: int, packed: bool, group: int | None,
       interpret=backend == "interpret", name=name)(*args)
   if split:
     out = out.sum(axis=0).astype(out_dtype)
-  return out[:m] if m_out != m else out
+  return out[:m]
 
 
 def check_block_fit(name: str, k: int, n: int, packed: bool, group: int | None,
