@@ -21,8 +21,10 @@ Ratios are to XLA's bf16 ``jnp.dot`` timed the same way in the same run. The
 bound is the roofline ratio ``t_floor(bf16) / t_floor(impl)``, each floor the
 larger of bytes / bandwidth (bandwidth measured here by a device copy) and
 operations / the datasheet peak (H100/H200: 989 TFLOP/s bf16, 1979 TOP/s int8).
+On a Hopper GPU (sm_90) the Mosaic GPU W8A8 kernel (``backend="mosaic_gpu"``)
+is timed beside the Triton one, from M = 256 up, as ``lowbit_w8a8_hopper``.
 ``--sweep`` also times ``BlockSizes`` candidates (tiles, orientation, split-K,
-K-major weights) at K = N = 8192; every candidate's output is checked against
+K-major weights) and ``HopperTiles`` candidates at K = N = 8192; every candidate's output is checked against
 the XLA path and a wrong one is reported, never ranked. Executables are
 compiled in parallel threads first, then timed one at a time. Writes a JSON
 file after every point and prints a markdown table at the end.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import datetime
 import json
 import os
@@ -41,7 +44,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from lowbit.kernels import BlockSizes, default_block_sizes
+from lowbit.kernels import BlockSizes, HopperTiles, default_block_sizes
 
 from lowbit import kernels as K
 from lowbit.quant import QuantSpec, dequantize, quantize
@@ -198,6 +201,25 @@ def candidates(kernel: str, m: int) -> list[BlockSizes]:
   return out
 
 
+def hopper_candidates(m: int) -> list[HopperTiles]:
+  """Tiles of the Mosaic GPU W8A8 kernel tried by ``--sweep`` (M >= 256): the default,
+  a deeper or shallower pipeline, the other warpgroup split and snake order, band widths."""
+  if m < 256:
+    return []
+  T = HopperTiles
+  return [T(), T(max_concurrent_steps=4, epi_tile=32), T(tile_k=64, max_concurrent_steps=6),
+          T(wg_dim="m"), T(grid_minor="m"), T(grid_tile_width=4), T(grid_tile_width=16),
+          T(tile_n=64, max_concurrent_steps=4)]
+
+
+def hopper_fn(tiles: HopperTiles, interpret: bool):
+  backend = "mosaic_gpu_interpret" if interpret else "mosaic_gpu"
+  if interpret:  # the CPU check of this script: the interpreter runs every SM as threads
+    tiles = dataclasses.replace(tiles, num_sms=2)
+  return many(lambda x, w: K.w8a8_matmul(x, w, out_dtype=jnp.bfloat16, block_sizes=tiles,
+                                          backend=backend))
+
+
 def compile_all(jobs, threads: int):
   """``jobs: [(key, fn, args)]`` -> ``{key: compiled or Exception}``, compiled in threads."""
   def one(job):
@@ -225,7 +247,8 @@ def main(argv=None):
   ap.add_argument("--kn", type=str, nargs="*", help="override (K, N): e.g. 8192x8192")
   ap.add_argument("--sweep-m", type=int, nargs="*", default=[1, 16, 64, 256, 4096, 8192],
                   help="M values (at K = N = 8192) where --sweep runs")
-  ap.add_argument("--sweep-kernels", nargs="*", default=["w8a8", "w4a16", "w4a8"])
+  ap.add_argument("--sweep-kernels", nargs="*", default=["w8a8", "w4a16", "w4a8", "w8a8_hopper"],
+                  help="w8a8_hopper: the Mosaic GPU kernel's HopperTiles (M >= 256, sm_90)")
   ap.add_argument("--deadline", type=float, default=1e9,
                   help="seconds; no new point starts after this (the JSON so far is kept)")
   ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2))
@@ -245,6 +268,10 @@ def main(argv=None):
   tiny = jnp.ones((8, 128), jnp.float32)
   floor = wall(jax.jit(many(lambda x, w: x + w)), (tiny, [tiny] * 8), 20) / 8
   timer = "cupti" if device(jax.jit(lambda a: a + 1.0), (tiny,), 2) else "wall"
+  # The Mosaic GPU W8A8 kernel needs Hopper (sm_90: TMA, wgmma); on CPU, --force-kernels
+  # runs it interpreted at M >= 64.
+  hopper = platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+  hopper_interp = platform == "cpu" and args.force_kernels
   meta = dict(device=str(dev.device_kind), platform=platform, jax=jax.__version__,
               date=datetime.date.today().isoformat(), copy_bandwidth_GBps=bw and bw / 1e9,
               reps=args.reps, group=GROUP, per_op_floor_us=floor * 1e6, timer=timer)
@@ -272,6 +299,9 @@ def main(argv=None):
         for kname, fn, wk, ak, op in KERNELS:
           impls[f"lowbit_{kname}" + ("_g128" if wk == "int4" else "")] = (
               kernel_fn(fn, None), wk, ak, op)
+      if (hopper and m >= 256) or (hopper_interp and m >= 64):
+        impls["lowbit_w8a8_hopper"] = (hopper_fn(HopperTiles(), hopper_interp),
+                                       "int8", "int8", "int8")
       jobs = [(name, fn, (xs[ak], ws[wk])) for name, (fn, wk, ak, _op) in impls.items()]
       sweep_here = args.sweep and m in args.sweep_m and (
           args.force_kernels or (platform == "gpu" and (k, n) == (8192, 8192)))
@@ -281,6 +311,10 @@ def main(argv=None):
             continue
           for bs in candidates(kname, m):
             jobs.append(((kname, bs), kernel_fn(fn, bs), (xs[ak], ws[wk])))
+        if "w8a8_hopper" in args.sweep_kernels and (hopper or hopper_interp):
+          for tiles in hopper_candidates(m):
+            jobs.append((("w8a8", tiles), hopper_fn(tiles, hopper_interp),
+                         (xs["int8"], ws["int8"])))
       t0 = time.perf_counter()
       compiled = compile_all(jobs, args.threads if platform == "gpu" else 1)
       print(f"m={m} k={k} n={n}: compiled {len(jobs)} in {time.perf_counter() - t0:.1f} s",
@@ -317,7 +351,8 @@ def main(argv=None):
           kname = name.split("_")[1]
           if XLA_OF[kname] in outs:
             row["rel_err_vs_xla"] = rel_err(y, outs[XLA_OF[kname]])
-          row["block_sizes"] = str(default_block_sizes(kname, "gpu", m, k, n))
+          row["block_sizes"] = str(HopperTiles() if name.endswith("_hopper")
+                                   else default_block_sizes(kname, "gpu", m, k, n))
         rows.append(row)
         print(json.dumps(row), flush=True)
       for job_key, _fn, a in jobs:

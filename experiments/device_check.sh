@@ -18,7 +18,7 @@ python3 -c "import jax, lowbit.kernels; print('jax', jax.__version__, jax.device
 # Tests in parallel processes: no process may preallocate most of the GPU.
 XLA_PYTHON_CLIENT_PREALLOCATE=false LOWBIT_TEST_BACKEND=gpu timeout ${TEST_TIMEOUT:-150} \
   python3 -m pytest -q -n ${TEST_WORKERS:-8} -p no:cacheprovider \
-  "$REPO/tests/kernels/test_matmul_kernels.py" 2>&1 | tee "$OUT/kernel_tests.log" | tail -15
+  "$REPO/tests/kernels/test_matmul_kernels.py" "$REPO/tests/kernels/test_mosaic_gpu.py" 2>&1 | tee "$OUT/kernel_tests.log" | tail -15
 echo "tests done at $(( $(date +%s) - T0 )) s"
 timeout ${BENCH_TIMEOUT:-300} python3 "$REPO/experiments/bench_kernels.py" --full ${SWEEP---sweep} \
   --reps ${REPS:-10} --deadline ${BENCH_DEADLINE:-230} ${BENCH_ARGS:-} \

@@ -6,6 +6,10 @@ Kernels (one file each, each with ``reference`` and an ``xla`` path):
 * :func:`w4a16_matmul`: float x int4 packed, per-channel or group scales;
 * :func:`w4a8_matmul`: int8 x int4 packed (unpacked to int8 in the kernel).
 
+W8A8 also has a Hopper kernel in Pallas' Mosaic GPU backend (TMA, ``wgmma``,
+warp specialization): ``w8a8_matmul(..., backend="mosaic_gpu",
+block_sizes=HopperTiles(...))``.
+
 :func:`qmatmul` picks the kernel from the operands and the backend from the
 platform (GPU: Pallas Triton; TPU: Pallas Mosaic; CPU: the XLA path), with an
 ``implementation=`` override.
@@ -19,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from lowbit.kernels import w4a8, w4a16, w8a8
+from lowbit.kernels._mosaic_gpu import HopperTiles
 from lowbit.kernels._pallas import BlockSizes, default_block_sizes, dequant_dot, platform
 from lowbit.kernels.w4a8 import w4a8_matmul
 from lowbit.kernels.w4a16 import w4a16_matmul
@@ -50,7 +55,7 @@ def kernel_for(w: QArray, act_spec: QuantSpec | None) -> str | None:
 def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
             act_params: QuantParams | None = None,
             implementation: Implementation | None = None, out_dtype=None,
-            block_sizes: BlockSizes | None = None) -> jax.Array:
+            block_sizes: BlockSizes | HopperTiles | None = None) -> jax.Array:
   """``y = q_a(x) @ dequantize(w)`` through the fastest correct path.
 
   ``x [..., K]`` float; ``w [K, N]`` QArray; ``act_spec`` (optional) quantizes
@@ -69,6 +74,10 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
   rounding); on an H200 it beats the W4A16 kernel from M = 256 up (0.94x of
   bf16 against 0.33x at M = 4096, docs/kernels.md), so choose it for long
   prefills; ``"reference"`` dequantize-then-dot in f32 at highest precision.
+
+  ``block_sizes``: tiles of the Pallas kernel; a :class:`HopperTiles` selects
+  the Mosaic GPU W8A8 kernel (Hopper GPUs; jax's GPU interpreter on CPU) for
+  W8A8 pairings with ``implementation="pallas"``.
   """
   x = jnp.asarray(x)
   out_dtype = out_dtype or x.dtype
@@ -89,12 +98,21 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
         f"qmatmul: no Pallas kernel takes w (bits={w.bits}, packed={w.packed}, "
         f"group_size={w.group_size}, symmetric={w.symmetric}) with act_spec={act_spec}; "
         "use implementation='xla'.")
+  if isinstance(block_sizes, HopperTiles) and (impl != "pallas" or name != "w8a8"):
+    raise ValueError(
+        f"qmatmul: HopperTiles select the Mosaic GPU W8A8 kernel; they need "
+        f"implementation='pallas' and an int8 weight with int8 activations (got "
+        f"implementation={impl!r}, kernel {name!r}).")
   if impl in ("reference", "dequant") or (impl == "xla" and name is None):
     xin = dequantize(xq) if xq is not None else x2
     if impl == "reference":
       y = jnp.dot(xin.astype(jnp.float32), dequantize(w), precision=lax.Precision.HIGHEST)
     else:
       y = dequant_dot(xin.astype(x.dtype), w)
+  elif name == "w8a8" and isinstance(block_sizes, HopperTiles) and impl == "pallas":
+    backend = "mosaic_gpu" if platform() == "gpu" else "mosaic_gpu_interpret"
+    y = w8a8.w8a8_matmul(xq, w, out_dtype=jnp.float32, block_sizes=block_sizes,
+                         backend=backend)
   elif name == "w8a8":
     fn = w8a8.w8a8_matmul if impl == "pallas" else w8a8.xla
     y = fn(xq, w, out_dtype=jnp.float32, **_bs(impl, block_sizes))
@@ -112,6 +130,6 @@ def _bs(impl, block_sizes):
 
 
 __all__ = [
-    "BlockSizes", "default_block_sizes", "kernel_for", "qmatmul", "w4a8", "w4a8_matmul",
+    "BlockSizes", "HopperTiles", "default_block_sizes", "kernel_for", "qmatmul", "w4a8", "w4a8_matmul",
     "w4a16", "w4a16_matmul", "w8a8", "w8a8_matmul",
 ]

@@ -10,7 +10,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from lowbit.kernels import _pallas
+from lowbit.kernels import _mosaic_gpu, _pallas
+from lowbit.kernels._mosaic_gpu import HopperTiles
 from lowbit.kernels._pallas import BlockSizes
 
 from lowbit.quant import QArray, dequantize
@@ -18,20 +19,30 @@ from lowbit.quant import QArray, dequantize
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "backend"))
 def w8a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
-                block_sizes: BlockSizes | None = None, backend: str | None = None) -> jax.Array:
+                block_sizes: BlockSizes | HopperTiles | None = None,
+                backend: str | None = None) -> jax.Array:
   """Pallas W8A8 matmul.
 
   Args:
     x: ``[M, K]`` int8 QArray, per-token scale ``[M, 1]`` (or per-tensor).
     w: ``[K, N]`` int8 QArray, per-channel scale ``[1, N]`` (or per-tensor).
     out_dtype: output dtype (bf16 or f32).
-    block_sizes: tiles; default :func:`lowbit.kernels.default_block_sizes`.
-    backend: ``"gpu"`` (Triton), ``"tpu"`` (Mosaic), ``"interpret"``; default
-      from the platform (interpret on CPU).
+    block_sizes: tiles; default :func:`lowbit.kernels.default_block_sizes`
+      (a :class:`HopperTiles` for ``backend="mosaic_gpu"``).
+    backend: ``"gpu"`` (Triton), ``"tpu"`` (Mosaic), ``"interpret"``;
+      ``"mosaic_gpu"`` (Hopper: TMA + wgmma, :mod:`lowbit.kernels._mosaic_gpu`)
+      or ``"mosaic_gpu_interpret"`` (that kernel in jax's GPU interpreter);
+      default from the platform (interpret on CPU).
 
   Returns:
-    ``[M, N]`` in ``out_dtype``. M of any size (padded to the block).
+    ``[M, N]`` in ``out_dtype``. M of any size (masked or padded to the block).
   """
+  if backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
+    return _hopper(x, w, out_dtype=out_dtype, tiles=block_sizes,
+                   interpret=backend == "mosaic_gpu_interpret")
+  if isinstance(block_sizes, HopperTiles):
+    raise ValueError("w8a8_matmul: HopperTiles are the tiles of backend='mosaic_gpu'; pass "
+                     "that backend, or BlockSizes for the Triton / TPU kernels.")
   backend = _pallas.resolve_backend(backend)
   xq, xs = _pallas.act_operands(x, "w8a8_matmul")
   wq, ws, group = _pallas.weight_operands(w, "w8a8_matmul", packed=False)
@@ -45,6 +56,34 @@ def w8a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
   return _pallas.run_matmul(xq, xs, wq, ws, k=k, n=n, packed=False, group=None,
                             int_dot=True, out_dtype=out_dtype, bs=bs, backend=backend,
                             name="lowbit_w8a8")
+
+
+def _hopper(x: QArray, w: QArray, *, out_dtype, tiles: HopperTiles | None,
+            interpret: bool) -> jax.Array:
+  """The Mosaic GPU kernel: scales as f32 vectors, the weight K-major, M padded."""
+  name = "w8a8_matmul(backend='mosaic_gpu')"
+  if tiles is not None and not isinstance(tiles, HopperTiles):
+    raise ValueError(f"{name}: block_sizes must be a HopperTiles, got {type(tiles).__name__}.")
+  tiles = tiles or HopperTiles()
+  if jnp.dtype(out_dtype) not in (jnp.bfloat16, jnp.float32):
+    raise ValueError(f"{name}: out_dtype={jnp.dtype(out_dtype)}; use bfloat16 or float32.")
+  xq, xs = _pallas.act_operands(x, name)
+  wq, ws, group = _pallas.weight_operands(w, name, packed=False)
+  if group is not None:
+    raise ValueError(f"{name}: grouped int8 weights are not supported; use per-channel.")
+  (m, k), n = xq.shape, wq.shape[1]
+  if wq.shape[0] != k:
+    raise ValueError(f"{name}: x is [{m}, {k}] but w is {w.shape}; K must match.")
+  _mosaic_gpu.check_fit(name, m, k, n, tiles, out_dtype)
+  m_pad = -(-m // tiles.cta_m) * tiles.cta_m
+  xs = xs[:, 0]
+  if m_pad != m:
+    xq = jnp.pad(xq, ((0, m_pad - m), (0, 0)))
+    xs = jnp.pad(xs, (0, m_pad - m))
+  wk = wq if interpret else wq.T  # K-major for the int8 wgmma: one XLA transpose per call
+  out = _mosaic_gpu.w8a8_kernel(xq, xs, wk, ws[0].astype(jnp.float32), tiles=tiles,
+                                out_dtype=out_dtype, interpret=interpret)
+  return out[:m]
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))

@@ -75,3 +75,18 @@ def test_lowers_for_tpu_through_mosaic(name):
       pytest.skip("Mosaic TPU lowering of packed int4 needs a TPU device kind (not on CPU)")
     raise
   assert "tpu_custom_call" in txt
+
+
+HOPPER_TILES = {
+    "default": None,
+    "wg-m-snake-m": K.HopperTiles(tile_m=64, tile_n=128, wg_dim="m", grid_minor="m", num_sms=16),
+}
+
+
+@pytest.mark.parametrize("tiles", list(HOPPER_TILES.values()), ids=list(HOPPER_TILES))
+def test_w8a8_lowers_for_cuda_through_mosaic_gpu(tiles):
+  """The Hopper kernel, with the K-major weight view that only the hardware path takes;
+  Mosaic GPU's layout inference and lowering run here (the cubin is built on the GPU)."""
+  _, xq, w8 = operands()["w8a8"]
+  txt = lower(K.w8a8_matmul, xq, w8, "mosaic_gpu", "cuda", tiles)
+  assert "lowbit_w8a8_hopper" in txt and "mosaic_gpu" in txt

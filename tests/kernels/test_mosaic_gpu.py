@@ -1,0 +1,117 @@
+"""The Mosaic GPU (Hopper) W8A8 kernel against `w8a8.reference` and a float64 oracle.
+
+On CPU it runs in jax's GPU interpreter (``backend="mosaic_gpu_interpret"``:
+the weight tile as stored, see ``lowbit.kernels._mosaic_gpu``), on a few SMs;
+with ``LOWBIT_TEST_BACKEND=gpu`` (the device script) compiled for the GPU,
+with the K-major weight and every SM. Lowering for cuda is checked in
+test_lowering.py.
+"""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from lowbit.kernels import HopperTiles, w8a8
+
+from lowbit import kernels as K
+from lowbit.quant import QuantParams, QuantSpec, quantize
+
+ON_GPU = os.environ.get("LOWBIT_TEST_BACKEND", "interpret") == "gpu"
+BACKEND = "mosaic_gpu" if ON_GPU else "mosaic_gpu_interpret"
+
+
+def tiles(**kw) -> HopperTiles:
+  """Test tiles: small (the interpreter runs every warpgroup as a thread); few SMs off GPU."""
+  kw = {"tile_m": 64, "tile_n": 64, **kw}
+  return HopperTiles(**kw) if ON_GPU else HopperTiles(num_sms=kw.pop("num_sms", 3), **kw)
+
+
+def operands(m, k, n, *, seed, act_channel=(0,)):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, n)) * rng.uniform(0.1, 2.0, (1, n)), jnp.float32)
+  return (quantize(x, QuantSpec(bits=8, channel_axes=act_channel)),
+          quantize(w, QuantSpec(bits=8, channel_axes=(1,))))
+
+
+def oracle(xa, wq) -> np.ndarray:
+  xd = np.asarray(xa.qvalue, np.float64) * np.asarray(xa.scale, np.float64)
+  wd = np.asarray(wq.qvalue, np.float64) * np.asarray(wq.scale, np.float64)
+  return xd @ wd
+
+
+def rel(a, b) -> float:
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# (M, K, N, tiles, activation scale axes): ragged M (padded to the CTA tile), both
+# warpgroup splits, both snake orders, the default 128 x 128 warpgroup tiles, a shallow
+# pipeline with a small K-step, per-token and per-tensor activation scales.
+CASES = [
+    (200, 384, 512, dict(), (0,)),
+    (130, 256, 256, dict(tile_m=128, tile_n=128, wg_dim="m", grid_minor="m",
+                         grid_tile_width=2, num_sms=2), ()),
+    (64, 512, 256, dict(tile_n=128, tile_k=64, max_concurrent_steps=2, num_sms=1), (0,)),
+]
+
+
+@pytest.mark.parametrize("m,k,n,kw,act", CASES, ids=[f"{c[0]}x{c[1]}x{c[2]}" for c in CASES])
+def test_f32_matches_reference_and_float64(m, k, n, kw, act):
+  xa, wq = operands(m, k, n, seed=m + k + n, act_channel=act)
+  out = K.w8a8_matmul(xa, wq, out_dtype=jnp.float32, backend=BACKEND, block_sizes=tiles(**kw))
+  assert out.shape == (m, n) and out.dtype == jnp.float32
+  assert rel(out, np.asarray(w8a8.reference(xa, wq), np.float64)) < 1e-5
+  assert rel(out, oracle(xa, wq)) < 1e-5
+
+
+def test_int32_sums_are_exact_and_bf16_output_rounds_once():
+  """Unit scales: the output is the integer dot product itself, rounded once to bf16."""
+  m, k, n = 70, 512, 128
+  rng = np.random.default_rng(7)
+  xc, wc = rng.integers(-127, 128, (m, k)), rng.integers(-127, 128, (k, n))
+  xa = quantize(jnp.asarray(xc, jnp.float32), QuantSpec(bits=8, channel_axes=(0,)),
+                params=QuantParams(jnp.ones((m, 1), jnp.float32)))
+  wq = quantize(jnp.asarray(wc, jnp.float32), QuantSpec(bits=8, channel_axes=(1,)),
+                params=QuantParams(jnp.ones((1, n), jnp.float32)))
+  exact = xc @ wc  # |sum| <= 512 * 127^2 < 2^24: exact in the f32 epilogue
+  out = K.w8a8_matmul(xa, wq, out_dtype=jnp.bfloat16, backend=BACKEND, block_sizes=tiles())
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(jnp.asarray(exact, jnp.bfloat16)))
+
+
+def test_qmatmul_takes_hopper_tiles_for_w8a8_only():
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((256, 128)), jnp.float32)
+  a8 = QuantSpec(bits=8, channel_axes=(0,))
+  w8 = quantize(w, QuantSpec(bits=8, channel_axes=(1,)))
+  y = K.qmatmul(x, w8, act_spec=a8, implementation="pallas", block_sizes=tiles())
+  ref = K.qmatmul(x, w8, act_spec=a8, implementation="reference")
+  assert y.shape == (2, 3, 128)
+  assert rel(y, np.asarray(ref, np.float64)) < 1e-5
+  w4 = quantize(w, QuantSpec(bits=4, channel_axes=(1,), pack=True))
+  with pytest.raises(ValueError, match="HopperTiles select the Mosaic GPU W8A8 kernel"):
+    K.qmatmul(x, w4, act_spec=a8, implementation="pallas", block_sizes=tiles())
+  with pytest.raises(ValueError, match="HopperTiles select the Mosaic GPU W8A8 kernel"):
+    K.qmatmul(x, w8, act_spec=a8, implementation="xla", block_sizes=tiles())
+
+
+def test_errors_name_the_problem():
+  xa, wq = operands(16, 256, 192, seed=1)
+  with pytest.raises(ValueError, match="N=192 is not a multiple of the CTA tile's 128"):
+    K.w8a8_matmul(xa, wq, backend=BACKEND, block_sizes=HopperTiles(tile_m=64, tile_n=64))
+  xa, wq = operands(16, 256, 256, seed=2)
+  with pytest.raises(ValueError, match="more than Hopper's"):
+    K.w8a8_matmul(xa, wq, backend=BACKEND, block_sizes=HopperTiles(max_concurrent_steps=6))
+  with pytest.raises(ValueError, match="K=256 is not a multiple of HopperTiles.tile_k=512"):
+    K.w8a8_matmul(xa, wq, backend=BACKEND, block_sizes=HopperTiles(tile_k=512))
+  with pytest.raises(ValueError, match="HopperTiles are the tiles of backend='mosaic_gpu'"):
+    K.w8a8_matmul(xa, wq, backend="interpret", block_sizes=HopperTiles())
+  with pytest.raises(ValueError, match="block_sizes must be a HopperTiles"):
+    K.w8a8_matmul(xa, wq, backend=BACKEND, block_sizes=K.BlockSizes())
+  with pytest.raises(ValueError, match="wgmma needs a multiple of 64"):
+    HopperTiles(tile_m=32)
+  with pytest.raises(ValueError, match="use 'm' or 'n'"):
+    HopperTiles(wg_dim="k")
