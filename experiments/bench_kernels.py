@@ -249,6 +249,8 @@ def main(argv=None):
                   help="M values (at K = N = 8192) where --sweep runs")
   ap.add_argument("--sweep-kernels", nargs="*", default=["w8a8", "w4a16", "w4a8", "w8a8_hopper"],
                   help="w8a8_hopper: the Mosaic GPU kernel's HopperTiles (M >= 256, sm_90)")
+  ap.add_argument("--no-hopper", action="store_true",
+                  help="leave out the Mosaic GPU W8A8 kernel (e.g. when its tests failed)")
   ap.add_argument("--deadline", type=float, default=1e9,
                   help="seconds; no new point starts after this (the JSON so far is kept)")
   ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2))
@@ -270,8 +272,9 @@ def main(argv=None):
   timer = "cupti" if device(jax.jit(lambda a: a + 1.0), (tiny,), 2) else "wall"
   # The Mosaic GPU W8A8 kernel needs Hopper (sm_90: TMA, wgmma); on CPU, --force-kernels
   # runs it interpreted at M >= 64.
-  hopper = platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
-  hopper_interp = platform == "cpu" and args.force_kernels
+  hopper = (platform == "gpu" and not args.no_hopper
+            and str(getattr(dev, "compute_capability", "")).startswith("9"))
+  hopper_interp = platform == "cpu" and args.force_kernels and not args.no_hopper
   meta = dict(device=str(dev.device_kind), platform=platform, jax=jax.__version__,
               date=datetime.date.today().isoformat(), copy_bandwidth_GBps=bw and bw / 1e9,
               reps=args.reps, group=GROUP, per_op_floor_us=floor * 1e6, timer=timer)
