@@ -23,6 +23,8 @@ larger of bytes / bandwidth (bandwidth measured here by a device copy) and
 operations / the datasheet peak (H100/H200: 989 TFLOP/s bf16, 1979 TOP/s int8).
 On a Hopper GPU (sm_90) the Mosaic GPU W8A8 kernel (``backend="mosaic_gpu"``)
 is timed beside the Triton one, from M = 256 up, as ``lowbit_w8a8_hopper``.
+Rows ending in ``_nk`` take the int8 weight stored K-major ahead of time
+(``weight_layout="nk"``): no transpose in the call.
 ``--sweep`` also times ``BlockSizes`` candidates (tiles, orientation, split-K,
 K-major weights) and ``HopperTiles`` candidates at K = N = 8192; every candidate's output is checked against
 the XLA path and a wrong one is reported, never ranked. Executables are
@@ -125,6 +127,7 @@ def make_weights(k, n, r, key):
     out["int4"].append(quantize(w, QuantSpec(bits=4, channel_axes=(1,), group_size=GROUP,
                                              pack=True, scale_dtype=jnp.bfloat16)))
     del w
+  out["int8_nk"] = [q.transpose() for q in out["int8"]]  # stored K-major ahead of time
   return out
 
 
@@ -148,11 +151,12 @@ def baselines():
   }
 
 
-def kernel_fn(fn, bs):
-  return many(lambda x, w: fn(x, w, out_dtype=jnp.bfloat16, block_sizes=bs))
+def kernel_fn(fn, bs, **kw):
+  return many(lambda x, w: fn(x, w, out_dtype=jnp.bfloat16, block_sizes=bs, **kw))
 
 
 def bytes_of(m, k, n, wkind, akind):
+  wkind = wkind.removesuffix("_nk")
   wb = {"bf16": 2 * k * n, "int8": k * n + 2 * n, "int4": k * n // 2 + 2 * n * (k // GROUP)}[wkind]
   ab = {"bf16": 2 * m * k, "int8": m * k + 4 * m}[akind]
   return wb + ab + 2 * m * n
@@ -212,12 +216,11 @@ def hopper_candidates(m: int) -> list[HopperTiles]:
           T(tile_n=64, max_concurrent_steps=4)]
 
 
-def hopper_fn(tiles: HopperTiles, interpret: bool):
+def hopper_fn(tiles: HopperTiles, interpret: bool, weight_layout: str = "kn"):
   backend = "mosaic_gpu_interpret" if interpret else "mosaic_gpu"
   if interpret:  # the CPU check of this script: the interpreter runs every SM as threads
     tiles = dataclasses.replace(tiles, num_sms=2)
-  return many(lambda x, w: K.w8a8_matmul(x, w, out_dtype=jnp.bfloat16, block_sizes=tiles,
-                                          backend=backend))
+  return kernel_fn(K.w8a8_matmul, tiles, backend=backend, weight_layout=weight_layout)
 
 
 def compile_all(jobs, threads: int):
@@ -302,9 +305,15 @@ def main(argv=None):
         for kname, fn, wk, ak, op in KERNELS:
           impls[f"lowbit_{kname}" + ("_g128" if wk == "int4" else "")] = (
               kernel_fn(fn, None), wk, ak, op)
+      if platform in ("gpu", "tpu") or args.force_kernels:
+        # the weight stored K-major ahead of time: no transpose per call
+        impls["lowbit_w8a8_nk"] = (kernel_fn(K.w8a8_matmul, None, weight_layout="nk"),
+                                   "int8_nk", "int8", "int8")
       if (hopper and m >= 256) or (hopper_interp and m >= 64):
         impls["lowbit_w8a8_hopper"] = (hopper_fn(HopperTiles(), hopper_interp),
                                        "int8", "int8", "int8")
+        impls["lowbit_w8a8_hopper_nk"] = (hopper_fn(HopperTiles(), hopper_interp, "nk"),
+                                          "int8_nk", "int8", "int8")
       jobs = [(name, fn, (xs[ak], ws[wk])) for name, (fn, wk, ak, _op) in impls.items()]
       sweep_here = args.sweep and m in args.sweep_m and (
           args.force_kernels or (platform == "gpu" and (k, n) == (8192, 8192)))
@@ -354,8 +363,10 @@ def main(argv=None):
           kname = name.split("_")[1]
           if XLA_OF[kname] in outs:
             row["rel_err_vs_xla"] = rel_err(y, outs[XLA_OF[kname]])
-          row["block_sizes"] = str(HopperTiles() if name.endswith("_hopper")
-                                   else default_block_sizes(kname, "gpu", m, k, n))
+          bs = HopperTiles() if "_hopper" in name else default_block_sizes(kname, "gpu", m, k, n)
+          if name.endswith("_nk") and isinstance(bs, BlockSizes):
+            bs = dataclasses.replace(bs, k_major=True)
+          row["block_sizes"] = str(bs)
         rows.append(row)
         print(json.dumps(row), flush=True)
       for job_key, _fn, a in jobs:

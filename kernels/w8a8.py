@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -17,15 +18,18 @@ from lowbit.kernels._pallas import BlockSizes
 from lowbit.quant import QArray, dequantize
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "backend"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "backend",
+                                             "weight_layout"))
 def w8a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
                 block_sizes: BlockSizes | HopperTiles | None = None,
-                backend: str | None = None) -> jax.Array:
+                backend: str | None = None, weight_layout: str = "kn") -> jax.Array:
   """Pallas W8A8 matmul.
 
   Args:
     x: ``[M, K]`` int8 QArray, per-token scale ``[M, 1]`` (or per-tensor).
-    w: ``[K, N]`` int8 QArray, per-channel scale ``[1, N]`` (or per-tensor).
+    w: ``[K, N]`` int8 QArray, per-channel scale ``[1, N]`` (or per-tensor);
+      with ``weight_layout="nk"`` the weight transposed once ahead of time,
+      ``w.transpose()``: ``[N, K]``, scale ``[N, 1]``.
     out_dtype: output dtype (bf16 or f32).
     block_sizes: tiles; default :func:`lowbit.kernels.default_block_sizes`
       (a :class:`HopperTiles` for ``backend="mosaic_gpu"``).
@@ -33,10 +37,22 @@ def w8a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
       ``"mosaic_gpu"`` (Hopper: TMA + wgmma, :mod:`lowbit.kernels._mosaic_gpu`)
       or ``"mosaic_gpu_interpret"`` (that kernel in jax's GPU interpreter);
       default from the platform (interpret on CPU).
+    weight_layout: ``"kn"`` or ``"nk"``. Hopper's int8 tensor-core
+      instructions read K-major operands, so the K-major kernels (Triton
+      ``BlockSizes(k_major=True)``, the Mosaic GPU kernel) transpose a ``"kn"``
+      weight per call, one XLA pass over it; an ``"nk"`` weight skips that pass
+      (XLA folds the two transposes) and always takes K-major Triton tiles
+      (on TPU it is transposed back).
 
   Returns:
     ``[M, N]`` in ``out_dtype``. M of any size (masked or padded to the block).
   """
+  if weight_layout not in ("kn", "nk"):
+    raise ValueError(f"w8a8_matmul: weight_layout={weight_layout!r}; use 'kn' or 'nk'.")
+  if weight_layout == "nk":
+    if not isinstance(w, QArray) or w.ndim != 2:
+      raise ValueError("w8a8_matmul: weight_layout='nk' takes the 2-D QArray w.transpose().")
+    w = w.transpose()  # the logical [K, N] view; the kernels' own transpose cancels it
   if backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
     return _hopper(x, w, out_dtype=out_dtype, tiles=block_sizes,
                    interpret=backend == "mosaic_gpu_interpret")
@@ -52,6 +68,8 @@ def w8a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
   if wq.shape[0] != k:
     raise ValueError(f"w8a8_matmul: x is [{m}, {k}] but w is {w.shape}; K must match.")
   bs = block_sizes or _pallas.default_block_sizes("w8a8", backend, m, k, n)
+  if weight_layout == "nk" and backend != "tpu" and not bs.k_major:
+    bs = dataclasses.replace(bs, k_major=True)
   _pallas.check_block_fit("w8a8_matmul", k, n, False, None, bs, backend)
   return _pallas.run_matmul(xq, xs, wq, ws, k=k, n=n, packed=False, group=None,
                             int_dot=True, out_dtype=out_dtype, bs=bs, backend=backend,

@@ -84,6 +84,25 @@ class QArray:
   def bytes_per_element(self) -> float:
     return self.nbytes / int(np.prod(self.shape))
 
+  def transpose(self) -> QArray:
+    """The 2-D QArray of ``x^T``: ``dequantize(q.transpose()) == dequantize(q).T``.
+
+    Values, scales and zero points are transposed (one copy each) and the axis
+    metadata swapped; a weight ``[K, N]`` with per-channel scales ``[1, N]``
+    becomes ``[N, K]`` with scales ``[N, 1]`` (``channel_axes=(0,)``). Packed
+    values stay packed along the same logical axis. Kernels that read the
+    weight K-major take this form (``w8a8_matmul(..., weight_layout="nk")``).
+    """
+    if self.ndim != 2:
+      raise ValueError(f"QArray.transpose: needs a 2-D QArray, got shape {self.shape}.")
+    swap = {0: 1, 1: 0}
+    t = lambda a: None if a is None else a.T  # noqa: E731
+    return dataclasses.replace(
+        self, qvalue=self.qvalue.T, scale=self.scale.T, zero_point=t(self.zero_point),
+        shape=self.shape[::-1], channel_axes=tuple(sorted(swap[a] for a in self.channel_axes)),
+        group_axis=None if self.group_axis is None else swap[self.group_axis],
+        pack_axis=None if self.pack_axis is None else swap[self.pack_axis])
+
 
 def _nbytes(a) -> int:
   return int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize

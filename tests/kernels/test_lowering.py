@@ -83,10 +83,14 @@ HOPPER_TILES = {
 }
 
 
+@pytest.mark.parametrize("layout", ["kn", "nk"])
 @pytest.mark.parametrize("tiles", list(HOPPER_TILES.values()), ids=list(HOPPER_TILES))
-def test_w8a8_lowers_for_cuda_through_mosaic_gpu(tiles):
+def test_w8a8_lowers_for_cuda_through_mosaic_gpu(tiles, layout):
   """The Hopper kernel, with the K-major weight view that only the hardware path takes;
   Mosaic GPU's layout inference and lowering run here (the cubin is built on the GPU)."""
   _, xq, w8 = operands()["w8a8"]
-  txt = lower(K.w8a8_matmul, xq, w8, "mosaic_gpu", "cuda", tiles)
+  w = w8.transpose() if layout == "nk" else w8
+  f = jax.jit(lambda a, b: K.w8a8_matmul(a, b, backend="mosaic_gpu", block_sizes=tiles,
+                                         weight_layout=layout))
+  txt = f.trace(xq, w).lower(lowering_platforms=("cuda",)).as_text()
   assert "lowbit_w8a8_hopper" in txt and "mosaic_gpu" in txt

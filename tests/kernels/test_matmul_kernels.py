@@ -143,6 +143,18 @@ def test_int32_accumulation_is_exact(name, fn, bs):
   np.testing.assert_array_equal(np.asarray(out), (xc @ wc).astype(np.float32))
 
 
+def test_w8a8_takes_a_weight_transposed_ahead_of_time():
+  """``weight_layout="nk"``: ``w.transpose()`` in, the same numbers out, any tiles."""
+  xa, wq = make(40, 512, 128, wbits=8, group=None)
+  want = oracle(xa, wq)
+  for bs in (BlockSizes(bm=16, bn=64, bk=64), BlockSizes(bm=32, bn=64, bk=64, k_major=True)):
+    out = K.w8a8_matmul(xa, wq.transpose(), out_dtype=jnp.float32, block_sizes=bs,
+                        backend=BACKEND, weight_layout="nk")
+    assert rel(out, want) < 1e-5
+  with pytest.raises(ValueError, match="use 'kn' or 'nk'"):
+    K.w8a8_matmul(xa, wq, backend=BACKEND, weight_layout="km")
+
+
 def _unit(*shape):
   from lowbit.quant import QuantParams
   return QuantParams(jnp.ones(shape, jnp.float32))

@@ -46,21 +46,25 @@ def rel(a, b) -> float:
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-# (M, K, N, tiles, activation scale axes): ragged M (padded to the CTA tile), both
-# warpgroup splits, both snake orders, the default 128 x 128 warpgroup tiles, a shallow
-# pipeline with a small K-step, per-token and per-tensor activation scales.
+# (M, K, N, tiles, activation scale axes, weight layout): ragged M (padded to the CTA
+# tile), both warpgroup splits, both snake orders, the default 128 x 128 warpgroup tiles,
+# a shallow pipeline with a small K-step, per-token and per-tensor activation scales, the
+# weight as stored and transposed ahead of time (weight_layout="nk").
 CASES = [
-    (200, 384, 512, dict(), (0,)),
+    (100, 384, 256, dict(), (0,), "kn"),
     (130, 256, 256, dict(tile_m=128, tile_n=128, wg_dim="m", grid_minor="m",
-                         grid_tile_width=2, num_sms=2), ()),
-    (64, 512, 256, dict(tile_n=128, tile_k=64, max_concurrent_steps=2, num_sms=1), (0,)),
+                         grid_tile_width=2, num_sms=2), (), "kn"),
+    (64, 512, 256, dict(tile_n=128, tile_k=64, max_concurrent_steps=2, num_sms=1), (0,), "nk"),
 ]
 
 
-@pytest.mark.parametrize("m,k,n,kw,act", CASES, ids=[f"{c[0]}x{c[1]}x{c[2]}" for c in CASES])
-def test_f32_matches_reference_and_float64(m, k, n, kw, act):
+@pytest.mark.parametrize("m,k,n,kw,act,layout", CASES,
+                         ids=[f"{c[0]}x{c[1]}x{c[2]}-{c[5]}" for c in CASES])
+def test_f32_matches_reference_and_float64(m, k, n, kw, act, layout):
   xa, wq = operands(m, k, n, seed=m + k + n, act_channel=act)
-  out = K.w8a8_matmul(xa, wq, out_dtype=jnp.float32, backend=BACKEND, block_sizes=tiles(**kw))
+  w = wq.transpose() if layout == "nk" else wq
+  out = K.w8a8_matmul(xa, w, out_dtype=jnp.float32, backend=BACKEND, block_sizes=tiles(**kw),
+                      weight_layout=layout)
   assert out.shape == (m, n) and out.dtype == jnp.float32
   assert rel(out, np.asarray(w8a8.reference(xa, wq), np.float64)) < 1e-5
   assert rel(out, oracle(xa, wq)) < 1e-5
