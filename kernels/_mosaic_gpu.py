@@ -75,6 +75,9 @@ class HopperTiles:
         raise ValueError(f"HopperTiles.{f}={v!r} must be a positive integer.")
     if self.tile_m % 64:
       raise ValueError(f"HopperTiles.tile_m={self.tile_m}: wgmma needs a multiple of 64.")
+    if self.tile_n > 256 or self.tile_m > 256:
+      raise ValueError(f"HopperTiles: tile_m={self.tile_m}, tile_n={self.tile_n}: at most 256 "
+                       "(wgmma's N and a TMA box side).")
     if self.tile_m % self.epi_tile or self.tile_n % self.epi_tile:
       raise ValueError(f"HopperTiles: tile_m={self.tile_m} and tile_n={self.tile_n} must be "
                        f"multiples of epi_tile={self.epi_tile}.")

@@ -117,5 +117,7 @@ def test_errors_name_the_problem():
     K.w8a8_matmul(xa, wq, backend=BACKEND, block_sizes=K.BlockSizes())
   with pytest.raises(ValueError, match="wgmma needs a multiple of 64"):
     HopperTiles(tile_m=32)
+  with pytest.raises(ValueError, match="at most 256"):
+    HopperTiles(tile_n=512)
   with pytest.raises(ValueError, match="use 'm' or 'n'"):
     HopperTiles(wg_dim="k")
