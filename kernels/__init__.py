@@ -109,10 +109,6 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
       y = jnp.dot(xin.astype(jnp.float32), dequantize(w), precision=lax.Precision.HIGHEST)
     else:
       y = dequant_dot(xin.astype(x.dtype), w)
-  elif name == "w8a8" and isinstance(block_sizes, HopperTiles) and impl == "pallas":
-    backend = "mosaic_gpu" if platform() == "gpu" else "mosaic_gpu_interpret"
-    y = w8a8.w8a8_matmul(xq, w, out_dtype=jnp.float32, block_sizes=block_sizes,
-                         backend=backend)
   elif name == "w8a8":
     fn = w8a8.w8a8_matmul if impl == "pallas" else w8a8.xla
     y = fn(xq, w, out_dtype=jnp.float32, **_bs(impl, block_sizes))

@@ -109,8 +109,9 @@ def default_num_sms() -> int:
   return int(getattr(d, "core_count", 0) or 132) if d.platform == "gpu" else 132
 
 
-def check_fit(name: str, m: int, k: int, n: int, tiles: HopperTiles, out_dtype) -> None:
-  """Raise a ``ValueError`` naming the shape and the fix when the tiles cannot cover it."""
+def check_fit(name: str, k: int, n: int, tiles: HopperTiles, out_dtype) -> None:
+  """Raise a ``ValueError`` naming the shape and the fix when the tiles cannot cover it
+  (any M: the caller pads it to the CTA tile)."""
   if n % tiles.cta_n:
     raise ValueError(
         f"{name}: N={n} is not a multiple of the CTA tile's {tiles.cta_n} columns "
@@ -123,7 +124,6 @@ def check_fit(name: str, m: int, k: int, n: int, tiles: HopperTiles, out_dtype) 
     raise ValueError(
         f"{name}: {tiles} needs {need} bytes of shared memory, more than Hopper's "
         f"{SMEM_BYTES}; lower max_concurrent_steps or the tiles.")
-  del m  # any M: padded to the CTA tile by the caller
 
 
 def w8a8_kernel(xq: jax.Array, xs: jax.Array, w: jax.Array, ws: jax.Array, *,

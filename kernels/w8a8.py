@@ -36,7 +36,7 @@ def w8a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
     backend: ``"gpu"`` (Triton), ``"tpu"`` (Mosaic), ``"interpret"``;
       ``"mosaic_gpu"`` (Hopper: TMA + wgmma, :mod:`lowbit.kernels._mosaic_gpu`)
       or ``"mosaic_gpu_interpret"`` (that kernel in jax's GPU interpreter);
-      default from the platform (interpret on CPU).
+      default from the platform (interpret on CPU) and the tiles' type.
     weight_layout: ``"kn"`` or ``"nk"``. Hopper's int8 tensor-core
       instructions read K-major operands, so the K-major kernels (Triton
       ``BlockSizes(k_major=True)``, the Mosaic GPU kernel) transpose a ``"kn"``
@@ -53,13 +53,18 @@ def w8a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
     if not isinstance(w, QArray) or w.ndim != 2:
       raise ValueError("w8a8_matmul: weight_layout='nk' takes the 2-D QArray w.transpose().")
     w = w.transpose()  # the logical [K, N] view; the kernels' own transpose cancels it
+  hopper = isinstance(block_sizes, HopperTiles)
+  if backend is None and hopper:  # the tiles name the kernel; the platform says how it runs
+    backend = "mosaic_gpu" if _pallas.platform() == "gpu" else "mosaic_gpu_interpret"
   if backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
-    return _hopper(x, w, out_dtype=out_dtype, tiles=block_sizes,
-                   interpret=backend == "mosaic_gpu_interpret")
-  if isinstance(block_sizes, HopperTiles):
+    if block_sizes is not None and not hopper:
+      raise ValueError("w8a8_matmul(backend='mosaic_gpu'): block_sizes must be a HopperTiles, "
+                       f"got {type(block_sizes).__name__}.")
+  elif hopper:
     raise ValueError("w8a8_matmul: HopperTiles are the tiles of backend='mosaic_gpu'; pass "
                      "that backend, or BlockSizes for the Triton / TPU kernels.")
-  backend = _pallas.resolve_backend(backend)
+  else:
+    backend = _pallas.resolve_backend(backend)
   xq, xs = _pallas.act_operands(x, "w8a8_matmul")
   wq, ws, group = _pallas.weight_operands(w, "w8a8_matmul", packed=False)
   if group is not None:
@@ -67,6 +72,9 @@ def w8a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
   (m, k), n = xq.shape, wq.shape[1]
   if wq.shape[0] != k:
     raise ValueError(f"w8a8_matmul: x is [{m}, {k}] but w is {w.shape}; K must match.")
+  if backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
+    return _hopper(xq, xs, wq, ws, out_dtype=out_dtype, tiles=block_sizes or HopperTiles(),
+                   interpret=backend == "mosaic_gpu_interpret")
   bs = block_sizes or _pallas.default_block_sizes("w8a8", backend, m, k, n)
   if weight_layout == "nk" and backend != "tpu" and not bs.k_major:
     bs = dataclasses.replace(bs, k_major=True)
@@ -76,23 +84,14 @@ def w8a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
                             name="lowbit_w8a8")
 
 
-def _hopper(x: QArray, w: QArray, *, out_dtype, tiles: HopperTiles | None,
-            interpret: bool) -> jax.Array:
-  """The Mosaic GPU kernel: scales as f32 vectors, the weight K-major, M padded."""
-  name = "w8a8_matmul(backend='mosaic_gpu')"
-  if tiles is not None and not isinstance(tiles, HopperTiles):
-    raise ValueError(f"{name}: block_sizes must be a HopperTiles, got {type(tiles).__name__}.")
-  tiles = tiles or HopperTiles()
+def _hopper(xq, xs, wq, ws, *, out_dtype, tiles: HopperTiles, interpret: bool) -> jax.Array:
+  """The Mosaic GPU kernel on validated operands (``xq [M, K]``, ``xs [M, 1]``,
+  ``wq [K, N]``, ``ws [1, N]``): scales as f32 vectors, the weight K-major, M padded."""
   if jnp.dtype(out_dtype) not in (jnp.bfloat16, jnp.float32):
-    raise ValueError(f"{name}: out_dtype={jnp.dtype(out_dtype)}; use bfloat16 or float32.")
-  xq, xs = _pallas.act_operands(x, name)
-  wq, ws, group = _pallas.weight_operands(w, name, packed=False)
-  if group is not None:
-    raise ValueError(f"{name}: grouped int8 weights are not supported; use per-channel.")
+    raise ValueError(f"w8a8_matmul(backend='mosaic_gpu'): out_dtype={jnp.dtype(out_dtype)}; "
+                     "use bfloat16 or float32.")
   (m, k), n = xq.shape, wq.shape[1]
-  if wq.shape[0] != k:
-    raise ValueError(f"{name}: x is [{m}, {k}] but w is {w.shape}; K must match.")
-  _mosaic_gpu.check_fit(name, m, k, n, tiles, out_dtype)
+  _mosaic_gpu.check_fit("w8a8_matmul(backend='mosaic_gpu')", k, n, tiles, out_dtype)
   m_pad = -(-m // tiles.cta_m) * tiles.cta_m
   xs = xs[:, 0]
   if m_pad != m:

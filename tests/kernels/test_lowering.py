@@ -36,8 +36,8 @@ def operands():
   }
 
 
-def lower(fn, a, b, backend, platform, bs):
-  f = jax.jit(lambda a, b: fn(a, b, backend=backend, block_sizes=bs))
+def lower(fn, a, b, backend, platform, bs, **kw):
+  f = jax.jit(lambda a, b: fn(a, b, backend=backend, block_sizes=bs, **kw))
   return f.trace(a, b).lower(lowering_platforms=(platform,)).as_text()
 
 
@@ -90,7 +90,5 @@ def test_w8a8_lowers_for_cuda_through_mosaic_gpu(tiles, layout):
   Mosaic GPU's layout inference and lowering run here (the cubin is built on the GPU)."""
   _, xq, w8 = operands()["w8a8"]
   w = w8.transpose() if layout == "nk" else w8
-  f = jax.jit(lambda a, b: K.w8a8_matmul(a, b, backend="mosaic_gpu", block_sizes=tiles,
-                                         weight_layout=layout))
-  txt = f.trace(xq, w).lower(lowering_platforms=("cuda",)).as_text()
+  txt = lower(K.w8a8_matmul, xq, w, "mosaic_gpu", "cuda", tiles, weight_layout=layout)
   assert "lowbit_w8a8_hopper" in txt and "mosaic_gpu" in txt
