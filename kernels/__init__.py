@@ -6,9 +6,10 @@ Kernels (one file each, each with ``reference`` and an ``xla`` path):
 * :func:`w4a16_matmul`: float x int4 packed, per-channel or group scales;
 * :func:`w4a8_matmul`: int8 x int4 packed (unpacked to int8 in the kernel).
 
-W8A8 also has a Hopper kernel in Pallas' Mosaic GPU backend (TMA, ``wgmma``,
-warp specialization): ``w8a8_matmul(..., backend="mosaic_gpu",
-block_sizes=HopperTiles(...))``.
+W8A8 and W4A16 also have Hopper kernels in Pallas' Mosaic GPU backend (TMA,
+``wgmma``, warp specialization), selected by their tiles:
+``w8a8_matmul(..., block_sizes=HopperTiles(...))`` and
+``w4a16_matmul(..., block_sizes=HopperW4Tiles(...))``.
 
 :func:`qmatmul` picks the kernel from the operands and the backend from the
 platform (GPU: Pallas Triton; TPU: Pallas Mosaic; CPU: the XLA path), with an
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from lowbit.kernels import w4a8, w4a16, w8a8
-from lowbit.kernels._mosaic_gpu import HopperTiles
+from lowbit.kernels._mosaic_gpu import HopperTiles, HopperW4Tiles
 from lowbit.kernels._pallas import BlockSizes, default_block_sizes, dequant_dot, platform
 from lowbit.kernels.w4a8 import w4a8_matmul
 from lowbit.kernels.w4a16 import w4a16_matmul
@@ -55,7 +56,7 @@ def kernel_for(w: QArray, act_spec: QuantSpec | None) -> str | None:
 def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
             act_params: QuantParams | None = None,
             implementation: Implementation | None = None, out_dtype=None,
-            block_sizes: BlockSizes | HopperTiles | None = None) -> jax.Array:
+            block_sizes: BlockSizes | HopperTiles | HopperW4Tiles | None = None) -> jax.Array:
   """``y = q_a(x) @ dequantize(w)`` through the fastest correct path.
 
   ``x [..., K]`` float; ``w [K, N]`` QArray; ``act_spec`` (optional) quantizes
@@ -76,8 +77,9 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
   prefills; ``"reference"`` dequantize-then-dot in f32 at highest precision.
 
   ``block_sizes``: tiles of the Pallas kernel; a :class:`HopperTiles` selects
-  the Mosaic GPU W8A8 kernel (Hopper GPUs; jax's GPU interpreter on CPU) for
-  W8A8 pairings with ``implementation="pallas"``.
+  the Mosaic GPU W8A8 kernel and a :class:`HopperW4Tiles` the Mosaic GPU W4A16
+  kernel (Hopper GPUs; jax's GPU interpreter on CPU), with
+  ``implementation="pallas"`` and the pairing they serve.
   """
   x = jnp.asarray(x)
   out_dtype = out_dtype or x.dtype
@@ -98,11 +100,12 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
         f"qmatmul: no Pallas kernel takes w (bits={w.bits}, packed={w.packed}, "
         f"group_size={w.group_size}, symmetric={w.symmetric}) with act_spec={act_spec}; "
         "use implementation='xla'.")
-  if isinstance(block_sizes, HopperTiles) and (impl != "pallas" or name != "w8a8"):
-    raise ValueError(
-        f"qmatmul: HopperTiles select the Mosaic GPU W8A8 kernel; they need "
-        f"implementation='pallas' and an int8 weight with int8 activations (got "
-        f"implementation={impl!r}, kernel {name!r}).")
+  for tiles_cls, kernel in ((HopperTiles, "w8a8"), (HopperW4Tiles, "w4a16")):
+    if isinstance(block_sizes, tiles_cls) and (impl != "pallas" or name != kernel):
+      raise ValueError(
+          f"qmatmul: {tiles_cls.__name__} select the Mosaic GPU {kernel.upper()} kernel; they "
+          f"need implementation='pallas' and the {kernel.upper()} pairing (got "
+          f"implementation={impl!r}, kernel {name!r}).")
   if impl in ("reference", "dequant") or (impl == "xla" and name is None):
     xin = dequantize(xq) if xq is not None else x2
     if impl == "reference":
@@ -126,6 +129,6 @@ def _bs(impl, block_sizes):
 
 
 __all__ = [
-    "BlockSizes", "HopperTiles", "default_block_sizes", "kernel_for", "qmatmul", "w4a8", "w4a8_matmul",
-    "w4a16", "w4a16_matmul", "w8a8", "w8a8_matmul",
+    "BlockSizes", "HopperTiles", "HopperW4Tiles", "default_block_sizes", "kernel_for", "qmatmul",
+    "w4a8", "w4a8_matmul", "w4a16", "w4a16_matmul", "w8a8", "w8a8_matmul",
 ]

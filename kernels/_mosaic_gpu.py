@@ -109,6 +109,25 @@ def default_num_sms() -> int:
   return int(getattr(d, "core_count", 0) or 132) if d.platform == "gpu" else 132
 
 
+def select_backend(name: str, backend: str | None, block_sizes, tiles_cls: type) -> str:
+  """The backend of a kernel that also has a Mosaic GPU variant: tiles of ``tiles_cls``
+  name that variant (compiled on GPU, jax's GPU interpreter elsewhere); otherwise the
+  platform's Pallas backend (:func:`lowbit.kernels._pallas.resolve_backend`)."""
+  from lowbit.kernels import _pallas
+  hopper = isinstance(block_sizes, tiles_cls)
+  if backend is None and hopper:
+    return "mosaic_gpu" if _pallas.platform() == "gpu" else "mosaic_gpu_interpret"
+  if backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
+    if block_sizes is not None and not hopper:
+      raise ValueError(f"{name}(backend={backend!r}): block_sizes must be a {tiles_cls.__name__}, "
+                       f"got {type(block_sizes).__name__}.")
+    return backend
+  if hopper:
+    raise ValueError(f"{name}: {tiles_cls.__name__} are the tiles of backend='mosaic_gpu'; pass "
+                     "that backend, or BlockSizes for the Triton / TPU kernels.")
+  return _pallas.resolve_backend(backend)
+
+
 def check_fit(name: str, k: int, n: int, tiles: HopperTiles, out_dtype) -> None:
   """Raise a ``ValueError`` naming the shape and the fix when the tiles cannot cover it
   (any M: the caller pads it to the CTA tile)."""
@@ -243,3 +262,269 @@ def w8a8_kernel(xq: jax.Array, xs: jax.Array, w: jax.Array, ws: jax.Array, *,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       **extra)
   return f(xq, xs, w, ws)
+
+
+# ---------------------------------------------------------------------------------------
+# W4A16: the int4 weight as wgmma's A operand, from registers (decode)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperW4Tiles:
+  """Tiles and schedule of the Mosaic GPU W4A16 kernel (:func:`w4a16_kernel`).
+
+  The kernel computes ``out^T = w^T x^T``: a weight tile is ``wgmma``'s A
+  operand (``tile_n`` rows of N, converted int4 -> bf16 in registers) and a
+  token tile its B operand (``tile_m`` tokens, in shared memory), so a decode
+  step with M = 1 pads the tokens to 8, not to wgmma's 64 rows.
+
+  Attributes:
+    tile_n: weight rows (of N) per compute warpgroup, 64 or 128; a CTA owns
+      two warpgroups' worth, ``2 * tile_n``.
+    tile_m: tokens per tile, a multiple of 8 up to 256; ``None``: M rounded
+      up to 8, at most 64.
+    tile_k: int4 codes of K per pipeline step (even, a multiple of 64);
+      ``None``: ``2 * group_size`` for grouped weights (one group of each
+      packed half per step), 256 per-channel. Grouped weights need
+      ``tile_k == 2 * group_size``.
+    split_k: work items per output tile along K (partial sums added in f32 by
+      XLA); ``None``: as many as keep every SM busy.
+    max_concurrent_steps: pipeline depth; ``None``: the most (up to 4) that
+      fit in shared memory.
+    num_sms: CTAs launched (persistent); ``None``: the device's SM count.
+  """
+
+  tile_n: int = 64
+  tile_m: int | None = None
+  tile_k: int | None = None
+  split_k: int | None = None
+  max_concurrent_steps: int | None = None
+  num_sms: int | None = None
+
+  def __post_init__(self):
+    for f in ("tile_n", "tile_m", "tile_k", "split_k", "max_concurrent_steps", "num_sms"):
+      v = getattr(self, f)
+      if v is not None and (not isinstance(v, int) or v < 1):
+        raise ValueError(f"HopperW4Tiles.{f}={v!r} must be a positive integer or None.")
+    if self.tile_n not in (64, 128):
+      raise ValueError(f"HopperW4Tiles.tile_n={self.tile_n}: use 64 or 128 (wgmma's M).")
+    if self.tile_m is not None and (self.tile_m % 8 or self.tile_m > 256):
+      raise ValueError(f"HopperW4Tiles.tile_m={self.tile_m}: a multiple of 8, at most 256 "
+                       "(wgmma's N).")
+    if self.tile_k is not None and self.tile_k % 64:
+      raise ValueError(f"HopperW4Tiles.tile_k={self.tile_k}: a multiple of 64 int4 codes.")
+
+
+@dataclasses.dataclass(frozen=True)
+class W4Plan:
+  """:class:`HopperW4Tiles` resolved for one ``(M, K, N, group)``: every field set."""
+
+  tile_n: int
+  tile_m: int
+  tile_k: int
+  split_k: int
+  stages: int
+  num_sms: int
+  grouped: bool
+
+  def smem_bytes(self) -> int:
+    """Pipeline buffers (weight codes, token tiles, scales) and the epilogue tiles."""
+    cta_n = 2 * self.tile_n
+    parts = 2 if self.grouped else 1
+    step = cta_n * self.tile_k // 2 + parts * self.tile_m * self.tile_k * 2
+    step += 2 * cta_n * 4 if self.grouped else 0
+    return self.stages * step + 2 * self.tile_n * self.tile_m * 4
+
+
+def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
+            tiles: HopperW4Tiles) -> W4Plan:
+  """Resolve ``tiles`` for the problem, or raise a ``ValueError`` naming the misfit."""
+  if k % 2:
+    raise ValueError(f"{name}: K={k} must be even (two int4 codes per byte).")
+  if group is not None and ((k // 2) % group or group % 32 or group > 128):
+    raise ValueError(
+        f"{name}: group_size={group} with K={k}: the Mosaic GPU kernel takes groups of 32, 64 "
+        "or 128 that divide K/2 (one group of each packed half per step); use backend='gpu'.")
+  tile_k = tiles.tile_k or (2 * group if group is not None else 256)
+  if group is not None and tile_k != 2 * group:
+    raise ValueError(f"{name}: HopperW4Tiles.tile_k={tile_k} must be 2 * group_size = "
+                     f"{2 * group} for grouped weights.")
+  if k % tile_k:
+    raise ValueError(f"{name}: K={k} is not a multiple of the K-step tile_k={tile_k}.")
+  cta_n = 2 * tiles.tile_n
+  if n % cta_n:
+    raise ValueError(f"{name}: N={n} is not a multiple of the CTA's {cta_n} weight rows "
+                     f"(HopperW4Tiles tile_n={tiles.tile_n}); pass a tile_n with 2 * tile_n dividing N, "
+                     "or use backend='gpu'.")
+  tile_m = tiles.tile_m or min(64, -(-m // 8) * 8)
+  num_sms = tiles.num_sms or default_num_sms()
+  steps = k // tile_k
+  items = (n // cta_n) * (-(-m // tile_m))
+  split = tiles.split_k
+  if split is None:
+    split = max(s for s in range(1, steps + 1) if steps % s == 0 and (s == 1 or items * s <= num_sms))
+  if steps % split:
+    raise ValueError(f"{name}: split_k={split} does not divide the {steps} K-steps "
+                     f"(K={k}, tile_k={tile_k}).")
+  plan = W4Plan(tiles.tile_n, tile_m, tile_k, split, tiles.max_concurrent_steps or 4, num_sms,
+                group is not None)
+  if tiles.max_concurrent_steps is None:
+    while plan.stages > 2 and plan.smem_bytes() > SMEM_BYTES:
+      plan = dataclasses.replace(plan, stages=plan.stages - 1)
+  if plan.smem_bytes() > SMEM_BYTES:
+    raise ValueError(f"{name}: {tiles} needs {plan.smem_bytes()} bytes of shared memory at "
+                     f"M={m}, more than Hopper's {SMEM_BYTES}; lower tile_m or tile_k.")
+  return plan
+
+
+def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
+                 plan: W4Plan, interpret: bool = False,
+                 name: str = "lowbit_w4a16_hopper") -> jax.Array:
+  """``out[s, n, m] = sum_{steps t of split s} sum_p ws[t, p, n] * sum_{k in t} w4[n, k] xs[p][m, k]``.
+
+  The weight is the packed ``[N, K/2]`` bytes viewed as ``int4 [N, K]``: code
+  ``2j`` is the low nibble of byte ``j`` (row ``j`` of K), code ``2j + 1`` the
+  high nibble (row ``K/2 + j``). A K-step of ``tile_k`` codes covers
+  ``tile_k / 2`` rows of each half, so with ``group = tile_k / 2`` it holds
+  exactly one group of each half: ``xs = (x_lo, x_hi)`` are the tokens spread
+  over the same interleaved K with the other half's positions zero, each
+  ``wgmma`` yields one group's partial sum, scaled in f32 by ``ws [steps, 2, N]``
+  (lo, hi). Per-channel (``ws`` None): ``xs = (x',)``, x in the interleaved
+  order, one accumulator over all of K; the caller applies the scale.
+
+  Shapes: ``xs[p]`` bf16 ``[M/tile_m, tile_m, K]`` (``[M/tile_m, K, tile_m]``
+  when ``interpret``: the interpreter has no transposed operand in ``wgmma``),
+  ``w4`` int4 ``[N, K]``. Returns f32 ``[split_k, N, M]``: the caller adds
+  the splits and transposes. In interpret mode each ``wgmma`` is a
+  ``jnp.dot`` of the same register and shared-memory operands (the
+  interpreter's ``wgmma`` takes no register operand).
+  """
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  p = plan
+  n, kk_total = w4.shape
+  mt = xs[0].shape[0]
+  tn, tm, tk, cta_n = p.tile_n, p.tile_m, p.tile_k, 2 * p.tile_n
+  n_iters = n // cta_n
+  steps = kk_total // tk // p.split_k  # per split
+  kspan = steps * tk
+
+  def tiled(cols: int, bits: int):
+    sw = plgpu.find_swizzle(cols * bits)
+    return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
+
+  smem = plgpu.SMEM
+  if interpret:
+    x_spec = plgpu.BlockSpec((tk, tm), lambda t: (t, 0), memory_space=smem)
+    w_spec = plgpu.BlockSpec((cta_n, tk), lambda t: (0, t), memory_space=smem)
+  else:
+    x_spec = plgpu.BlockSpec((tm, tk), lambda t: (0, t), transforms=tiled(tk, 16),
+                             memory_space=smem)
+    w_spec = plgpu.BlockSpec((cta_n, tk), lambda t: (0, t), transforms=tiled(tk, 4),
+                             memory_space=smem)
+  specs = [x_spec] * len(xs) + [w_spec]
+  if p.grouped:
+    specs.append(plgpu.BlockSpec((1, 2, cta_n), lambda t: (t, 0, 0), memory_space=smem))
+
+  def kernel(*refs):
+    *x_gmem, w_gmem = refs[:len(xs) + 1]
+    s_gmem = refs[len(xs) + 1] if p.grouped else None
+    out_gmem = refs[-1]
+
+    def x_at(ref, mi, ks):
+      return ref.at[mi, ks, :] if interpret else ref.at[mi, :, ks]
+
+    def operands(mi, s, cn):
+      ks = pl.ds(s * kspan, kspan)
+      ops = [x_at(r, mi, ks) for r in x_gmem] + [w_gmem.at[cn, ks]]
+      if p.grouped:
+        ops.append(s_gmem.at[pl.ds(s * steps, steps), :, cn])
+      return ops
+
+    def pipeline(body, context):
+      return plgpu.emit_pipeline_warp_specialized(
+          body, grid=(steps,), memory_registers=40, in_specs=specs, wg_axis="wg",
+          num_compute_wgs=2, max_concurrent_steps=p.stages, compute_context=context)
+
+    ignore = lambda *_, **__: None  # noqa: E731 (allocation sizes do not depend on the body)
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=pipeline(ignore, ignore).get_allocations(*operands(0, 0, pl.ds(0, cta_n))),
+        out_smem=plgpu.SMEM((2, tn, tm), jnp.float32,
+                            transforms=() if interpret else tiled(tm, 32)),
+        collective_axes="wg")
+    def _scope(allocs, out_smem):
+      wg = lax.axis_index("wg")
+      wn = pl.ds(wg * tn, tn)
+
+      @plgpu.nd_loop((p.split_k * n_iters * mt,), collective_axes="sm")
+      def _items(info):
+        (lin,) = getattr(info, "index", info)  # NDLoopInfo (jax >= 0.8) or the index tuple
+        # Token tiles innermost: CTAs running at once share a weight tile in L2.
+        s, rest = lin // (n_iters * mt), lin % (n_iters * mt)
+        ni, mi = rest // mt, rest % mt
+        cn = pl.ds(ni * cta_n, cta_n)
+
+        def dot(w, b_smem):
+          if interpret:
+            return jnp.dot(w, b_smem[...], preferred_element_type=jnp.float32)
+
+          def acc_scope(acc_ref):
+            plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(b_smem, (1, 0)))
+            plgpu.wgmma_wait(0)
+            return acc_ref[...]
+          return pl.run_scoped(acc_scope, plgpu.ACC((tn, tm), jnp.float32))
+
+        def store(y):
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          out_smem[wg] = y
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[s, cn, pl.ds(mi * tm, tm)].at[wn])
+
+        if p.grouped:
+          def context(eval_pipeline):
+            store(eval_pipeline(jnp.zeros((tn, tm), jnp.float32)))
+
+          def body(_, x_lo, x_hi, w_smem, s_smem, y):
+            w = w_smem[wn, :].astype(jnp.bfloat16)  # int4 -> bf16 in registers
+            shape = (tn, tm)
+            for half, xh in enumerate((x_lo, x_hi)):
+              sc = lax.broadcast_in_dim(s_smem[0, half, wn], shape, (0,))
+              y = y + dot(w, xh) * sc
+            return y
+        else:
+          def context(eval_pipeline):
+            if interpret:
+              store(eval_pipeline(jnp.zeros((tn, tm), jnp.float32)))
+              return
+
+            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tn, tm), jnp.float32))
+            def _acc(acc_ref):
+              eval_pipeline(acc_ref)
+              store(acc_ref[...])
+
+          def body(_, x_smem, w_smem, acc):
+            w = w_smem[wn, :].astype(jnp.bfloat16)
+            if interpret:
+              return acc + dot(w, x_smem)
+            plgpu.wgmma(acc, w, plgpu.transpose_ref(x_smem, (1, 0)))
+            plgpu.wgmma_wait(0)
+            return acc
+
+        pipeline(body, context)(*operands(mi, s, cn), allocations=allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  extra = {}
+  if interpret:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    extra["interpret"] = InterpretGPUParams()
+  kernel.__name__ = name
+  f = plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((p.split_k, n, mt * tm), jnp.float32),
+      grid=(p.num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      **extra)
+  args = (*xs, w4) + ((ws,) if p.grouped else ())
+  return f(*args)

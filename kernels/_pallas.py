@@ -433,6 +433,20 @@ def resolve_backend(backend: str | None) -> Backend:
   return backend  # type: ignore[return-value]
 
 
+def logical_weight(w, weight_layout: str, name: str):
+  """The ``[K, N]`` view of a weight given as stored: ``"kn"`` as is, ``"nk"`` (a weight
+  transposed once ahead of time, ``w.transpose()``) transposed back; a kernel that reads
+  it K-major transposes again and XLA folds the pair."""
+  from lowbit.quant import QArray
+  if weight_layout not in ("kn", "nk"):
+    raise ValueError(f"{name}: weight_layout={weight_layout!r}; use 'kn' or 'nk'.")
+  if weight_layout == "kn":
+    return w
+  if not isinstance(w, QArray) or w.ndim != 2:
+    raise ValueError(f"{name}: weight_layout='nk' takes the 2-D QArray w.transpose().")
+  return w.transpose()
+
+
 def weight_operands(w, name: str, packed: bool):
   """``(values, scale [groups or 1, N], group)`` of a ``[K, N]`` weight QArray, validated."""
   from lowbit.quant import QArray

@@ -12,28 +12,38 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from lowbit.kernels import _pallas
+from lowbit.kernels import _mosaic_gpu, _pallas
+from lowbit.kernels._mosaic_gpu import HopperW4Tiles
 from lowbit.kernels._pallas import BlockSizes
 
 from lowbit.quant import QArray, dequantize, unpack_int4_halves
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "backend"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "backend",
+                                             "weight_layout"))
 def w4a16_matmul(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
-                 block_sizes: BlockSizes | None = None, backend: str | None = None) -> jax.Array:
+                 block_sizes: BlockSizes | HopperW4Tiles | None = None,
+                 backend: str | None = None, weight_layout: str = "kn") -> jax.Array:
   """Pallas W4A16 matmul.
 
   Args:
-    x: ``[M, K]`` bf16, f16 or f32 activations.
+    x: ``[M, K]`` bf16, f16 or f32 activations (bf16 for the Mosaic GPU kernel).
     w: ``[K, N]`` int4 QArray packed along K as ``[K/2, N]`` uint8, scale
-      ``[1, N]`` (per-channel) or ``[K/G, N]`` (group G, G dividing K/2).
+      ``[1, N]`` (per-channel) or ``[K/G, N]`` (group G, G dividing K/2);
+      with ``weight_layout="nk"`` that weight transposed once ahead of time,
+      ``w.transpose()`` (``[N, K/2]`` bytes), which the Mosaic GPU kernel reads
+      without a per-call transpose.
     out_dtype: default ``x.dtype``.
-    block_sizes, backend: as in :func:`lowbit.kernels.w8a8_matmul`.
+    block_sizes, backend: as in :func:`lowbit.kernels.w8a8_matmul`; a
+      :class:`HopperW4Tiles` (or ``backend="mosaic_gpu"``) selects the Hopper
+      kernel of :func:`lowbit.kernels._mosaic_gpu.w4a16_kernel`.
+    weight_layout: ``"kn"`` or ``"nk"``.
 
   Returns:
     ``[M, N]`` in ``out_dtype``.
   """
-  backend = _pallas.resolve_backend(backend)
+  w = _pallas.logical_weight(w, weight_layout, "w4a16_matmul")
+  backend = _mosaic_gpu.select_backend("w4a16_matmul", backend, block_sizes, HopperW4Tiles)
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"w4a16_matmul: x must be float (bf16/f32), got {x.dtype}.")
@@ -41,11 +51,57 @@ def w4a16_matmul(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
   (m, k), n = x.shape, w.shape[1]
   if w.shape[0] != k:
     raise ValueError(f"w4a16_matmul: x is [{m}, {k}] but w is {w.shape}; K must match.")
+  if backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
+    return _hopper(x, wq, ws, group, out_dtype=out_dtype or x.dtype,
+                   tiles=block_sizes or HopperW4Tiles(),
+                   interpret=backend == "mosaic_gpu_interpret")
   bs = block_sizes or _pallas.default_block_sizes("w4a16", backend, m, k, n)
   _pallas.check_block_fit("w4a16_matmul", k, n, True, group, bs, backend)
   return _pallas.run_matmul(x, None, wq, ws, k=k, n=n, packed=True, group=group,
                             int_dot=False, out_dtype=out_dtype or x.dtype, bs=bs,
                             backend=backend, name="lowbit_w4a16")
+
+
+def _hopper(x, wq, ws, group, *, out_dtype, tiles: HopperW4Tiles, interpret: bool) -> jax.Array:
+  """The Mosaic GPU kernel on validated operands (``x [M, K]`` bf16, ``wq [K/2, N]``
+  packed, ``ws [K/G or 1, N]``).
+
+  Builds its operands: the bytes K-major (``wq.T``, free for an ``"nk"`` weight)
+  viewed as ``int4 [N, K]``, whose K order interleaves the halves (code ``2j``
+  is row ``j``, ``2j + 1`` row ``K/2 + j``); the tokens padded to the token
+  tile and spread over that order, per group-scaled half (zeros elsewhere) or
+  both halves at once (per-channel); the group scales as ``[steps, 2, N]``
+  (the lo and hi group of each K-step). Adds the K-splits, transposes back and
+  applies a per-channel scale in f32: one small XLA fusion over ``[N, M]``.
+  """
+  name = "w4a16_matmul(backend='mosaic_gpu')"
+  if x.dtype != jnp.bfloat16:
+    raise ValueError(f"{name}: x is {x.dtype}; the kernel multiplies in bf16 (the int4 codes "
+                     "become bf16 for wgmma). Cast x to bfloat16 or use backend='gpu'.")
+  (m, k), n = x.shape, wq.shape[1]
+  plan = _mosaic_gpu.plan_w4(name, m, k, n, group, tiles)
+  tm, h = plan.tile_m, k // 2
+  mp = -(-m // tm) * tm
+  x = jnp.pad(x, ((0, mp - m), (0, 0)))
+  lo, hi = x[:, :h], x[:, h:]
+
+  def spread(a, b):  # [M, K] in the interleaved K order, per token tile
+    out = jnp.stack([a, b], axis=-1).reshape(mp // tm, tm, k)
+    return out.transpose(0, 2, 1) if interpret else out
+
+  if group is None:
+    xs, scales = (spread(lo, hi),), None
+  else:
+    zero = jnp.zeros_like(lo)
+    xs = (spread(lo, zero), spread(zero, hi))
+    g = ws.shape[0] // 2  # groups per half: the K-steps
+    scales = jnp.stack([ws[:g], ws[g:]], axis=1).astype(jnp.float32)
+  w4 = lax.bitcast_convert_type(wq.T, jnp.int4).reshape(n, k)
+  out = _mosaic_gpu.w4a16_kernel(xs, w4, scales, plan=plan, interpret=interpret)
+  y = out.sum(axis=0).T[:m]
+  if group is None:
+    y = y * ws.astype(jnp.float32)
+  return y.astype(out_dtype)
 
 
 def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None,

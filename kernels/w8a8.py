@@ -47,24 +47,8 @@ def w8a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
   Returns:
     ``[M, N]`` in ``out_dtype``. M of any size (masked or padded to the block).
   """
-  if weight_layout not in ("kn", "nk"):
-    raise ValueError(f"w8a8_matmul: weight_layout={weight_layout!r}; use 'kn' or 'nk'.")
-  if weight_layout == "nk":
-    if not isinstance(w, QArray) or w.ndim != 2:
-      raise ValueError("w8a8_matmul: weight_layout='nk' takes the 2-D QArray w.transpose().")
-    w = w.transpose()  # the logical [K, N] view; the kernels' own transpose cancels it
-  hopper = isinstance(block_sizes, HopperTiles)
-  if backend is None and hopper:  # the tiles name the kernel; the platform says how it runs
-    backend = "mosaic_gpu" if _pallas.platform() == "gpu" else "mosaic_gpu_interpret"
-  if backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
-    if block_sizes is not None and not hopper:
-      raise ValueError("w8a8_matmul(backend='mosaic_gpu'): block_sizes must be a HopperTiles, "
-                       f"got {type(block_sizes).__name__}.")
-  elif hopper:
-    raise ValueError("w8a8_matmul: HopperTiles are the tiles of backend='mosaic_gpu'; pass "
-                     "that backend, or BlockSizes for the Triton / TPU kernels.")
-  else:
-    backend = _pallas.resolve_backend(backend)
+  w = _pallas.logical_weight(w, weight_layout, "w8a8_matmul")
+  backend = _mosaic_gpu.select_backend("w8a8_matmul", backend, block_sizes, HopperTiles)
   xq, xs = _pallas.act_operands(x, "w8a8_matmul")
   wq, ws, group = _pallas.weight_operands(w, "w8a8_matmul", packed=False)
   if group is not None:

@@ -92,3 +92,20 @@ def test_w8a8_lowers_for_cuda_through_mosaic_gpu(tiles, layout):
   w = w8.transpose() if layout == "nk" else w8
   txt = lower(K.w8a8_matmul, xq, w, "mosaic_gpu", "cuda", tiles, weight_layout=layout)
   assert "lowbit_w8a8_hopper" in txt and "mosaic_gpu" in txt
+
+
+HOPPER_W4_TILES = {
+    "default": None,  # tile_m 8 (M = 5), split over K
+    "n128-m16-split2": K.HopperW4Tiles(tile_n=128, tile_m=16, split_k=2, num_sms=16),
+}
+
+
+@pytest.mark.parametrize("name", ["w4a16", "w4a16-g128"])
+@pytest.mark.parametrize("tiles", list(HOPPER_W4_TILES.values()), ids=list(HOPPER_W4_TILES))
+def test_w4a16_lowers_for_cuda_through_mosaic_gpu(tiles, name):
+  """The Hopper W4A16 kernel with its hardware operands (int4 codes in registers as
+  wgmma's A operand, the transposed token tile as B), per-channel and grouped."""
+  _, xb, w4 = operands()[name]
+  txt = lower(K.w4a16_matmul, xb, w4.transpose(), "mosaic_gpu", "cuda", tiles,
+              weight_layout="nk")
+  assert "lowbit_w4a16_hopper" in txt and "mosaic_gpu" in txt

@@ -121,3 +121,85 @@ def test_errors_name_the_problem():
     HopperTiles(tile_n=512)
   with pytest.raises(ValueError, match="use 'm' or 'n'"):
     HopperTiles(wg_dim="k")
+
+
+# --- W4A16: int4 codes as wgmma's register operand (lowbit.kernels._mosaic_gpu.w4a16_kernel)
+
+
+def w4_tiles(**kw) -> K.HopperW4Tiles:
+  return K.HopperW4Tiles(**kw) if ON_GPU else K.HopperW4Tiles(num_sms=kw.pop("num_sms", 3), **kw)
+
+
+def w4_operands(m, k, n, group, *, seed):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((k, n)) * rng.uniform(0.1, 2.0, (1, n)), jnp.float32)
+  spec = QuantSpec(bits=4, channel_axes=(1,), group_size=group, pack=True)
+  return x, quantize(w, spec)
+
+
+def w4_oracle(x, wq) -> np.ndarray:
+  from lowbit.quant import dequantize
+  return np.asarray(x, np.float64) @ np.asarray(dequantize(wq), np.float64)
+
+
+# (M, K, N, group, tiles, weight layout): decode M (padded to 8 tokens), group 64 and
+# 32, per-channel, two token tiles with K split in two (partials added by XLA), the
+# 128-row warpgroup tile; the weight as stored and transposed ahead of time.
+W4_CASES = [
+    (5, 512, 256, 64, dict(), "kn"),
+    (20, 1024, 256, 128, dict(tile_m=16, split_k=2), "nk"),
+    (9, 512, 256, None, dict(), "nk"),
+    (3, 256, 256, 32, dict(tile_n=128, num_sms=2), "kn"),
+]
+
+
+@pytest.mark.parametrize("m,k,n,group,kw,layout", W4_CASES,
+                         ids=[f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}-{c[5]}" for c in W4_CASES])
+def test_w4a16_matches_reference_and_float64(m, k, n, group, kw, layout):
+  x, wq = w4_operands(m, k, n, group, seed=m + k + n)
+  w = wq.transpose() if layout == "nk" else wq
+  out = K.w4a16_matmul(x, w, out_dtype=jnp.float32, backend=BACKEND, block_sizes=w4_tiles(**kw),
+                       weight_layout=layout)
+  assert out.shape == (m, n) and out.dtype == jnp.float32
+  assert rel(out, np.asarray(K.w4a16.reference(x, wq, out_dtype=jnp.float32), np.float64)) < 1e-5
+  assert rel(out, w4_oracle(x, wq)) < 1e-5
+  out16 = K.w4a16_matmul(x, w, backend=BACKEND, block_sizes=w4_tiles(**kw), weight_layout=layout)
+  assert out16.dtype == jnp.bfloat16 and rel(out16, w4_oracle(x, wq)) < 1e-2
+
+
+def test_qmatmul_takes_hopper_w4_tiles_for_w4a16_only():
+  x, wq = w4_operands(6, 256, 128, 64, seed=3)
+  x3 = x.reshape(2, 3, 256)
+  y = K.qmatmul(x3, wq, implementation="pallas", block_sizes=w4_tiles(tile_n=64))
+  ref = K.qmatmul(x3, wq, implementation="reference")
+  assert y.shape == (2, 3, 128) and y.dtype == jnp.bfloat16
+  assert rel(y, np.asarray(ref, np.float64)) < 1e-2
+  with pytest.raises(ValueError, match="HopperW4Tiles select the Mosaic GPU W4A16 kernel"):
+    K.qmatmul(x3, wq, act_spec=QuantSpec(bits=8, channel_axes=(0,)), implementation="pallas",
+              block_sizes=w4_tiles())
+
+
+def test_w4a16_errors_name_the_problem():
+  x, wq = w4_operands(4, 512, 256, 128, seed=5)
+  with pytest.raises(ValueError, match="Cast x to bfloat16"):
+    K.w4a16_matmul(x.astype(jnp.float32), wq, backend=BACKEND, block_sizes=w4_tiles())
+  with pytest.raises(ValueError, match="tile_k=512 must be 2 \\* group_size = 256"):
+    K.w4a16_matmul(x, wq, backend=BACKEND, block_sizes=w4_tiles(tile_k=512))
+  with pytest.raises(ValueError, match="N=192 is not a multiple of the CTA's 256"):
+    xs, w192 = w4_operands(4, 512, 192, 128, seed=6)
+    K.w4a16_matmul(xs, w192, backend=BACKEND, block_sizes=w4_tiles(tile_n=128))
+  with pytest.raises(ValueError, match="split_k=3 does not divide the 2 K-steps"):
+    K.w4a16_matmul(x, wq, backend=BACKEND, block_sizes=w4_tiles(split_k=3))
+  with pytest.raises(ValueError, match="more than Hopper's"):
+    K.w4a16_matmul(jnp.zeros((256, 512), jnp.bfloat16), wq, backend=BACKEND,
+                   block_sizes=w4_tiles(tile_m=256, max_concurrent_steps=4))
+  x2, w256 = w4_operands(4, 1024, 256, 256, seed=7)
+  with pytest.raises(ValueError, match="groups of 32, 64 or 128"):
+    K.w4a16_matmul(x2, w256, backend=BACKEND, block_sizes=w4_tiles())
+  with pytest.raises(ValueError, match="HopperW4Tiles are the tiles of backend='mosaic_gpu'"):
+    K.w4a16_matmul(x, wq, backend="interpret", block_sizes=K.HopperW4Tiles())
+  with pytest.raises(ValueError, match="use 64 or 128"):
+    K.HopperW4Tiles(tile_n=32)
+  with pytest.raises(ValueError, match="a multiple of 8, at most 256"):
+    K.HopperW4Tiles(tile_m=12)
