@@ -21,12 +21,13 @@ Ratios are to XLA's bf16 ``jnp.dot`` timed the same way in the same run. The
 bound is the roofline ratio ``t_floor(bf16) / t_floor(impl)``, each floor the
 larger of bytes / bandwidth (bandwidth measured here by a device copy) and
 operations / the datasheet peak (H100/H200: 989 TFLOP/s bf16, 1979 TOP/s int8).
-On a Hopper GPU (sm_90) the Mosaic GPU W8A8 kernel (``backend="mosaic_gpu"``)
-is timed beside the Triton one, from M = 256 up, as ``lowbit_w8a8_hopper``.
-Rows ending in ``_nk`` take the int8 weight stored K-major ahead of time
-(``weight_layout="nk"``): no transpose in the call.
-``--sweep`` also times ``BlockSizes`` candidates (tiles, orientation, split-K,
-K-major weights) and ``HopperTiles`` candidates at K = N = 8192; every candidate's output is checked against
+On a Hopper GPU (sm_90) the Mosaic GPU kernels (``backend="mosaic_gpu"``) are
+timed beside the Triton ones: W8A8 from M = 256 up (``lowbit_w8a8_hopper``),
+W4A16 up to M = 256 (``lowbit_w4a16_hopper_nk``). Rows ending in ``_nk`` take
+the weight stored K-major ahead of time (``weight_layout="nk"``): no transpose
+in the call. ``--sweep`` also times ``BlockSizes`` candidates (tiles,
+orientation, split-K, K-major weights), ``HopperTiles`` and ``HopperW4Tiles``
+candidates at K = N = 8192; every candidate's output is checked against
 the XLA path and a wrong one is reported, never ranked. Executables are
 compiled in parallel threads first, then timed one at a time. Writes a JSON
 file after every point and prints a markdown table at the end.
@@ -46,7 +47,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from lowbit.kernels import BlockSizes, HopperTiles, default_block_sizes
+from lowbit.kernels import BlockSizes, HopperTiles, HopperW4Tiles, default_block_sizes
 
 from lowbit import kernels as K
 from lowbit.quant import QuantSpec, dequantize, quantize
@@ -128,6 +129,7 @@ def make_weights(k, n, r, key):
                                              pack=True, scale_dtype=jnp.bfloat16)))
     del w
   out["int8_nk"] = [q.transpose() for q in out["int8"]]  # stored K-major ahead of time
+  out["int4_nk"] = [q.transpose() for q in out["int4"]]
   return out
 
 
@@ -216,11 +218,23 @@ def hopper_candidates(m: int) -> list[HopperTiles]:
           T(tile_n=64, max_concurrent_steps=4)]
 
 
-def hopper_fn(tiles: HopperTiles, interpret: bool, weight_layout: str = "kn"):
+def hopper_w4_candidates(m: int) -> list[HopperW4Tiles]:
+  """Tiles of the Mosaic GPU W4A16 kernel tried by ``--sweep`` (M <= 64): the default,
+  the K-split (the SMs a decode step fills), the 128-row warpgroup tile, pipeline depth."""
+  if m > 64:
+    return []
+  T = HopperW4Tiles
+  return [T(), T(split_k=1), T(split_k=4), T(tile_n=128), T(tile_n=128, split_k=4),
+          T(max_concurrent_steps=2), T(max_concurrent_steps=6)]
+
+
+def hopper_fn(tiles, interpret: bool, weight_layout: str = "kn"):
+  """The Mosaic GPU kernel that ``tiles`` select (W8A8 or W4A16), as a timed function."""
   backend = "mosaic_gpu_interpret" if interpret else "mosaic_gpu"
   if interpret:  # the CPU check of this script: the interpreter runs every SM as threads
     tiles = dataclasses.replace(tiles, num_sms=2)
-  return kernel_fn(K.w8a8_matmul, tiles, backend=backend, weight_layout=weight_layout)
+  fn = K.w4a16_matmul if isinstance(tiles, HopperW4Tiles) else K.w8a8_matmul
+  return kernel_fn(fn, tiles, backend=backend, weight_layout=weight_layout)
 
 
 def compile_all(jobs, threads: int):
@@ -250,10 +264,13 @@ def main(argv=None):
   ap.add_argument("--kn", type=str, nargs="*", help="override (K, N): e.g. 8192x8192")
   ap.add_argument("--sweep-m", type=int, nargs="*", default=[1, 16, 64, 256, 4096, 8192],
                   help="M values (at K = N = 8192) where --sweep runs")
-  ap.add_argument("--sweep-kernels", nargs="*", default=["w8a8", "w4a16", "w4a8", "w8a8_hopper"],
-                  help="w8a8_hopper: the Mosaic GPU kernel's HopperTiles (M >= 256, sm_90)")
-  ap.add_argument("--no-hopper", action="store_true",
-                  help="leave out the Mosaic GPU W8A8 kernel (e.g. when its tests failed)")
+  ap.add_argument("--sweep-kernels", nargs="*",
+                  default=["w8a8", "w4a16", "w4a8", "w8a8_hopper", "w4a16_hopper"],
+                  help="w8a8_hopper / w4a16_hopper: the Mosaic GPU kernels' tiles (sm_90; "
+                       "W8A8 at M >= 256, W4A16 at M <= 64)")
+  ap.add_argument("--no-hopper", nargs="*", choices=["w8a8", "w4a16"],
+                  help="leave out the Mosaic GPU kernels named, or all of them with no name "
+                       "(e.g. when their tests failed)")
   ap.add_argument("--deadline", type=float, default=1e9,
                   help="seconds; no new point starts after this (the JSON so far is kept)")
   ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2))
@@ -273,11 +290,12 @@ def main(argv=None):
   tiny = jnp.ones((8, 128), jnp.float32)
   floor = wall(jax.jit(many(lambda x, w: x + w)), (tiny, [tiny] * 8), 20) / 8
   timer = "cupti" if device(jax.jit(lambda a: a + 1.0), (tiny,), 2) else "wall"
-  # The Mosaic GPU W8A8 kernel needs Hopper (sm_90: TMA, wgmma); on CPU, --force-kernels
-  # runs it interpreted at M >= 64.
-  hopper = (platform == "gpu" and not args.no_hopper
-            and str(getattr(dev, "compute_capability", "")).startswith("9"))
-  hopper_interp = platform == "cpu" and args.force_kernels and not args.no_hopper
+  # The Mosaic GPU kernels need Hopper (sm_90: TMA, wgmma); on CPU, --force-kernels runs
+  # them interpreted (W8A8 at M >= 64, W4A16 at M <= 16).
+  off = {"w8a8", "w4a16"} if args.no_hopper == [] else set(args.no_hopper or ())
+  sm90 = platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+  hopper_interp = platform == "cpu" and args.force_kernels
+  hopper = {kn: (sm90 or hopper_interp) and kn not in off for kn in ("w8a8", "w4a16")}
   meta = dict(device=str(dev.device_kind), platform=platform, jax=jax.__version__,
               date=datetime.date.today().isoformat(), copy_bandwidth_GBps=bw and bw / 1e9,
               reps=args.reps, group=GROUP, per_op_floor_us=floor * 1e6, timer=timer)
@@ -309,11 +327,14 @@ def main(argv=None):
         # the weight stored K-major ahead of time: no transpose per call
         impls["lowbit_w8a8_nk"] = (kernel_fn(K.w8a8_matmul, None, weight_layout="nk"),
                                    "int8_nk", "int8", "int8")
-      if (hopper and m >= 256) or (hopper_interp and m >= 64):
+      if hopper["w8a8"] and m >= (64 if hopper_interp else 256):
         impls["lowbit_w8a8_hopper"] = (hopper_fn(HopperTiles(), hopper_interp),
                                        "int8", "int8", "int8")
         impls["lowbit_w8a8_hopper_nk"] = (hopper_fn(HopperTiles(), hopper_interp, "nk"),
                                           "int8_nk", "int8", "int8")
+      if hopper["w4a16"] and m <= (16 if hopper_interp else 256):
+        impls["lowbit_w4a16_hopper_nk"] = (hopper_fn(HopperW4Tiles(), hopper_interp, "nk"),
+                                           "int4_nk", "bf16", "bf16")
       jobs = [(name, fn, (xs[ak], ws[wk])) for name, (fn, wk, ak, _op) in impls.items()]
       sweep_here = args.sweep and m in args.sweep_m and (
           args.force_kernels or (platform == "gpu" and (k, n) == (8192, 8192)))
@@ -323,10 +344,15 @@ def main(argv=None):
             continue
           for bs in candidates(kname, m):
             jobs.append(((kname, bs), kernel_fn(fn, bs), (xs[ak], ws[wk])))
-        if "w8a8_hopper" in args.sweep_kernels and (hopper or hopper_interp):
+        if "w8a8_hopper" in args.sweep_kernels and hopper["w8a8"]:
           for tiles in hopper_candidates(m):
             jobs.append((("w8a8", tiles), hopper_fn(tiles, hopper_interp),
                          (xs["int8"], ws["int8"])))
+        if "w4a16_hopper" in args.sweep_kernels and hopper["w4a16"] and (
+            m <= 16 or not hopper_interp):
+          for tiles in hopper_w4_candidates(m):
+            jobs.append((("w4a16", tiles), hopper_fn(tiles, hopper_interp, "nk"),
+                         (xs["bf16"], ws["int4_nk"])))
       t0 = time.perf_counter()
       compiled = compile_all(jobs, args.threads if platform == "gpu" else 1)
       print(f"m={m} k={k} n={n}: compiled {len(jobs)} in {time.perf_counter() - t0:.1f} s",
@@ -363,7 +389,10 @@ def main(argv=None):
           kname = name.split("_")[1]
           if XLA_OF[kname] in outs:
             row["rel_err_vs_xla"] = rel_err(y, outs[XLA_OF[kname]])
-          bs = HopperTiles() if "_hopper" in name else default_block_sizes(kname, "gpu", m, k, n)
+          if "_hopper" in name:
+            bs = HopperW4Tiles() if kname == "w4a16" else HopperTiles()
+          else:
+            bs = default_block_sizes(kname, "gpu", m, k, n)
           if name.endswith("_nk") and isinstance(bs, BlockSizes):
             bs = dataclasses.replace(bs, k_major=True)
           row["block_sizes"] = str(bs)

@@ -20,12 +20,20 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false LOWBIT_TEST_BACKEND=gpu timeout ${TEST_TIMEO
   python3 -m pytest -q -n ${TEST_WORKERS:-8} -p no:cacheprovider \
   "$REPO/tests/kernels/test_matmul_kernels.py" "$REPO/tests/kernels/test_mosaic_gpu.py" 2>&1 | tee "$OUT/kernel_tests.log" | tail -15
 echo "tests done at $(( $(date +%s) - T0 )) s"
-# The Mosaic GPU kernel is benchmarked only if its compiled tests all passed (a kernel that
-# hangs would take the rest of the benchmark with it).
-HOPPER_FLAG=--no-hopper
-grep -qE "^(FAILED|ERROR) .*test_mosaic_gpu" "$OUT/kernel_tests.log" || \
-  { grep -qE "[0-9]+ passed" "$OUT/kernel_tests.log" && HOPPER_FLAG=; }
-echo "bench flags: ${HOPPER_FLAG:-with the Mosaic GPU kernel}"
+# A Mosaic GPU kernel is benchmarked only if its compiled tests all passed (a kernel that
+# hangs would take the rest of the benchmark with it): W4A16's tests are test_w4a16_* and
+# test_qmatmul_takes_hopper_w4_*, W8A8's the rest of test_mosaic_gpu.py.
+LOG="$OUT/kernel_tests.log"
+if ! grep -qE "[0-9]+ passed" "$LOG"; then
+  HOPPER_FLAG="--no-hopper"
+else
+  OFF=
+  grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -qE "w4a16|hopper_w4" && OFF="$OFF w4a16"
+  grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -vE "w4a16|hopper_w4" | grep -q . \
+    && OFF="$OFF w8a8"
+  HOPPER_FLAG=${OFF:+--no-hopper$OFF}
+fi
+echo "bench flags: ${HOPPER_FLAG:-with both Mosaic GPU kernels}"
 timeout ${BENCH_TIMEOUT:-300} python3 "$REPO/experiments/bench_kernels.py" --full ${SWEEP---sweep} \
   $HOPPER_FLAG \
   --reps ${REPS:-10} --deadline ${BENCH_DEADLINE:-230} ${BENCH_ARGS:-} \

@@ -17,6 +17,8 @@ BEGIN = "<!-- BEGIN GENERATED: experiments/kernels_report.py -->"
 END = "<!-- END GENERATED -->"
 TARGETS = [  # (label, M values, K, N, impl, target speedup)
     ("W4A16 g128, M <= 16, K = N = 8192", (1, 16), 8192, 8192, "lowbit_w4a16_g128", 3.0),
+    ("W4A16 g128 Mosaic GPU (Hopper), weight stored K-major, M <= 16, K = N = 8192", (1, 16),
+     8192, 8192, "lowbit_w4a16_hopper_nk", 3.0),
     ("W8A8, M = N = K = 8192", (8192,), 8192, 8192, "lowbit_w8a8", 1.6),
     ("W8A8, K-major weight stored ahead, M = N = K = 8192", (8192,), 8192, 8192,
      "lowbit_w8a8_nk", 1.6),

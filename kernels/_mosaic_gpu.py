@@ -466,15 +466,17 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
         ni, mi = rest // mt, rest % mt
         cn = pl.ds(ni * cta_n, cta_n)
 
-        def dot(w, b_smem):
+        def dots(w, b_smems):
+          """``[w @ b for b in b_smems]``, f32: both wgmmas issued, then one wait."""
           if interpret:
-            return jnp.dot(w, b_smem[...], preferred_element_type=jnp.float32)
+            return [jnp.dot(w, b[...], preferred_element_type=jnp.float32) for b in b_smems]
 
-          def acc_scope(acc_ref):
-            plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(b_smem, (1, 0)))
+          def acc_scope(*acc_refs):
+            for acc_ref, b in zip(acc_refs, b_smems, strict=True):
+              plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(b, (1, 0)))
             plgpu.wgmma_wait(0)
-            return acc_ref[...]
-          return pl.run_scoped(acc_scope, plgpu.ACC((tn, tm), jnp.float32))
+            return [a[...] for a in acc_refs]
+          return pl.run_scoped(acc_scope, *[plgpu.ACC((tn, tm), jnp.float32) for _ in b_smems])
 
         def store(y):
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -489,9 +491,8 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
           def body(_, x_lo, x_hi, w_smem, s_smem, y):
             w = w_smem[wn, :].astype(jnp.bfloat16)  # int4 -> bf16 in registers
             shape = (tn, tm)
-            for half, xh in enumerate((x_lo, x_hi)):
-              sc = lax.broadcast_in_dim(s_smem[0, half, wn], shape, (0,))
-              y = y + dot(w, xh) * sc
+            for half, part in enumerate(dots(w, (x_lo, x_hi))):
+              y = y + part * lax.broadcast_in_dim(s_smem[0, half, wn], shape, (0,))
             return y
         else:
           def context(eval_pipeline):
@@ -507,7 +508,7 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
           def body(_, x_smem, w_smem, acc):
             w = w_smem[wn, :].astype(jnp.bfloat16)
             if interpret:
-              return acc + dot(w, x_smem)
+              return acc + dots(w, (x_smem,))[0]
             plgpu.wgmma(acc, w, plgpu.transpose_ref(x_smem, (1, 0)))
             plgpu.wgmma_wait(0)
             return acc
