@@ -220,12 +220,13 @@ def hopper_candidates(m: int) -> list[HopperTiles]:
 
 def hopper_w4_candidates(m: int) -> list[HopperW4Tiles]:
   """Tiles of the Mosaic GPU W4A16 kernel tried by ``--sweep`` (M <= 64): the default,
-  the K-split (the SMs a decode step fills), the 128-row warpgroup tile, pipeline depth."""
+  byte loads of the codes, the K-split (the SMs a decode step fills), the 128-row
+  warpgroup tile, pipeline depth."""
   if m > 64:
     return []
   T = HopperW4Tiles
-  return [T(), T(split_k=1), T(split_k=4), T(tile_n=128), T(tile_n=128, split_k=4),
-          T(max_concurrent_steps=2), T(max_concurrent_steps=6)]
+  return [T(), T(wide_load=False), T(split_k=1), T(split_k=4), T(tile_n=128),
+          T(tile_n=128, split_k=4), T(max_concurrent_steps=2), T(max_concurrent_steps=6)]
 
 
 def hopper_fn(tiles, interpret: bool, weight_layout: str = "kn"):

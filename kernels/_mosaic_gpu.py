@@ -292,6 +292,11 @@ class HopperW4Tiles:
     max_concurrent_steps: pipeline depth; ``None``: the most (up to 4) that
       fit in shared memory.
     num_sms: CTAs launched (persistent); ``None``: the device's SM count.
+    wide_load: load the int4 codes 8 per 32-bit shared-memory access (the
+      layout Mosaic GPU makes for 4 -> 16-bit upcasts, then a relayout with
+      one warp shuffle per register); ``False`` leaves the load's layout to
+      Mosaic's inference, which reads one byte at a time (checked in the
+      lowered module) and needs no shuffle.
   """
 
   tile_n: int = 64
@@ -300,6 +305,7 @@ class HopperW4Tiles:
   split_k: int | None = None
   max_concurrent_steps: int | None = None
   num_sms: int | None = None
+  wide_load: bool = True
 
   def __post_init__(self):
     for f in ("tile_n", "tile_m", "tile_k", "split_k", "max_concurrent_steps", "num_sms"):
@@ -326,6 +332,7 @@ class W4Plan:
   stages: int
   num_sms: int
   grouped: bool
+  wide_load: bool = True
 
   def smem_bytes(self) -> int:
     """Pipeline buffers (weight codes, token tiles, scales) and the epilogue tiles."""
@@ -367,7 +374,7 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
     raise ValueError(f"{name}: split_k={split} does not divide the {steps} K-steps "
                      f"(K={k}, tile_k={tile_k}).")
   plan = W4Plan(tiles.tile_n, tile_m, tile_k, split, tiles.max_concurrent_steps or 4, num_sms,
-                group is not None)
+                group is not None, tiles.wide_load)
   if tiles.max_concurrent_steps is None:
     while plan.stages > 2 and plan.smem_bytes() > SMEM_BYTES:
       plan = dataclasses.replace(plan, stages=plan.stages - 1)
@@ -478,6 +485,15 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
             return [a[...] for a in acc_refs]
           return pl.run_scoped(acc_scope, *[plgpu.ACC((tn, tm), jnp.float32) for _ in b_smems])
 
+        def codes(w_smem):
+          """This warpgroup's weight rows, int4 -> bf16 in wgmma's register layout
+          (``HopperW4Tiles.wide_load``: how the codes leave shared memory)."""
+          w = w_smem[wn, :]
+          if p.wide_load and not interpret:
+            w = plgpu.layout_cast(w, plgpu.Layout.WGMMA_UPCAST_4X)
+            w = plgpu.layout_cast(w, plgpu.Layout.WGMMA)
+          return w.astype(jnp.bfloat16)
+
         def store(y):
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           out_smem[wg] = y
@@ -489,7 +505,7 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
             store(eval_pipeline(jnp.zeros((tn, tm), jnp.float32)))
 
           def body(_, x_lo, x_hi, w_smem, s_smem, y):
-            w = w_smem[wn, :].astype(jnp.bfloat16)  # int4 -> bf16 in registers
+            w = codes(w_smem)
             shape = (tn, tm)
             for half, part in enumerate(dots(w, (x_lo, x_hi))):
               y = y + part * lax.broadcast_in_dim(s_smem[0, half, wn], shape, (0,))
@@ -506,7 +522,7 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
               store(acc_ref[...])
 
           def body(_, x_smem, w_smem, acc):
-            w = w_smem[wn, :].astype(jnp.bfloat16)
+            w = codes(w_smem)
             if interpret:
               return acc + dots(w, (x_smem,))[0]
             plgpu.wgmma(acc, w, plgpu.transpose_ref(x_smem, (1, 0)))

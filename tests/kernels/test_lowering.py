@@ -96,7 +96,8 @@ def test_w8a8_lowers_for_cuda_through_mosaic_gpu(tiles, layout):
 
 HOPPER_W4_TILES = {
     "default": None,  # tile_m 8 (M = 5), split over K
-    "n128-m16-split2": K.HopperW4Tiles(tile_n=128, tile_m=16, split_k=2, num_sms=16),
+    "n128-m16-split2-byteload": K.HopperW4Tiles(tile_n=128, tile_m=16, split_k=2, num_sms=16,
+                                                wide_load=False),
 }
 
 

@@ -144,12 +144,13 @@ def w4_oracle(x, wq) -> np.ndarray:
 
 
 # (M, K, N, group, tiles, weight layout): decode M (padded to 8 tokens), group 64 and
-# 32, per-channel, two token tiles with K split in two (partials added by XLA), the
-# 128-row warpgroup tile; the weight as stored and transposed ahead of time.
+# 32, per-channel (with byte loads of the codes: a GPU-only difference), two token
+# tiles with K split in two (partials added by XLA), the 128-row warpgroup tile; the
+# weight as stored and transposed ahead of time.
 W4_CASES = [
     (5, 512, 256, 64, dict(), "kn"),
     (20, 1024, 256, 128, dict(tile_m=16, split_k=2), "nk"),
-    (9, 512, 256, None, dict(), "nk"),
+    (9, 512, 256, None, dict(wide_load=False), "nk"),
     (3, 256, 256, 32, dict(tile_n=128, num_sms=2), "kn"),
 ]
 
