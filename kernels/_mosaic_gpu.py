@@ -339,7 +339,7 @@ class W4Plan:
     cta_n = 2 * self.tile_n
     parts = 2 if self.grouped else 1
     step = cta_n * self.tile_k // 2 + parts * self.tile_m * self.tile_k * 2
-    step += 2 * cta_n * 4 if self.grouped else 0
+    step += 2 * cta_n * 4 if self.grouped else 0  # scale rows, f32 at most
     return self.stages * step + 2 * self.tile_n * self.tile_m * 4
 
 
@@ -387,7 +387,7 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
 def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
                  plan: W4Plan, interpret: bool = False,
                  name: str = "lowbit_w4a16_hopper") -> jax.Array:
-  """``out[s, n, m] = sum_{steps t of split s} sum_p ws[t, p, n] * sum_{k in t} w4[n, k] xs[p][m, k]``.
+  """``out[s, n, m] = sum_{steps t of split s} sum_h ws[t + h G', n] sum_{k in t} w4[n, k] xs[h][m, k]``.
 
   The weight is the packed ``[N, K/2]`` bytes viewed as ``int4 [N, K]``: code
   ``2j`` is the low nibble of byte ``j`` (row ``j`` of K), code ``2j + 1`` the
@@ -395,9 +395,11 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
   ``tile_k / 2`` rows of each half, so with ``group = tile_k / 2`` it holds
   exactly one group of each half: ``xs = (x_lo, x_hi)`` are the tokens spread
   over the same interleaved K with the other half's positions zero, each
-  ``wgmma`` yields one group's partial sum, scaled in f32 by ``ws [steps, 2, N]``
-  (lo, hi). Per-channel (``ws`` None): ``xs = (x',)``, x in the interleaved
-  order, one accumulator over all of K; the caller applies the scale.
+  ``wgmma`` yields one group's partial sum, scaled in f32 by the weight's own
+  group scales ``ws [K/G, N]`` (bf16 or f32; step ``t`` takes row ``t`` for the
+  lo half and row ``t + G'``, ``G' = K/(2G)``, for the hi half: no copy).
+  Per-channel (``ws`` None): ``xs = (x',)``, x in the interleaved order, one
+  accumulator over all of K; the caller applies the scale.
 
   Shapes: ``xs[p]`` bf16 ``[M/tile_m, tile_m, K]`` (``[M/tile_m, K, tile_m]``
   when ``interpret``: the interpreter has no transposed operand in ``wgmma``),
@@ -430,8 +432,8 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
     w_spec = plgpu.BlockSpec((cta_n, tk), lambda t: (0, t), transforms=tiled(tk, 4),
                              memory_space=smem)
   specs = [x_spec] * len(xs) + [w_spec]
-  if p.grouped:
-    specs.append(plgpu.BlockSpec((1, 2, cta_n), lambda t: (t, 0, 0), memory_space=smem))
+  if p.grouped:  # the lo half's group row, then the hi half's
+    specs += [plgpu.BlockSpec((1, cta_n), lambda t: (t, 0), memory_space=smem)] * 2
 
   def kernel(*refs):
     *x_gmem, w_gmem = refs[:len(xs) + 1]
@@ -445,7 +447,8 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
       ks = pl.ds(s * kspan, kspan)
       ops = [x_at(r, mi, ks) for r in x_gmem] + [w_gmem.at[cn, ks]]
       if p.grouped:
-        ops.append(s_gmem.at[pl.ds(s * steps, steps), :, cn])
+        g = s_gmem.shape[0] // 2  # groups per half: one per K-step
+        ops += [s_gmem.at[pl.ds(s * steps, steps), cn], s_gmem.at[pl.ds(g + s * steps, steps), cn]]
       return ops
 
     def pipeline(body, context):
@@ -504,11 +507,12 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
           def context(eval_pipeline):
             store(eval_pipeline(jnp.zeros((tn, tm), jnp.float32)))
 
-          def body(_, x_lo, x_hi, w_smem, s_smem, y):
+          def body(_, x_lo, x_hi, w_smem, s_lo, s_hi, y):
             w = codes(w_smem)
             shape = (tn, tm)
             for half, part in enumerate(dots(w, (x_lo, x_hi))):
-              y = y + part * lax.broadcast_in_dim(s_smem[0, half, wn], shape, (0,))
+              sc = (s_lo, s_hi)[half][0, wn].astype(jnp.float32)
+              y = y + part * lax.broadcast_in_dim(sc, shape, (0,))
             return y
         else:
           def context(eval_pipeline):

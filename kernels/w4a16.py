@@ -70,8 +70,8 @@ def _hopper(x, wq, ws, group, *, out_dtype, tiles: HopperW4Tiles, interpret: boo
   viewed as ``int4 [N, K]``, whose K order interleaves the halves (code ``2j``
   is row ``j``, ``2j + 1`` row ``K/2 + j``); the tokens padded to the token
   tile and spread over that order, per group-scaled half (zeros elsewhere) or
-  both halves at once (per-channel); the group scales as ``[steps, 2, N]``
-  (the lo and hi group of each K-step). Adds the K-splits, transposes back and
+  both halves at once (per-channel); the group scales go in as stored. Adds the
+  K-splits, transposes back and
   applies a per-channel scale in f32: one small XLA fusion over ``[N, M]``.
   """
   name = "w4a16_matmul(backend='mosaic_gpu')"
@@ -93,9 +93,7 @@ def _hopper(x, wq, ws, group, *, out_dtype, tiles: HopperW4Tiles, interpret: boo
     xs, scales = (spread(lo, hi),), None
   else:
     zero = jnp.zeros_like(lo)
-    xs = (spread(lo, zero), spread(zero, hi))
-    g = ws.shape[0] // 2  # groups per half: the K-steps
-    scales = jnp.stack([ws[:g], ws[g:]], axis=1).astype(jnp.float32)
+    xs, scales = (spread(lo, zero), spread(zero, hi)), ws
   w4 = lax.bitcast_convert_type(wq.T, jnp.int4).reshape(n, k)
   out = _mosaic_gpu.w4a16_kernel(xs, w4, scales, plan=plan, interpret=interpret)
   y = out.sum(axis=0).T[:m]

@@ -130,11 +130,11 @@ def w4_tiles(**kw) -> K.HopperW4Tiles:
   return K.HopperW4Tiles(**kw) if ON_GPU else K.HopperW4Tiles(num_sms=kw.pop("num_sms", 3), **kw)
 
 
-def w4_operands(m, k, n, group, *, seed):
+def w4_operands(m, k, n, group, *, seed, scale_dtype=jnp.float32):
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((k, n)) * rng.uniform(0.1, 2.0, (1, n)), jnp.float32)
-  spec = QuantSpec(bits=4, channel_axes=(1,), group_size=group, pack=True)
+  spec = QuantSpec(bits=4, channel_axes=(1,), group_size=group, pack=True, scale_dtype=scale_dtype)
   return x, quantize(w, spec)
 
 
@@ -149,7 +149,7 @@ def w4_oracle(x, wq) -> np.ndarray:
 # weight as stored and transposed ahead of time.
 W4_CASES = [
     (5, 512, 256, 64, dict(), "kn"),
-    (20, 1024, 256, 128, dict(tile_m=16, split_k=2), "nk"),
+    (20, 1024, 256, 128, dict(tile_m=16, split_k=2), "nk"),  # bf16 scales
     (9, 512, 256, None, dict(wide_load=False), "nk"),
     (3, 256, 256, 32, dict(tile_n=128, num_sms=2), "kn"),
 ]
@@ -158,7 +158,8 @@ W4_CASES = [
 @pytest.mark.parametrize("m,k,n,group,kw,layout", W4_CASES,
                          ids=[f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}-{c[5]}" for c in W4_CASES])
 def test_w4a16_matches_reference_and_float64(m, k, n, group, kw, layout):
-  x, wq = w4_operands(m, k, n, group, seed=m + k + n)
+  x, wq = w4_operands(m, k, n, group, seed=m + k + n,
+                      scale_dtype=jnp.bfloat16 if group == 128 else jnp.float32)
   w = wq.transpose() if layout == "nk" else wq
   out = K.w4a16_matmul(x, w, out_dtype=jnp.float32, backend=BACKEND, block_sizes=w4_tiles(**kw),
                        weight_layout=layout)
