@@ -66,6 +66,8 @@ def _layers_meta(model: nnx.Module) -> dict[str, Any]:
 
 
 def _checkpointer(compression: bool = True) -> ocp.Checkpointer:
+  """A checkpointer for one save or restore; use it in ``with`` (closing it stops its
+  background threads)."""
   return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
       state=ocp.PyTreeCheckpointHandler(use_compression=compression),
       meta=ocp.JsonCheckpointHandler()))
@@ -94,9 +96,9 @@ def save(path: str | pathlib.Path, model: nnx.Module, *, policy=None,
           "jax_version": jax.__version__, "policy": None if policy is None else policy.to_dict(),
           "tensors": _tensor_meta(state), "layers": _layers_meta(model)}
   arrays = {k: np.asarray(v.get_value()) for k, v in flat.items()}
-  _checkpointer(compression).save(
-      path, args=ocp.args.Composite(state=ocp.args.PyTreeSave(arrays),
-                                    meta=ocp.args.JsonSave(meta)), force=overwrite)
+  with _checkpointer(compression) as c:
+    c.save(path, args=ocp.args.Composite(state=ocp.args.PyTreeSave(arrays),
+                                         meta=ocp.args.JsonSave(meta)), force=overwrite)
   return path
 
 
@@ -108,8 +110,8 @@ def read_meta(path: str | pathlib.Path) -> dict[str, Any]:
         f"restore: {path} is not a complete lowbit checkpoint (no 'meta' item); the "
         "save may have been interrupted, or the path is wrong.")
   try:
-    return _checkpointer().restore(path, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))["meta"]
+    with _checkpointer() as c:
+      return c.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # noqa: BLE001 - re-raised with the path
     raise ValueError(f"restore: cannot read the metadata of {path}: {e}") from e
 
@@ -162,9 +164,9 @@ def restore(path: str | pathlib.Path, abstract_model: nnx.Module, *, policy=None
       sharding=jax.sharding.NamedSharding(mesh, specs[k]) if mesh is not None else None)
       for k, v in want.items()}
   try:
-    arrays = _checkpointer().restore(path, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))["state"]
+    with _checkpointer() as c:
+      arrays = c.restore(path, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))["state"]
   except Exception as e:  # noqa: BLE001 - orbax/tensorstore errors, re-raised with the path
     raise ValueError(f"restore: reading the arrays of {path} failed (missing or truncated "
                      f"file?): {type(e).__name__}: {str(e)[:300]}") from e
