@@ -23,7 +23,8 @@ larger of bytes / bandwidth (bandwidth measured here by a device copy) and
 operations / the datasheet peak (H100/H200: 989 TFLOP/s bf16, 1979 TOP/s int8).
 On a Hopper GPU (sm_90) the Mosaic GPU kernels (``backend="mosaic_gpu"``) are
 timed beside the Triton ones: W8A8 from M = 256 up (``lowbit_w8a8_hopper``),
-W4A16 up to M = 256 (``lowbit_w4a16_hopper_nk``). Rows ending in ``_nk`` take
+W4A16 and W4A8 up to M = 256 (``lowbit_w4a16_hopper_nk``,
+``lowbit_w4a8_hopper_nk``). Rows ending in ``_nk`` take
 the weight stored K-major ahead of time (``weight_layout="nk"``): no transpose
 in the call. ``--sweep`` also times ``BlockSizes`` candidates (tiles,
 orientation, split-K, K-major weights), ``HopperTiles`` and ``HopperW4Tiles``
@@ -218,23 +219,28 @@ def hopper_candidates(m: int) -> list[HopperTiles]:
           T(tile_n=64, max_concurrent_steps=4)]
 
 
-def hopper_w4_candidates(m: int) -> list[HopperW4Tiles]:
+def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
   """Tiles of the Mosaic GPU W4A16 kernel tried by ``--sweep`` (M <= 64): the default,
   byte loads of the codes, the K-split (the SMs a decode step fills), the 128-row
   warpgroup tile, pipeline depth."""
   if m > 64:
     return []
   T = HopperW4Tiles
-  return [T(), T(wide_load=False), T(split_k=1), T(split_k=4), T(tile_n=128),
-          T(tile_n=128, split_k=4), T(max_concurrent_steps=2), T(max_concurrent_steps=6)]
+  loads = [T(wide_load=False)] if kname == "w4a16" else []  # W4A8 has one load layout
+  return [T(), *loads, T(split_k=1), T(split_k=4), T(tile_n=128), T(tile_n=128, split_k=4),
+          T(max_concurrent_steps=2), T(max_concurrent_steps=6)]
 
 
-def hopper_fn(tiles, interpret: bool, weight_layout: str = "kn"):
-  """The Mosaic GPU kernel that ``tiles`` select (W8A8 or W4A16), as a timed function."""
+def hopper_fn(tiles, interpret: bool, weight_layout: str = "kn", kname: str = "w4a16"):
+  """The Mosaic GPU kernel that ``tiles`` select (W8A8, or ``kname`` for int4 tiles), as
+  a timed function."""
   backend = "mosaic_gpu_interpret" if interpret else "mosaic_gpu"
   if interpret:  # the CPU check of this script: the interpreter runs every SM as threads
     tiles = dataclasses.replace(tiles, num_sms=2)
-  fn = K.w4a16_matmul if isinstance(tiles, HopperW4Tiles) else K.w8a8_matmul
+  if isinstance(tiles, HopperW4Tiles):
+    fn = K.w4a8_matmul if kname == "w4a8" else K.w4a16_matmul
+  else:
+    fn = K.w8a8_matmul
   return kernel_fn(fn, tiles, backend=backend, weight_layout=weight_layout)
 
 
@@ -266,10 +272,11 @@ def main(argv=None):
   ap.add_argument("--sweep-m", type=int, nargs="*", default=[1, 16, 64, 256, 4096, 8192],
                   help="M values (at K = N = 8192) where --sweep runs")
   ap.add_argument("--sweep-kernels", nargs="*",
-                  default=["w8a8", "w4a16", "w4a8", "w8a8_hopper", "w4a16_hopper"],
-                  help="w8a8_hopper / w4a16_hopper: the Mosaic GPU kernels' tiles (sm_90; "
-                       "W8A8 at M >= 256, W4A16 at M <= 64)")
-  ap.add_argument("--no-hopper", nargs="*", choices=["w8a8", "w4a16"],
+                  default=["w8a8", "w4a16", "w4a8", "w8a8_hopper", "w4a16_hopper",
+                           "w4a8_hopper"],
+                  help="*_hopper: the Mosaic GPU kernels' tiles (sm_90; W8A8 at M >= 256, "
+                       "W4A16 and W4A8 at M <= 64)")
+  ap.add_argument("--no-hopper", nargs="*", choices=["w8a8", "w4a16", "w4a8"],
                   help="leave out the Mosaic GPU kernels named, or all of them with no name "
                        "(e.g. when their tests failed)")
   ap.add_argument("--deadline", type=float, default=1e9,
@@ -293,10 +300,10 @@ def main(argv=None):
   timer = "cupti" if device(jax.jit(lambda a: a + 1.0), (tiny,), 2) else "wall"
   # The Mosaic GPU kernels need Hopper (sm_90: TMA, wgmma); on CPU, --force-kernels runs
   # them interpreted (W8A8 at M >= 64, W4A16 at M <= 16).
-  off = {"w8a8", "w4a16"} if args.no_hopper == [] else set(args.no_hopper or ())
+  off = {"w8a8", "w4a16", "w4a8"} if args.no_hopper == [] else set(args.no_hopper or ())
   sm90 = platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
   hopper_interp = platform == "cpu" and args.force_kernels
-  hopper = {kn: (sm90 or hopper_interp) and kn not in off for kn in ("w8a8", "w4a16")}
+  hopper = {kn: (sm90 or hopper_interp) and kn not in off for kn in ("w8a8", "w4a16", "w4a8")}
   meta = dict(device=str(dev.device_kind), platform=platform, jax=jax.__version__,
               date=datetime.date.today().isoformat(), copy_bandwidth_GBps=bw and bw / 1e9,
               reps=args.reps, group=GROUP, per_op_floor_us=floor * 1e6, timer=timer)
@@ -336,6 +343,9 @@ def main(argv=None):
       if hopper["w4a16"] and m <= (16 if hopper_interp else 256):
         impls["lowbit_w4a16_hopper_nk"] = (hopper_fn(HopperW4Tiles(), hopper_interp, "nk"),
                                            "int4_nk", "bf16", "bf16")
+      if hopper["w4a8"] and m <= (16 if hopper_interp else 256):
+        impls["lowbit_w4a8_hopper_nk"] = (hopper_fn(HopperW4Tiles(), hopper_interp, "nk", "w4a8"),
+                                          "int4_nk", "int8", "int8")
       jobs = [(name, fn, (xs[ak], ws[wk])) for name, (fn, wk, ak, _op) in impls.items()]
       sweep_here = args.sweep and m in args.sweep_m and (
           args.force_kernels or (platform == "gpu" and (k, n) == (8192, 8192)))
@@ -349,11 +359,12 @@ def main(argv=None):
           for tiles in hopper_candidates(m):
             jobs.append((("w8a8", tiles), hopper_fn(tiles, hopper_interp),
                          (xs["int8"], ws["int8"])))
-        if "w4a16_hopper" in args.sweep_kernels and hopper["w4a16"] and (
-            m <= 16 or not hopper_interp):
-          for tiles in hopper_w4_candidates(m):
-            jobs.append((("w4a16", tiles), hopper_fn(tiles, hopper_interp, "nk"),
-                         (xs["bf16"], ws["int4_nk"])))
+        for kname, ak in (("w4a16", "bf16"), ("w4a8", "int8")):
+          if f"{kname}_hopper" in args.sweep_kernels and hopper[kname] and (
+              m <= 16 or not hopper_interp):
+            for tiles in hopper_w4_candidates(m, kname):
+              jobs.append(((kname, tiles), hopper_fn(tiles, hopper_interp, "nk", kname),
+                           (xs[ak], ws["int4_nk"])))
       t0 = time.perf_counter()
       compiled = compile_all(jobs, args.threads if platform == "gpu" else 1)
       print(f"m={m} k={k} n={n}: compiled {len(jobs)} in {time.perf_counter() - t0:.1f} s",
@@ -391,7 +402,7 @@ def main(argv=None):
           if XLA_OF[kname] in outs:
             row["rel_err_vs_xla"] = rel_err(y, outs[XLA_OF[kname]])
           if "_hopper" in name:
-            bs = HopperW4Tiles() if kname == "w4a16" else HopperTiles()
+            bs = HopperTiles() if kname == "w8a8" else HopperW4Tiles()
           else:
             bs = default_block_sizes(kname, "gpu", m, k, n)
           if name.endswith("_nk") and isinstance(bs, BlockSizes):

@@ -21,15 +21,16 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false LOWBIT_TEST_BACKEND=gpu timeout ${TEST_TIMEO
   "$REPO/tests/kernels/test_matmul_kernels.py" "$REPO/tests/kernels/test_mosaic_gpu.py" 2>&1 | tee "$OUT/kernel_tests.log" | tail -15
 echo "tests done at $(( $(date +%s) - T0 )) s"
 # A Mosaic GPU kernel is benchmarked only if its compiled tests all passed (a kernel that
-# hangs would take the rest of the benchmark with it): W4A16's tests are test_w4a16_* and
-# test_qmatmul_takes_hopper_w4_*, W8A8's the rest of test_mosaic_gpu.py.
+# hangs would take the rest of the benchmark with it): the int4 kernel's tests name w4a16,
+# w4a8 or hopper_w4 (one kernel: a failure drops both rows), W8A8's are the rest.
 LOG="$OUT/kernel_tests.log"
 if ! grep -qE "[0-9]+ passed" "$LOG"; then
   HOPPER_FLAG="--no-hopper"
 else
   OFF=
-  grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -qE "w4a16|hopper_w4" && OFF="$OFF w4a16"
-  grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -vE "w4a16|hopper_w4" | grep -q . \
+  grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -qE "w4a16|w4a8|hopper_w4" \
+    && OFF="$OFF w4a16 w4a8"
+  grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -vE "w4a16|w4a8|hopper_w4" | grep -q . \
     && OFF="$OFF w8a8"
   HOPPER_FLAG=${OFF:+--no-hopper$OFF}
 fi

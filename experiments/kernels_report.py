@@ -26,6 +26,8 @@ TARGETS = [  # (label, M values, K, N, impl, target speedup)
     ("W8A8 Mosaic GPU, K-major weight stored ahead, M = N = K = 8192", (8192,), 8192, 8192,
      "lowbit_w8a8_hopper_nk", 1.6),
     ("W4A8 g128, M = 256, K = N = 8192", (256,), 8192, 8192, "lowbit_w4a8_g128", 2.0),
+    ("W4A8 g128 Mosaic GPU, weight stored K-major, M = 256, K = N = 8192", (256,), 8192, 8192,
+     "lowbit_w4a8_hopper_nk", 2.0),
 ]
 
 

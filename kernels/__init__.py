@@ -6,10 +6,10 @@ Kernels (one file each, each with ``reference`` and an ``xla`` path):
 * :func:`w4a16_matmul`: float x int4 packed, per-channel or group scales;
 * :func:`w4a8_matmul`: int8 x int4 packed (unpacked to int8 in the kernel).
 
-W8A8 and W4A16 also have Hopper kernels in Pallas' Mosaic GPU backend (TMA,
+All three also have Hopper kernels in Pallas' Mosaic GPU backend (TMA,
 ``wgmma``, warp specialization), selected by their tiles:
-``w8a8_matmul(..., block_sizes=HopperTiles(...))`` and
-``w4a16_matmul(..., block_sizes=HopperW4Tiles(...))``.
+``w8a8_matmul(..., block_sizes=HopperTiles(...))``, and
+``w4a16_matmul`` / ``w4a8_matmul(..., block_sizes=HopperW4Tiles(...))``.
 
 :func:`qmatmul` picks the kernel from the operands and the backend from the
 platform (GPU: Pallas Triton; TPU: Pallas Mosaic; CPU: the XLA path), with an
@@ -77,8 +77,8 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
   prefills; ``"reference"`` dequantize-then-dot in f32 at highest precision.
 
   ``block_sizes``: tiles of the Pallas kernel; a :class:`HopperTiles` selects
-  the Mosaic GPU W8A8 kernel and a :class:`HopperW4Tiles` the Mosaic GPU W4A16
-  kernel (Hopper GPUs; jax's GPU interpreter on CPU), with
+  the Mosaic GPU W8A8 kernel and a :class:`HopperW4Tiles` the Mosaic GPU int4
+  kernel (W4A16 or W4A8; Hopper GPUs, jax's GPU interpreter on CPU), with
   ``implementation="pallas"`` and the pairing they serve.
   """
   x = jnp.asarray(x)
@@ -100,12 +100,13 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
         f"qmatmul: no Pallas kernel takes w (bits={w.bits}, packed={w.packed}, "
         f"group_size={w.group_size}, symmetric={w.symmetric}) with act_spec={act_spec}; "
         "use implementation='xla'.")
-  for tiles_cls, kernel in ((HopperTiles, "w8a8"), (HopperW4Tiles, "w4a16")):
-    if isinstance(block_sizes, tiles_cls) and (impl != "pallas" or name != kernel):
+  for tiles_cls, names in ((HopperTiles, ("w8a8",)), (HopperW4Tiles, ("w4a16", "w4a8"))):
+    if isinstance(block_sizes, tiles_cls) and (impl != "pallas" or name not in names):
+      what = " / ".join(n.upper() for n in names)
       raise ValueError(
-          f"qmatmul: {tiles_cls.__name__} select the Mosaic GPU {kernel.upper()} kernel; they "
-          f"need implementation='pallas' and the {kernel.upper()} pairing (got "
-          f"implementation={impl!r}, kernel {name!r}).")
+          f"qmatmul: {tiles_cls.__name__} select the Mosaic GPU {what} kernel; they need "
+          f"implementation='pallas' and that pairing (got implementation={impl!r}, kernel "
+          f"{name!r}).")
   if impl in ("reference", "dequant") or (impl == "xla" and name is None):
     xin = dequantize(xq) if xq is not None else x2
     if impl == "reference":

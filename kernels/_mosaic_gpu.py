@@ -1,6 +1,9 @@
-"""W8A8 on Hopper through Pallas' Mosaic GPU backend (TMA + ``wgmma``).
+"""Hopper kernels in Pallas' Mosaic GPU backend (TMA + ``wgmma``): W8A8
+(:func:`w8a8_kernel`, for large M) and int4 decode, W4A16 and W4A8
+(:func:`w4_kernel`, the int4 codes as ``wgmma``'s register operand; see its
+docstring and docs/kernels.md). Neither has run on a GPU yet.
 
-The Triton kernel (:mod:`lowbit.kernels._pallas`) leaves the int8 tensor cores
+W8A8: the Triton kernel (:mod:`lowbit.kernels._pallas`) leaves the int8 tensor cores
 of an H100/H200 at about 60% of their rate at M = N = K = 8192
 (docs/kernels.md). This kernel is the Hopper design of jax's own
 ``hopper_matmul_mgpu`` for int8 operands:
@@ -271,7 +274,7 @@ def w8a8_kernel(xq: jax.Array, xs: jax.Array, w: jax.Array, ws: jax.Array, *,
 
 @dataclasses.dataclass(frozen=True)
 class HopperW4Tiles:
-  """Tiles and schedule of the Mosaic GPU W4A16 kernel (:func:`w4a16_kernel`).
+  """Tiles and schedule of the Mosaic GPU int4 kernel (:func:`w4_kernel`: W4A16, W4A8).
 
   The kernel computes ``out^T = w^T x^T``: a weight tile is ``wgmma``'s A
   operand (``tile_n`` rows of N, converted int4 -> bf16 in registers) and a
@@ -292,11 +295,12 @@ class HopperW4Tiles:
     max_concurrent_steps: pipeline depth; ``None``: the most (up to 4) that
       fit in shared memory.
     num_sms: CTAs launched (persistent); ``None``: the device's SM count.
-    wide_load: load the int4 codes 8 per 32-bit shared-memory access (the
-      layout Mosaic GPU makes for 4 -> 16-bit upcasts, then a relayout with
-      one warp shuffle per register); ``False`` leaves the load's layout to
-      Mosaic's inference, which reads one byte at a time (checked in the
-      lowered module) and needs no shuffle.
+    wide_load: W4A16: load the int4 codes 8 per 32-bit shared-memory access
+      (the layout Mosaic GPU makes for 4 -> 16-bit upcasts, then a relayout
+      with one warp shuffle per register); ``False`` leaves the load's layout
+      to Mosaic's inference, which reads one byte at a time (checked in the
+      lowered module) and needs no shuffle. W4A8 always takes the inferred
+      layout (16-bit loads, no shuffle).
   """
 
   tile_n: int = 64
@@ -333,18 +337,19 @@ class W4Plan:
   num_sms: int
   grouped: bool
   wide_load: bool = True
+  act_bytes: int = 2  # bf16 tokens (W4A16) or int8 (W4A8)
 
   def smem_bytes(self) -> int:
     """Pipeline buffers (weight codes, token tiles, scales) and the epilogue tiles."""
     cta_n = 2 * self.tile_n
     parts = 2 if self.grouped else 1
-    step = cta_n * self.tile_k // 2 + parts * self.tile_m * self.tile_k * 2
+    step = cta_n * self.tile_k // 2 + parts * self.tile_m * self.tile_k * self.act_bytes
     step += 2 * cta_n * 4 if self.grouped else 0  # scale rows, f32 at most
     return self.stages * step + 2 * self.tile_n * self.tile_m * 4
 
 
 def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
-            tiles: HopperW4Tiles) -> W4Plan:
+            tiles: HopperW4Tiles, act_bytes: int = 2) -> W4Plan:
   """Resolve ``tiles`` for the problem, or raise a ``ValueError`` naming the misfit."""
   if k % 2:
     raise ValueError(f"{name}: K={k} must be even (two int4 codes per byte).")
@@ -374,7 +379,7 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
     raise ValueError(f"{name}: split_k={split} does not divide the {steps} K-steps "
                      f"(K={k}, tile_k={tile_k}).")
   plan = W4Plan(tiles.tile_n, tile_m, tile_k, split, tiles.max_concurrent_steps or 4, num_sms,
-                group is not None, tiles.wide_load)
+                group is not None, tiles.wide_load, act_bytes)
   if tiles.max_concurrent_steps is None:
     while plan.stages > 2 and plan.smem_bytes() > SMEM_BYTES:
       plan = dataclasses.replace(plan, stages=plan.stages - 1)
@@ -384,9 +389,9 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
   return plan
 
 
-def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
-                 plan: W4Plan, interpret: bool = False,
-                 name: str = "lowbit_w4a16_hopper") -> jax.Array:
+def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
+              plan: W4Plan, interpret: bool = False,
+              name: str = "lowbit_w4a16_hopper") -> jax.Array:
   """``out[s, n, m] = sum_{steps t of split s} sum_h ws[t + h G', n] sum_{k in t} w4[n, k] xs[h][m, k]``.
 
   The weight is the packed ``[N, K/2]`` bytes viewed as ``int4 [N, K]``: code
@@ -401,7 +406,11 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
   Per-channel (``ws`` None): ``xs = (x',)``, x in the interleaved order, one
   accumulator over all of K; the caller applies the scale.
 
-  Shapes: ``xs[p]`` bf16 ``[M/tile_m, tile_m, K]`` (``[M/tile_m, K, tile_m]``
+  The tokens' dtype picks the MMA: bf16 (W4A16: codes -> bf16, f32 sums) or
+  int8 (W4A8: codes -> int8, exact int32 sums, each group's converted to f32
+  before its scale; the per-token scale is the caller's).
+
+  Shapes: ``xs[p]`` bf16 or int8 ``[M/tile_m, tile_m, K]`` (``[M/tile_m, K, tile_m]``
   when ``interpret``: the interpreter has no transposed operand in ``wgmma``),
   ``w4`` int4 ``[N, K]``. Returns f32 ``[split_k, N, M]``: the caller adds
   the splits and transposes. In interpret mode each ``wgmma`` is a
@@ -414,6 +423,8 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
   n, kk_total = w4.shape
   mt = xs[0].shape[0]
   tn, tm, tk, cta_n = p.tile_n, p.tile_m, p.tile_k, 2 * p.tile_n
+  act = jnp.dtype(xs[0].dtype)
+  acc_dtype = jnp.int32 if act == jnp.int8 else jnp.float32
   n_iters = n // cta_n
   steps = kk_total // tk // p.split_k  # per split
   kspan = steps * tk
@@ -427,7 +438,7 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
     x_spec = plgpu.BlockSpec((tk, tm), lambda t: (t, 0), memory_space=smem)
     w_spec = plgpu.BlockSpec((cta_n, tk), lambda t: (0, t), memory_space=smem)
   else:
-    x_spec = plgpu.BlockSpec((tm, tk), lambda t: (0, t), transforms=tiled(tk, 16),
+    x_spec = plgpu.BlockSpec((tm, tk), lambda t: (0, t), transforms=tiled(tk, act.itemsize * 8),
                              memory_space=smem)
     w_spec = plgpu.BlockSpec((cta_n, tk), lambda t: (0, t), transforms=tiled(tk, 4),
                              memory_space=smem)
@@ -477,25 +488,27 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
         cn = pl.ds(ni * cta_n, cta_n)
 
         def dots(w, b_smems):
-          """``[w @ b for b in b_smems]``, f32: both wgmmas issued, then one wait."""
+          """``[w @ b for b in b_smems]``, f32 or int32: the wgmmas issued, then one wait."""
           if interpret:
-            return [jnp.dot(w, b[...], preferred_element_type=jnp.float32) for b in b_smems]
+            return [jnp.dot(w, b[...], preferred_element_type=acc_dtype) for b in b_smems]
 
           def acc_scope(*acc_refs):
             for acc_ref, b in zip(acc_refs, b_smems, strict=True):
               plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(b, (1, 0)))
             plgpu.wgmma_wait(0)
             return [a[...] for a in acc_refs]
-          return pl.run_scoped(acc_scope, *[plgpu.ACC((tn, tm), jnp.float32) for _ in b_smems])
+          return pl.run_scoped(acc_scope, *[plgpu.ACC((tn, tm), acc_dtype) for _ in b_smems])
 
         def codes(w_smem):
-          """This warpgroup's weight rows, int4 -> bf16 in wgmma's register layout
-          (``HopperW4Tiles.wide_load``: how the codes leave shared memory)."""
+          """This warpgroup's weight rows, int4 -> the tokens' dtype in wgmma's register
+          layout (``HopperW4Tiles.wide_load``: how the codes leave shared memory)."""
           w = w_smem[wn, :]
-          if p.wide_load and not interpret:
+          if p.wide_load and not interpret and act == jnp.bfloat16:
+            # int8 tokens: inference's layout already reads 16 bits a time; Mosaic has no
+            # cheaper relayout to the 8-bit wgmma operand (the casts tried are refused).
             w = plgpu.layout_cast(w, plgpu.Layout.WGMMA_UPCAST_4X)
             w = plgpu.layout_cast(w, plgpu.Layout.WGMMA)
-          return w.astype(jnp.bfloat16)
+          return w.astype(act)
 
         def store(y):
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -512,18 +525,18 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
             shape = (tn, tm)
             for half, part in enumerate(dots(w, (x_lo, x_hi))):
               sc = (s_lo, s_hi)[half][0, wn].astype(jnp.float32)
-              y = y + part * lax.broadcast_in_dim(sc, shape, (0,))
+              y = y + part.astype(jnp.float32) * lax.broadcast_in_dim(sc, shape, (0,))
             return y
         else:
           def context(eval_pipeline):
             if interpret:
-              store(eval_pipeline(jnp.zeros((tn, tm), jnp.float32)))
+              store(eval_pipeline(jnp.zeros((tn, tm), acc_dtype)).astype(jnp.float32))
               return
 
-            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tn, tm), jnp.float32))
+            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tn, tm), acc_dtype))
             def _acc(acc_ref):
               eval_pipeline(acc_ref)
-              store(acc_ref[...])
+              store(acc_ref[...].astype(jnp.float32))
 
           def body(_, x_smem, w_smem, acc):
             w = codes(w_smem)
@@ -549,3 +562,39 @@ def w4a16_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None,
       **extra)
   args = (*xs, w4) + ((ws,) if p.grouped else ())
   return f(*args)
+
+
+def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
+              tiles: HopperW4Tiles, interpret: bool, name: str, kernel_name: str) -> jax.Array:
+  """``sum_g ws[g, n] * sum_{k in g} x[m, k] q[k, n]`` in f32 ``[M, N]`` through
+  :func:`w4_kernel`, from validated operands: ``x [M, K]`` bf16 (W4A16) or int8
+  codes (W4A8), ``wq [K/2, N]`` packed, ``ws [K/G or 1, N]``.
+
+  Builds the kernel's operands: the bytes K-major (``wq.T``, free for a weight
+  stored ``"nk"``) viewed as ``int4 [N, K]``, whose K order interleaves the
+  halves (code ``2j`` is row ``j``, ``2j + 1`` row ``K/2 + j``); the tokens padded
+  to the token tile and spread over that order, per group-scaled half (zeros
+  elsewhere) or both halves at once (per-channel); the group scales as stored.
+  Adds the K-splits, transposes back and applies a per-channel scale in f32: one
+  small XLA fusion over ``[N, M]``.
+  """
+  (m, k), n = x.shape, wq.shape[1]
+  plan = plan_w4(name, m, k, n, group, tiles, act_bytes=jnp.dtype(x.dtype).itemsize)
+  tm, h = plan.tile_m, k // 2
+  mp = -(-m // tm) * tm
+  x = jnp.pad(x, ((0, mp - m), (0, 0)))
+  lo, hi = x[:, :h], x[:, h:]
+
+  def spread(a, b):  # [M, K] in the interleaved K order, per token tile
+    out = jnp.stack([a, b], axis=-1).reshape(mp // tm, tm, k)
+    return out.transpose(0, 2, 1) if interpret else out
+
+  if group is None:
+    xs, scales = (spread(lo, hi),), None
+  else:
+    zero = jnp.zeros_like(lo)
+    xs, scales = (spread(lo, zero), spread(zero, hi)), ws
+  w4 = lax.bitcast_convert_type(wq.T, jnp.int4).reshape(n, k)
+  out = w4_kernel(xs, w4, scales, plan=plan, interpret=interpret, name=kernel_name)
+  y = out.sum(axis=0).T[:m]
+  return y * ws.astype(jnp.float32) if group is None else y

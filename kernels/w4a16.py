@@ -36,7 +36,7 @@ def w4a16_matmul(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
     out_dtype: default ``x.dtype``.
     block_sizes, backend: as in :func:`lowbit.kernels.w8a8_matmul`; a
       :class:`HopperW4Tiles` (or ``backend="mosaic_gpu"``) selects the Hopper
-      kernel of :func:`lowbit.kernels._mosaic_gpu.w4a16_kernel`.
+      kernel of :func:`lowbit.kernels._mosaic_gpu.w4_kernel`.
     weight_layout: ``"kn"`` or ``"nk"``.
 
   Returns:
@@ -63,42 +63,14 @@ def w4a16_matmul(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
 
 
 def _hopper(x, wq, ws, group, *, out_dtype, tiles: HopperW4Tiles, interpret: bool) -> jax.Array:
-  """The Mosaic GPU kernel on validated operands (``x [M, K]`` bf16, ``wq [K/2, N]``
-  packed, ``ws [K/G or 1, N]``).
-
-  Builds its operands: the bytes K-major (``wq.T``, free for an ``"nk"`` weight)
-  viewed as ``int4 [N, K]``, whose K order interleaves the halves (code ``2j``
-  is row ``j``, ``2j + 1`` row ``K/2 + j``); the tokens padded to the token
-  tile and spread over that order, per group-scaled half (zeros elsewhere) or
-  both halves at once (per-channel); the group scales go in as stored. Adds the
-  K-splits, transposes back and
-  applies a per-channel scale in f32: one small XLA fusion over ``[N, M]``.
-  """
+  """The Mosaic GPU kernel (:func:`lowbit.kernels._mosaic_gpu.w4_matmul`) on validated
+  operands; it multiplies in bf16, so x must be bf16 (no silent rounding of f32)."""
   name = "w4a16_matmul(backend='mosaic_gpu')"
   if x.dtype != jnp.bfloat16:
     raise ValueError(f"{name}: x is {x.dtype}; the kernel multiplies in bf16 (the int4 codes "
                      "become bf16 for wgmma). Cast x to bfloat16 or use backend='gpu'.")
-  (m, k), n = x.shape, wq.shape[1]
-  plan = _mosaic_gpu.plan_w4(name, m, k, n, group, tiles)
-  tm, h = plan.tile_m, k // 2
-  mp = -(-m // tm) * tm
-  x = jnp.pad(x, ((0, mp - m), (0, 0)))
-  lo, hi = x[:, :h], x[:, h:]
-
-  def spread(a, b):  # [M, K] in the interleaved K order, per token tile
-    out = jnp.stack([a, b], axis=-1).reshape(mp // tm, tm, k)
-    return out.transpose(0, 2, 1) if interpret else out
-
-  if group is None:
-    xs, scales = (spread(lo, hi),), None
-  else:
-    zero = jnp.zeros_like(lo)
-    xs, scales = (spread(lo, zero), spread(zero, hi)), ws
-  w4 = lax.bitcast_convert_type(wq.T, jnp.int4).reshape(n, k)
-  out = _mosaic_gpu.w4a16_kernel(xs, w4, scales, plan=plan, interpret=interpret)
-  y = out.sum(axis=0).T[:m]
-  if group is None:
-    y = y * ws.astype(jnp.float32)
+  y = _mosaic_gpu.w4_matmul(x, wq, ws, group, tiles=tiles, interpret=interpret, name=name,
+                            kernel_name="lowbit_w4a16_hopper")
   return y.astype(out_dtype)
 
 

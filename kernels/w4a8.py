@@ -11,32 +11,47 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from lowbit.kernels import _pallas
+from lowbit.kernels import _mosaic_gpu, _pallas
+from lowbit.kernels._mosaic_gpu import HopperW4Tiles
 from lowbit.kernels._pallas import BlockSizes
 from lowbit.kernels.w4a16 import grouped_halves_dot
 
 from lowbit.quant import QArray, dequantize
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "backend"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "backend",
+                                             "weight_layout"))
 def w4a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
-                block_sizes: BlockSizes | None = None, backend: str | None = None) -> jax.Array:
+                block_sizes: BlockSizes | HopperW4Tiles | None = None,
+                backend: str | None = None, weight_layout: str = "kn") -> jax.Array:
   """Pallas W4A8 matmul.
 
   Args:
     x: ``[M, K]`` int8 QArray with per-token scale ``[M, 1]``.
-    w: ``[K, N]`` int4 QArray packed along K, per-channel or grouped scale.
-    out_dtype, block_sizes, backend: as in :func:`lowbit.kernels.w8a8_matmul`.
+    w: ``[K, N]`` int4 QArray packed along K, per-channel or grouped scale;
+      with ``weight_layout="nk"``, ``w.transpose()`` (see
+      :func:`lowbit.kernels.w4a16_matmul`).
+    out_dtype, block_sizes, backend: as in :func:`lowbit.kernels.w8a8_matmul`;
+      a :class:`HopperW4Tiles` selects the Mosaic GPU kernel (the codes become
+      int8 in registers for an int8 ``wgmma``; exact int32 group sums).
+    weight_layout: ``"kn"`` or ``"nk"``.
 
   Returns:
     ``[M, N]`` in ``out_dtype``.
   """
-  backend = _pallas.resolve_backend(backend)
+  w = _pallas.logical_weight(w, weight_layout, "w4a8_matmul")
+  backend = _mosaic_gpu.select_backend("w4a8_matmul", backend, block_sizes, HopperW4Tiles)
   xq, xs = _pallas.act_operands(x, "w4a8_matmul")
   wq, ws, group = _pallas.weight_operands(w, "w4a8_matmul", packed=True)
   (m, k), n = xq.shape, w.shape[1]
   if w.shape[0] != k:
     raise ValueError(f"w4a8_matmul: x is [{m}, {k}] but w is {w.shape}; K must match.")
+  if backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
+    y = _mosaic_gpu.w4_matmul(xq, wq, ws, group, tiles=block_sizes or HopperW4Tiles(),
+                              interpret=backend == "mosaic_gpu_interpret",
+                              name="w4a8_matmul(backend='mosaic_gpu')",
+                              kernel_name="lowbit_w4a8_hopper")
+    return (y * xs).astype(out_dtype)
   bs = block_sizes or _pallas.default_block_sizes("w4a8", backend, m, k, n)
   _pallas.check_block_fit("w4a8_matmul", k, n, True, group, bs, backend)
   return _pallas.run_matmul(xq, xs, wq, ws, k=k, n=n, packed=True, group=group,

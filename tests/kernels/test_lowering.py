@@ -101,12 +101,12 @@ HOPPER_W4_TILES = {
 }
 
 
-@pytest.mark.parametrize("name", ["w4a16", "w4a16-g128"])
+@pytest.mark.parametrize("name", ["w4a16", "w4a16-g128", "w4a8", "w4a8-g128"])
 @pytest.mark.parametrize("tiles", list(HOPPER_W4_TILES.values()), ids=list(HOPPER_W4_TILES))
-def test_w4a16_lowers_for_cuda_through_mosaic_gpu(tiles, name):
-  """The Hopper W4A16 kernel with its hardware operands (int4 codes in registers as
-  wgmma's A operand, the transposed token tile as B), per-channel and grouped."""
-  _, xb, w4 = operands()[name]
-  txt = lower(K.w4a16_matmul, xb, w4.transpose(), "mosaic_gpu", "cuda", tiles,
-              weight_layout="nk")
-  assert "lowbit_w4a16_hopper" in txt and "mosaic_gpu" in txt
+def test_int4_kernels_lower_for_cuda_through_mosaic_gpu(tiles, name):
+  """The Hopper int4 kernel with its hardware operands (int4 codes converted in
+  registers as wgmma's A operand, the transposed token tile as B), bf16 and int8 tokens,
+  per-channel and grouped."""
+  fn, x, w4 = operands()[name]
+  txt = lower(fn, x, w4.transpose(), "mosaic_gpu", "cuda", tiles, weight_layout="nk")
+  assert f"lowbit_{name.split('-')[0]}_hopper" in txt and "mosaic_gpu" in txt

@@ -123,7 +123,7 @@ def test_errors_name_the_problem():
     HopperTiles(wg_dim="k")
 
 
-# --- W4A16: int4 codes as wgmma's register operand (lowbit.kernels._mosaic_gpu.w4a16_kernel)
+# --- Int4: the codes as wgmma's register operand (lowbit.kernels._mosaic_gpu.w4_kernel)
 
 
 def w4_tiles(**kw) -> K.HopperW4Tiles:
@@ -170,16 +170,55 @@ def test_w4a16_matches_reference_and_float64(m, k, n, group, kw, layout):
   assert out16.dtype == jnp.bfloat16 and rel(out16, w4_oracle(x, wq)) < 1e-2
 
 
-def test_qmatmul_takes_hopper_w4_tiles_for_w4a16_only():
+def test_qmatmul_takes_hopper_w4_tiles_for_w4a16_and_w4a8():
   x, wq = w4_operands(6, 256, 128, 64, seed=3)
   x3 = x.reshape(2, 3, 256)
-  y = K.qmatmul(x3, wq, implementation="pallas", block_sizes=w4_tiles(tile_n=64))
-  ref = K.qmatmul(x3, wq, implementation="reference")
-  assert y.shape == (2, 3, 128) and y.dtype == jnp.bfloat16
-  assert rel(y, np.asarray(ref, np.float64)) < 1e-2
-  with pytest.raises(ValueError, match="HopperW4Tiles select the Mosaic GPU W4A16 kernel"):
-    K.qmatmul(x3, wq, act_spec=QuantSpec(bits=8, channel_axes=(0,)), implementation="pallas",
-              block_sizes=w4_tiles())
+  a8 = QuantSpec(bits=8, channel_axes=(0,))
+  for act in (None, a8):
+    y = K.qmatmul(x3, wq, act_spec=act, implementation="pallas", block_sizes=w4_tiles())
+    ref = K.qmatmul(x3, wq, act_spec=act, implementation="reference")
+    assert y.shape == (2, 3, 128) and y.dtype == jnp.bfloat16
+    assert rel(y, np.asarray(ref, np.float64)) < 1e-2
+  w8 = quantize(jnp.ones((256, 128)), QuantSpec(bits=8, channel_axes=(1,)))
+  with pytest.raises(ValueError, match="HopperW4Tiles select the Mosaic GPU W4A16 / W4A8 kernel"):
+    K.qmatmul(x3, w8, act_spec=a8, implementation="pallas", block_sizes=w4_tiles())
+
+
+# W4A8 through the same kernel: int8 tokens, int4 codes -> int8 in registers, int32 sums.
+W4A8_CASES = [
+    (5, 512, 256, 64, dict(), "nk"),
+    (20, 1024, 256, None, dict(tile_m=16, split_k=2), "kn"),
+]
+
+
+@pytest.mark.parametrize("m,k,n,group,kw,layout", W4A8_CASES,
+                         ids=[f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}-{c[5]}" for c in W4A8_CASES])
+def test_w4a8_matches_reference_and_float64(m, k, n, group, kw, layout):
+  x, wq = w4_operands(m, k, n, group, seed=m + k + n + 1)
+  xa = quantize(x.astype(jnp.float32), QuantSpec(bits=8, channel_axes=(0,)))
+  w = wq.transpose() if layout == "nk" else wq
+  out = K.w4a8_matmul(xa, w, out_dtype=jnp.float32, backend=BACKEND, block_sizes=w4_tiles(**kw),
+                      weight_layout=layout)
+  assert out.shape == (m, n) and out.dtype == jnp.float32
+  assert rel(out, np.asarray(K.w4a8.reference(xa, wq), np.float64)) < 1e-5
+  from lowbit.quant import dequantize
+  oracle64 = np.asarray(dequantize(xa), np.float64) @ np.asarray(dequantize(wq), np.float64)
+  assert rel(out, oracle64) < 1e-5
+
+
+def test_w4a8_int32_group_sums_are_exact():
+  """Unit scales: every group's int32 sum (and their f32 total, < 2^24) is the integer
+  product itself."""
+  m, k, n = 9, 512, 128
+  rng = np.random.default_rng(8)
+  xc, wc = rng.integers(-127, 128, (m, k)), rng.integers(-7, 8, (k, n))
+  xa = quantize(jnp.asarray(xc, jnp.float32), QuantSpec(bits=8, channel_axes=(0,)),
+                params=QuantParams(jnp.ones((m, 1), jnp.float32)))
+  wq = quantize(jnp.asarray(wc, jnp.float32),
+                QuantSpec(bits=4, channel_axes=(1,), group_size=64, pack=True),
+                params=QuantParams(jnp.ones((k // 64, n), jnp.float32)))
+  out = K.w4a8_matmul(xa, wq, out_dtype=jnp.float32, backend=BACKEND, block_sizes=w4_tiles())
+  np.testing.assert_array_equal(np.asarray(out), (xc @ wc).astype(np.float32))
 
 
 def test_w4a16_errors_name_the_problem():
