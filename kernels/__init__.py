@@ -23,7 +23,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from jax import lax
-from lowbit.kernels import w4a8, w4a16, w8a8
+from lowbit.kernels import _pallas, w4a8, w4a16, w8a8
 from lowbit.kernels._mosaic_gpu import HopperTiles, HopperW4Tiles
 from lowbit.kernels._pallas import BlockSizes, default_block_sizes, dequant_dot, platform
 from lowbit.kernels.w4a8 import w4a8_matmul
@@ -56,7 +56,8 @@ def kernel_for(w: QArray, act_spec: QuantSpec | None) -> str | None:
 def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
             act_params: QuantParams | None = None,
             implementation: Implementation | None = None, out_dtype=None,
-            block_sizes: BlockSizes | HopperTiles | HopperW4Tiles | None = None) -> jax.Array:
+            block_sizes: BlockSizes | HopperTiles | HopperW4Tiles | None = None,
+            weight_layout: str = "kn") -> jax.Array:
   """``y = q_a(x) @ dequantize(w)`` through the fastest correct path.
 
   ``x [..., K]`` float; ``w [K, N]`` QArray; ``act_spec`` (optional) quantizes
@@ -80,9 +81,15 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
   the Mosaic GPU W8A8 kernel and a :class:`HopperW4Tiles` the Mosaic GPU int4
   kernel (W4A16 or W4A8; Hopper GPUs, jax's GPU interpreter on CPU), with
   ``implementation="pallas"`` and the pairing they serve.
+
+  ``weight_layout="nk"``: ``w`` is stored transposed, ``w.transpose()`` of the
+  ``[K, N]`` weight (what ``lowbit.convert(..., weight_layout="nk")`` keeps); the
+  Pallas kernels then read it K-major (Triton ``k_major`` tiles, the Mosaic GPU
+  kernels) with no transpose in the call, the other paths transpose it back.
   """
   x = jnp.asarray(x)
   out_dtype = out_dtype or x.dtype
+  w_stored, w = w, _pallas.logical_weight(w, weight_layout, "qmatmul")
   lead, k = x.shape[:-1], x.shape[-1]
   if w.ndim != 2 or w.shape[0] != k:
     raise ValueError(f"qmatmul: x has K={k} but w has shape {w.shape}; expected [{k}, N].")
@@ -113,20 +120,14 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
       y = jnp.dot(xin.astype(jnp.float32), dequantize(w), precision=lax.Precision.HIGHEST)
     else:
       y = dequant_dot(xin.astype(x.dtype), w)
-  elif name == "w8a8":
-    fn = w8a8.w8a8_matmul if impl == "pallas" else w8a8.xla
-    y = fn(xq, w, out_dtype=jnp.float32, **_bs(impl, block_sizes))
-  elif name == "w4a8":
-    fn = w4a8.w4a8_matmul if impl == "pallas" else w4a8.xla
-    y = fn(xq, w, out_dtype=jnp.float32, **_bs(impl, block_sizes))
+  elif impl == "pallas":  # the stored weight: the kernels read an "nk" one K-major
+    fn = {"w8a8": w8a8.w8a8_matmul, "w4a8": w4a8.w4a8_matmul, "w4a16": w4a16.w4a16_matmul}[name]
+    y = fn(x2 if name == "w4a16" else xq, w_stored, out_dtype=jnp.float32,
+           block_sizes=block_sizes, weight_layout=weight_layout)
   else:
-    fn = w4a16.w4a16_matmul if impl == "pallas" else w4a16.xla
-    y = fn(x2, w, out_dtype=jnp.float32, **_bs(impl, block_sizes))
+    fn = {"w8a8": w8a8.xla, "w4a8": w4a8.xla, "w4a16": w4a16.xla}[name]
+    y = fn(x2 if name == "w4a16" else xq, w, out_dtype=jnp.float32)
   return y.astype(out_dtype).reshape(*lead, w.shape[1])
-
-
-def _bs(impl, block_sizes):
-  return {"block_sizes": block_sizes} if impl == "pallas" else {}
 
 
 __all__ = [

@@ -7,6 +7,7 @@ one group spanning K).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -37,7 +38,8 @@ def w4a16_matmul(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
     block_sizes, backend: as in :func:`lowbit.kernels.w8a8_matmul`; a
       :class:`HopperW4Tiles` (or ``backend="mosaic_gpu"``) selects the Hopper
       kernel of :func:`lowbit.kernels._mosaic_gpu.w4_kernel`.
-    weight_layout: ``"kn"`` or ``"nk"``.
+    weight_layout: ``"kn"`` or ``"nk"`` (an ``"nk"`` weight takes K-major Triton tiles:
+      no transpose in the call; on TPU it is transposed back).
 
   Returns:
     ``[M, N]`` in ``out_dtype``.
@@ -56,6 +58,8 @@ def w4a16_matmul(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
                    tiles=block_sizes or HopperW4Tiles(),
                    interpret=backend == "mosaic_gpu_interpret")
   bs = block_sizes or _pallas.default_block_sizes("w4a16", backend, m, k, n)
+  if weight_layout == "nk" and backend != "tpu" and not bs.k_major:
+    bs = dataclasses.replace(bs, k_major=True)  # read the stored [N, K/2] bytes as they are
   _pallas.check_block_fit("w4a16_matmul", k, n, True, group, bs, backend)
   return _pallas.run_matmul(x, None, wq, ws, k=k, n=n, packed=True, group=group,
                             int_dot=False, out_dtype=out_dtype or x.dtype, bs=bs,

@@ -6,6 +6,7 @@ int32: ``out[m, n] = sx[m] * sum_g sw[g, n] * sum_{k in g} xq[m, k] * q[k, n]``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -34,7 +35,7 @@ def w4a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
     out_dtype, block_sizes, backend: as in :func:`lowbit.kernels.w8a8_matmul`;
       a :class:`HopperW4Tiles` selects the Mosaic GPU kernel (the codes become
       int8 in registers for an int8 ``wgmma``; exact int32 group sums).
-    weight_layout: ``"kn"`` or ``"nk"``.
+    weight_layout: ``"kn"`` or ``"nk"``, as in :func:`lowbit.kernels.w4a16_matmul`.
 
   Returns:
     ``[M, N]`` in ``out_dtype``.
@@ -53,6 +54,8 @@ def w4a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
                               kernel_name="lowbit_w4a8_hopper")
     return (y * xs).astype(out_dtype)
   bs = block_sizes or _pallas.default_block_sizes("w4a8", backend, m, k, n)
+  if weight_layout == "nk" and backend != "tpu" and not bs.k_major:
+    bs = dataclasses.replace(bs, k_major=True)  # read the stored [N, K/2] bytes as they are
   _pallas.check_block_fit("w4a8_matmul", k, n, True, group, bs, backend)
   return _pallas.run_matmul(xq, xs, wq, ws, k=k, n=n, packed=True, group=group,
                             int_dot=True, out_dtype=out_dtype, bs=bs, backend=backend,

@@ -109,6 +109,11 @@ def logical_axes(model: nnx.Module) -> dict[str, Axes]:
       if key not in flat:
         continue
       shape = flat[key].get_value().shape
+      if attr in ("qvalue", "qscale", "qzero") and getattr(layer, "weight_layout", "kn") == "nk":
+        # stored transposed (convert(weight_layout="nk")): the same axes, swapped
+        out[key] = {"kernel": (n_ax, k_ax),
+                    "groups": (n_ax, k_ax if shape[1] > 1 else None)}[kind]
+        continue
       out[key] = {"kernel": (k_ax, n_ax), "out": (n_ax,), "in": (k_ax,), "none": (None,) * len(shape),
                   "groups": ((k_ax if shape[0] > 1 else None, n_ax) if len(shape) == 2
                              else (None,) * len(shape))}[kind]
@@ -245,7 +250,8 @@ def shard(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str], *,
       layer.tp = None
       qspec = tuple(specs.get(f"{path}/qvalue", ()))
       if per_shard_kernels and getattr(layer, "mode", None) == "converted" and tp_axis in qspec:
-        kind = "column" if qspec.index(tp_axis) == 1 else "row"
+        n_dim = 0 if getattr(layer, "weight_layout", "kn") == "nk" else 1  # where N is stored
+        kind = "column" if qspec.index(tp_axis) == n_dim else "row"
         layer.tp = (mesh, tp_axis, kind, fsdp_axis)
   return model
 

@@ -84,6 +84,14 @@ def test_partition_specs_follow_the_kernel_and_divisibility():
   assert axes["embed/embedding"] == ("vocab", "embed")
   mesh = sharding.make_mesh((1, 1))
   assert all(len(tuple(s)) <= 2 for s in sharding.partition_specs(model, mesh, sharding.RULES["tp"]).values())
+  # a weight stored K-major (convert(weight_layout="nk")): the same axes, swapped
+  nk = sharding.logical_axes(lowbit.convert(model, weight_layout="nk"))
+  kn = sharding.logical_axes(lowbit.convert(model))
+  assert kn["layers/0/mlp/down_proj/qvalue"] == ("mlp", "embed")
+  assert nk["layers/0/mlp/down_proj/qvalue"] == ("embed", "mlp")
+  assert kn["layers/0/mlp/down_proj/qscale"] == ("mlp", "embed")  # [2, 32] groups along K
+  assert nk["layers/0/mlp/down_proj/qscale"] == ("embed", "mlp")
+  assert nk["layers/0/attn/q_proj/qscale"] == ("heads", None)      # [32, 1] per channel
 
 
 def test_per_shard_kernels_under_tensor_parallelism(result):

@@ -61,7 +61,8 @@ def _layers_meta(model: nnx.Module) -> dict[str, Any]:
       bits, shape, channel_axes, group_axis, group_size, pack_axis, zp_form = qmeta
       out[path] = dict(bits=bits, shape=list(shape), channel_axes=list(channel_axes),
                        group_axis=group_axis, group_size=group_size, pack_axis=pack_axis,
-                       zero_point_form=zp_form, mode=layer.mode)
+                       zero_point_form=zp_form, mode=layer.mode,
+                       weight_layout=getattr(layer, "weight_layout", "kn"))
   return out
 
 
@@ -140,6 +141,14 @@ def restore(path: str | pathlib.Path, abstract_model: nnx.Module, *, policy=None
         f"restore: {path} was saved with another precision policy than the one given; "
         "rebuild the abstract model with the checkpoint's policy "
         "(lowbit.PrecisionPolicy.from_dict(read_meta(path)['policy'])).")
+  saved_layers = meta.get("layers", {})
+  for lpath, lm in _layers_meta(abstract_model).items():
+    saved = saved_layers.get(lpath, {}).get("weight_layout", "kn")  # format 1 before "nk"
+    if lpath in saved_layers and saved != lm["weight_layout"]:
+      raise ValueError(
+          f"restore: layer {lpath!r} in {path} stores its weight {saved!r}, the model expects "
+          f"{lm['weight_layout']!r}; convert the abstract model with "
+          f"weight_layout={saved!r}.")
   graphdef, state = nnx.split(abstract_model)
   want = _tensor_meta(state)
   have = meta["tensors"]

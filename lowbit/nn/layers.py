@@ -93,6 +93,9 @@ class _QuantMixin:
     self.act_spec: QuantSpec | None = None
     self.learn: Learn = None
     self.qmeta: tuple | None = None
+    # how a converted weight is stored: "kn" ([K, N], as the kernel) or "nk" (transposed once at
+    # convert time, K-major: what the K-major GPU kernels read, see convert()).
+    self.weight_layout = "kn"
     # logical axes of the kernel, e.g. ("embed", "mlp"); lowbit.sharding maps them (and every
     # quantizer array derived from the kernel) onto a device mesh. None: by path, or replicated.
     self.logical_axes: tuple[str | None, ...] | None = None
@@ -159,11 +162,12 @@ class _QuantMixin:
     return None
 
   def quantized_weight(self) -> QArray:
-    """The weight as a QArray (what conversion stores)."""
+    """The weight as a QArray in the kernel's own layout (``[K, N]`` for QLinear),
+    whatever layout conversion stored it in (an ``"nk"`` weight is transposed back:
+    under ``jit`` that transpose cancels against a K-major kernel's own)."""
     if self.mode == CONVERTED:
-      values, scale, zp = self.qvalue[...], self.qscale[...], (
-          self.qzero[...] if hasattr(self, "qzero") else None)
-      return QArray(values, scale, zp, *self.qmeta)
+      stored = self.stored_weight()
+      return stored.transpose() if self.weight_layout == "nk" else stored
     kernel = self.kernel[...]
     params = self._weight_params()
     if isinstance(params, LearnedClip):
@@ -174,12 +178,42 @@ class _QuantMixin:
                            else params.zero_point.astype(self.weight_spec.scale_dtype))
     return quantize(kernel, self.weight_spec, params)
 
-  def convert(self) -> None:
-    """Fake-quant -> converted: keep codes and scales, drop the float kernel."""
+  def stored_weight(self) -> QArray:
+    """A converted weight as stored: ``[K, N]``, or ``[N, K]`` when ``weight_layout="nk"``."""
+    values, scale, zp = self.qvalue[...], self.qscale[...], (
+        self.qzero[...] if hasattr(self, "qzero") else None)
+    return QArray(values, scale, zp, *self.qmeta)
+
+  @property
+  def weight_shape(self) -> tuple[int, ...]:
+    """The kernel's shape (``[K, N]`` for QLinear) in every mode and stored layout."""
+    if self.mode == CONVERTED and self.qmeta is not None:
+      shape = tuple(self.qmeta[1])
+      return shape[::-1] if self.weight_layout == "nk" else shape
+    return tuple(self.kernel[...].shape)
+
+  def convert(self, weight_layout: str = "kn") -> None:
+    """Fake-quant -> converted: keep codes and scales, drop the float kernel.
+
+    ``weight_layout="nk"`` (QLinear only) stores the weight transposed, ``[N, K]``
+    (int4 stays packed along K: ``[N, K/2]`` bytes), once: the layout Hopper's int8
+    tensor-core instructions and lowbit's Mosaic GPU int4 kernels read, so a call
+    under ``jit`` moves no weight before the kernel (a ``"kn"`` weight costs those
+    kernels one transpose per call). Same numbers either way; ``quantized_weight``
+    gives ``[K, N]`` back.
+    """
     if self.mode != FAKE_QUANT:
       raise ValueError(f"convert: layer is in mode {self.mode!r}; set a precision first.")
+    if weight_layout not in ("kn", "nk"):
+      raise ValueError(f"convert: weight_layout={weight_layout!r}; use 'kn' or 'nk'.")
+    if weight_layout == "nk" and (not isinstance(self, QLinear) or self.weight_spec is None):
+      raise ValueError("convert: weight_layout='nk' is for QLinear layers with a quantized "
+                       "weight (a 2-D [K, N] kernel); QEinsum stores its kernel as is.")
     if self.weight_spec is not None:
       qa = self.quantized_weight()
+      if weight_layout == "nk":
+        qa = qa.transpose()
+      self.weight_layout = weight_layout
       self.qvalue = QValue(qa.qvalue)
       self.qscale = QScale(qa.scale)
       if qa.zero_point is not None:
@@ -276,9 +310,9 @@ class QLinear(_QuantMixin, nnx.Linear):
                        act_spec=self.act_spec, act_params=self._act_params(),
                        implementation=self.implementation, out_dtype=dtype)
       else:
-        y = kernels.qmatmul(x, self.quantized_weight(), act_spec=self.act_spec,
+        y = kernels.qmatmul(x, self.stored_weight(), act_spec=self.act_spec,
                             act_params=self._act_params(), implementation=self.implementation,
-                            out_dtype=dtype)
+                            out_dtype=dtype, weight_layout=self.weight_layout)
       if bias is not None:
         bias = bias.astype(dtype)
     if bias is not None:

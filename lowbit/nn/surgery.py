@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from lowbit.nn.layers import CONVERTED, FAKE_QUANT, QEinsum, QLinear, converted_bytes
+from lowbit.nn.layers import FAKE_QUANT, QEinsum, QLinear, converted_bytes
 from lowbit.policy import PrecisionPolicy, describe_spec
 
 
@@ -66,12 +66,16 @@ def quantize_model(model: nnx.Module, policy: PrecisionPolicy, *, learn: str | N
 
 
 def convert(model: nnx.Module, policy: PrecisionPolicy | None = None, *,
-            copy: bool = True) -> nnx.Module:
+            copy: bool = True, weight_layout: str = "kn") -> nnx.Module:
   """Fake-quant (or float + ``policy``) -> converted: integer codes and scales only.
 
   Quantized layers keep no float copy of their weight; their outputs equal the
-  fake-quant model's to float rounding.
+  fake-quant model's to float rounding. ``weight_layout="nk"`` stores every
+  quantized QLinear weight transposed, K-major (see :meth:`QLinear.convert`);
+  QEinsum kernels and unquantized weights stay as they are.
   """
+  if weight_layout not in ("kn", "nk"):
+    raise ValueError(f"convert: weight_layout={weight_layout!r}; use 'kn' or 'nk'.")
   if policy is not None:
     model = quantize_model(model, policy, copy=copy)
   elif copy:
@@ -79,7 +83,8 @@ def convert(model: nnx.Module, policy: PrecisionPolicy | None = None, *,
   n = 0
   for layer in quantizable_layers(model).values():
     if isinstance(layer, (QLinear, QEinsum)) and layer.mode == FAKE_QUANT:
-      layer.convert()
+      nk = weight_layout == "nk" and isinstance(layer, QLinear) and layer.weight_spec is not None
+      layer.convert("nk" if nk else "kn")
       n += 1
   if n == 0:
     raise ValueError(
@@ -101,10 +106,7 @@ def explain_rows(model: nnx.Module, policy: PrecisionPolicy) -> list[dict[str, A
   layers = quantizable_layers(model)
   for path, (idx, rule) in policy.resolve(layers).items():
     layer = layers[path]
-    if isinstance(layer, (QLinear, QEinsum)) and layer.mode == CONVERTED:
-      shape = layer.qmeta[1] if layer.qmeta else layer.kernel[...].shape
-    else:
-      shape = layer.kernel[...].shape
+    shape = layer.weight_shape if isinstance(layer, (QLinear, QEinsum)) else layer.kernel[...].shape
     wspec = None if rule is None or rule.keep_float else rule.weight
     aspec = None if rule is None or rule.keep_float else rule.act
     if wspec is not None:

@@ -42,6 +42,25 @@ def test_round_trip_is_bit_identical(tmp_path, name):
     assert meta["tensors"][f"{path}/qvalue"]["dtype"] in ("int8", "uint8")
 
 
+def test_k_major_weights_round_trip_and_a_layout_mismatch_is_named(tmp_path):
+  """A model converted with weight_layout="nk" restores exactly into an "nk" model; an
+  "nk" checkpoint refuses a "kn" model by name (a square int8 weight would have matched
+  its shape, transposed)."""
+  policy = lowbit.policy.READY_MADE["w8a8"]()
+
+  def nk():
+    return lowbit.convert(Transformer(CFG, rngs=nnx.Rngs(0)), policy, weight_layout="nk")
+  model = nk()
+  d = ckpt.save(tmp_path / "c", model, policy=policy)
+  assert {m["weight_layout"] for m in ckpt.read_meta(d)["layers"].values()} == {"nk"}
+  restored = ckpt.restore(d, nnx.eval_shape(nk), policy=policy)
+  tok = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+  np.testing.assert_array_equal(np.asarray(restored(tok)), np.asarray(model(tok)))
+  with pytest.raises(ValueError, match=r"layer 'layers/0/attn/k_proj' in .* stores its weight "
+                                       r"'nk', the model expects 'kn'"):
+    ckpt.restore(d, nnx.eval_shape(make("w8a8")), policy=policy)
+
+
 class Stack(nnx.Module):
   """Only quantizable weights (no biases, norms or embeddings): bytes on disk per weight."""
 

@@ -143,16 +143,28 @@ def test_int32_accumulation_is_exact(name, fn, bs):
   np.testing.assert_array_equal(np.asarray(out), (xc @ wc).astype(np.float32))
 
 
-def test_w8a8_takes_a_weight_transposed_ahead_of_time():
-  """``weight_layout="nk"``: ``w.transpose()`` in, the same numbers out, any tiles."""
-  xa, wq = make(40, 512, 128, wbits=8, group=None)
+@pytest.mark.parametrize("name,wbits,group", [("w8a8", 8, None), ("w4a16", 4, 64),
+                                               ("w4a8", 4, None)])
+def test_kernels_take_a_weight_transposed_ahead_of_time(name, wbits, group):
+  """``weight_layout="nk"``: ``w.transpose()`` in, the same numbers out, any tiles (the
+  Triton kernels read it K-major); qmatmul passes it through."""
+  xa, wq = make(40, 512, 128, wbits=wbits, group=group, act=name != "w4a16")
   want = oracle(xa, wq)
-  for bs in (BlockSizes(bm=16, bn=64, bk=64), BlockSizes(bm=32, bn=64, bk=64, k_major=True)):
-    out = K.w8a8_matmul(xa, wq.transpose(), out_dtype=jnp.float32, block_sizes=bs,
-                        backend=BACKEND, weight_layout="nk")
+  fn = getattr(K, f"{name}_matmul")
+  for bs in (BlockSizes(bm=16, bn=64, bk=64), BlockSizes(bm=32, bn=64, bk=64, k_major=True),
+             BlockSizes(bm=16, bn=64, bk=64, orient="wx")):
+    out = fn(xa, wq.transpose(), out_dtype=jnp.float32, block_sizes=bs, backend=BACKEND,
+             weight_layout="nk")
     assert rel(out, want) < 1e-5
+  x = xa if name == "w4a16" else dequantize(xa)
+  act = None if name == "w4a16" else QuantSpec(bits=8, channel_axes=(0,))
+  for impl in ("pallas", "xla"):
+    y = K.qmatmul(x, wq.transpose(), act_spec=act, implementation=impl, out_dtype=jnp.float32,
+                  weight_layout="nk")
+    assert rel(y, np.asarray(K.qmatmul(x, wq, act_spec=act, implementation=impl,
+                                      out_dtype=jnp.float32), np.float64)) < 1e-6
   with pytest.raises(ValueError, match="use 'kn' or 'nk'"):
-    K.w8a8_matmul(xa, wq, backend=BACKEND, weight_layout="km")
+    fn(xa, wq, backend=BACKEND, weight_layout="km")
 
 
 def _unit(*shape):

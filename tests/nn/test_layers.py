@@ -179,3 +179,38 @@ def test_quantize_model_on_a_user_model():
   assert by["out"]["rule"] == 0 and by["out"]["weight"] == "w-float"
   assert by["blocks/0"]["rule"] == 1 and by["blocks/1"]["act"] == "a8 per-token"
   assert by["heads"]["weight"] == "w4 per-channel" and by["heads"]["bytes"] == 256 * 64 // 2 + 64 * 4
+
+
+@pytest.mark.parametrize("act", [None, A8], ids=["a-float", "a8"])
+@pytest.mark.parametrize("wname", ["w8", "w4", "w4g64bf16", "w4g32asym"])
+def test_weight_stored_k_major_gives_the_same_layer(wname, act):
+  """convert(weight_layout="nk") stores [N, K] (int4: [N, K/2] bytes), the same bytes, and
+  computes what the [K, N] layer computes; quantized_weight() is [K, N] again."""
+  kn, nk = (QLinear(128, 64, rngs=nnx.Rngs(0)) for _ in range(2))
+  for q in (kn, nk):
+    q.set_precision(W_SPECS[wname], act)
+  kn.convert()
+  nk.convert(weight_layout="nk")
+  assert nk.weight_layout == "nk" and kn.weight_layout == "kn"
+  assert nk.qvalue[...].shape == kn.qvalue[...].shape[::-1]
+  np.testing.assert_array_equal(np.asarray(nk.qvalue[...]), np.asarray(kn.qvalue[...]).T)
+  np.testing.assert_array_equal(np.asarray(nk.qscale[...]), np.asarray(kn.qscale[...]).T)
+  assert nk.weight_shape == kn.weight_shape == (128, 64)
+  w_kn, w_nk = kn.quantized_weight(), nk.quantized_weight()
+  assert w_nk.shape == (128, 64) and w_nk.pack_axis == w_kn.pack_axis
+  np.testing.assert_array_equal(np.asarray(w_nk.qvalue), np.asarray(w_kn.qvalue))
+  y_kn, y_nk = kn(x_()), nk(x_())
+  np.testing.assert_allclose(np.asarray(y_nk), np.asarray(y_kn), rtol=1e-6, atol=1e-6)
+  jitted = nnx.jit(lambda m, x: m(x))
+  np.testing.assert_allclose(np.asarray(jitted(nk, x_())), np.asarray(y_kn), rtol=1e-5, atol=1e-5)
+
+
+def test_k_major_storage_is_for_quantized_qlinear_only():
+  e = QEinsum("btk,khd->bthd", (128, 4, 8), (4, 8), rngs=nnx.Rngs(0))
+  e.set_precision(QuantSpec(bits=8, channel_axes=(1, 2)), None)
+  with pytest.raises(ValueError, match="weight_layout='nk' is for QLinear"):
+    e.convert(weight_layout="nk")
+  q = QLinear(128, 64, rngs=nnx.Rngs(0))
+  q.set_precision(W_SPECS["w8"], None)
+  with pytest.raises(ValueError, match="use 'kn' or 'nk'"):
+    q.convert(weight_layout="km")

@@ -131,3 +131,27 @@ def test_jitted_converted_forward():
   tok = tokens(GPT2)
   y = nnx.jit(lambda m, t: m(t))(cv, tok)
   np.testing.assert_allclose(np.asarray(y), np.asarray(cv(tok)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w4a16"])
+def test_k_major_converted_model_matches_and_explains(name):
+  """lowbit.convert(..., weight_layout="nk"): every quantized QLinear stores its weight
+  K-major; logits equal the [K, N] model's through the XLA path and the kernels (interpreted),
+  and explain's bytes still hold."""
+  m = Transformer(LLAMA, rngs=nnx.Rngs(1))
+  policy = lowbit.policy.READY_MADE[name]()
+  kn = lowbit.convert(m, policy)
+  nk = lowbit.convert(m, policy, weight_layout="nk")
+  layers = lowbit.nn.quantizable_layers(nk)
+  stored = {p: q.weight_layout for p, q in layers.items() if getattr(q, "qmeta", None)}
+  assert stored and set(stored.values()) == {"nk"}
+  tok = tokens(LLAMA, b=1, t=8)
+  y = kn(tok)
+  for impl in ("xla", "pallas"):
+    set_implementation(nk, impl)
+    np.testing.assert_allclose(np.asarray(nk(tok)), np.asarray(y), rtol=1e-5, atol=1e-5)
+  rows = {r["path"]: r for r in policy.explain(nk, print_table=False)}
+  for path, layer in layers.items():
+    held = sum(v[...].nbytes for v in jax.tree.leaves(
+        nnx.state(layer), is_leaf=lambda v: isinstance(v, nnx.Variable)))
+    assert held == rows[path]["bytes"], path
