@@ -11,6 +11,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -145,3 +147,24 @@ def test_group_and_packing_conflicts_keep_k_whole():
   specs = sharding.partition_specs(m, FakeMesh(), sharding.RULES["tp"])
   assert tuple(specs["a/kernel"]) == () and tuple(specs["b/kernel"]) == ()
   assert tuple(specs["c/kernel"]) == ("model",)
+
+
+def test_k_major_weights_keep_their_tensor_parallel_kind():
+  """In-process (1 device): a weight stored [N, K] (convert(weight_layout="nk")) is column
+  or row parallel as its [K, N] twin is, and the per-shard forward gives the same logits."""
+  cfg = lowbit.TransformerConfig.llama(vocab_size=64, d_model=32, n_layers=1, n_heads=4,
+                                       n_kv_heads=2, d_ff=64, max_len=16)
+  policy = lowbit.policy.READY_MADE["w8a8"]()
+  mesh = sharding.make_mesh((1, 1))
+  tok = jnp.zeros((2, 8), jnp.int32)
+  kinds, logits = {}, {}
+  for layout in ("kn", "nk"):
+    m = lowbit.convert(lowbit.Transformer(cfg, rngs=nnx.Rngs(0)), policy, weight_layout=layout)
+    sharding.shard(m, mesh, sharding.RULES["tp"], per_shard_kernels=True)
+    kinds[layout] = {p: q.tp[2] for p, q in lowbit.nn.quantizable_layers(m).items()
+                     if getattr(q, "tp", None)}
+    logits[layout] = np.asarray(m(tok))
+  assert kinds["kn"] and kinds["nk"] == kinds["kn"]
+  assert kinds["kn"]["layers/0/mlp/down_proj"] == "row"
+  assert kinds["kn"]["layers/0/mlp/up_proj"] == "column"
+  np.testing.assert_allclose(logits["nk"], logits["kn"], rtol=1e-5, atol=1e-5)
