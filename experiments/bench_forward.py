@@ -5,7 +5,10 @@
 Prints the median time of a jitted forward for float and each ready-made
 policy (converted), and the ratio to float measured in the same run. On CPU
 the converted model runs the XLA paths (int8 x int8 -> int32 dots for W8A8 and
-W4A8); on a GPU the Pallas kernels.
+W4A8); on a GPU the Pallas kernels. ``--weight-layouts kn nk`` also times each
+policy converted with its weights stored K-major (``lowbit.convert(...,
+weight_layout="nk")``, rows ``<policy>-nk``); ``--bf16`` runs the model in
+bfloat16 (what a GPU serves), ``--out`` writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 import lowbit
@@ -41,24 +45,36 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=15)
   ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best median kept")
   ap.add_argument("--policies", nargs="*", default=["w8a8", "w4a8", "w8a16", "w4a16"])
+  ap.add_argument("--weight-layouts", nargs="*", default=["kn"], choices=["kn", "nk"])
+  ap.add_argument("--bf16", action="store_true", help="activations and float weights in bf16")
+  ap.add_argument("--out", help="write the rows here as JSON")
   args = ap.parse_args(argv)
   cfg = TransformerConfig.llama(vocab_size=256, d_model=args.d, n_layers=args.layers,
-                                n_heads=args.d // 64, d_ff=4 * args.d, max_len=args.seq)
+                                n_heads=args.d // 64, d_ff=4 * args.d, max_len=args.seq,
+                                **(dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+                                   if args.bf16 else {}))
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   tok = jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, cfg.vocab_size)
   fwd = nnx.jit(lambda m, t: m(t))
   models = {"float": model}
   for name in args.policies:
-    models[name] = lowbit.convert(model, lowbit.policy.READY_MADE[name]())
+    for layout in args.weight_layouts:
+      key = name if layout == "kn" else f"{name}-nk"
+      models[key] = lowbit.convert(model, lowbit.policy.READY_MADE[name](), weight_layout=layout)
   best = {k: float("inf") for k in models}
   for _ in range(args.rounds):  # interleave so drift hits every variant alike
     for name, m in models.items():
       best[name] = min(best[name], timed(lambda m=m: fwd(m, tok), args.reps))
-  print(json.dumps(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                        d_model=args.d, layers=args.layers, tokens=args.batch * args.seq)))
-  print(f"{'model':8s} {'ms':>8s} {'vs float':>9s}")
+  meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, d_model=args.d,
+              layers=args.layers, tokens=args.batch * args.seq, bf16=args.bf16)
+  print(json.dumps(meta))
+  print(f"{'model':9s} {'ms':>8s} {'vs float':>9s}")
   for name, t in best.items():
-    print(f"{name:8s} {t * 1e3:8.2f} {t / best['float']:8.2f}x")
+    print(f"{name:9s} {t * 1e3:8.2f} {t / best['float']:8.2f}x")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(dict(meta=meta, rows=[dict(model=k, ms=t * 1e3, vs_float=t / best["float"])
+                                      for k, t in best.items()]), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 # kernel tests compiled (not interpreted), then the kernel benchmark (device time
 # from CUPTI).
 #   usage (device tool): bash experiments/device_check.sh
-#   knobs: SWEEP=--sweep (default) or SWEEP= ; BENCH_DEADLINE (s), REPS, BENCH_ARGS
+#   knobs: SWEEP=--sweep (default) or SWEEP= ; BENCH_DEADLINE (s), REPS, BENCH_ARGS;
+#          FORWARD=1 adds bench_forward.py (decode, [K, N] vs K-major stored weights)
 # Writes logs and bench_kernels.json under $OUT (or ./device_out).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -41,4 +42,11 @@ timeout ${BENCH_TIMEOUT:-300} python3 "$REPO/experiments/bench_kernels.py" --ful
   --out "$OUT/bench_kernels.json" > "$OUT/bench.log" 2>&1
 echo "bench exit $? at $(( $(date +%s) - T0 )) s"
 grep -v '^{' "$OUT/bench.log" | grep -v '^m=' | tail -150
+# Opt-in (FORWARD=1): a converted model's decode forward, weights [K, N] vs stored K-major.
+if [ "${FORWARD:-0}" = 1 ]; then
+  timeout ${FORWARD_TIMEOUT:-150} python3 "$REPO/experiments/bench_forward.py" --bf16 --d 4096 \
+    --layers 2 --batch 1 --seq 16 --reps 20 --rounds 2 --policies w8a8 w4a16 \
+    --weight-layouts kn nk --out "$OUT/bench_forward.json" 2>&1 | tail -8
+  echo "forward done at $(( $(date +%s) - T0 )) s"
+fi
 echo "all done at $(( $(date +%s) - T0 )) s"
