@@ -158,7 +158,7 @@ def test_kernels_take_a_weight_transposed_ahead_of_time(name, wbits, group):
     assert rel(out, want) < 1e-5
   x = xa if name == "w4a16" else dequantize(xa)
   act = None if name == "w4a16" else QuantSpec(bits=8, channel_axes=(0,))
-  for impl in ("pallas", "xla"):
+  for impl in ("pallas", "xla", "dequant", "reference"):
     y = K.qmatmul(x, wq.transpose(), act_spec=act, implementation=impl, out_dtype=jnp.float32,
                   weight_layout="nk")
     assert rel(y, np.asarray(K.qmatmul(x, wq, act_spec=act, implementation=impl,
