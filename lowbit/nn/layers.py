@@ -325,13 +325,27 @@ class QEinsum(_QuantMixin, nnx.Einsum):
 
   The weight spec's axes refer to the kernel's axes; int4 packs along the
   kernel's first contracted axis. Activations may be quantized per-tensor.
-  Converted mode dequantizes the packed kernel on the fly and runs the einsum
-  (the XLA path; the Pallas kernels take 2-D matmuls).
+  In converted mode an einsum that is a matmul, ``x[..., k] @ w[k, ...]``
+  (e.g. ``"btk,khd->bthd"``), goes through :func:`lowbit.kernels.qmatmul`
+  with the kernel as a ``[K, H*D]`` matrix (:meth:`QArray.as_matrix`): the
+  Pallas kernels on GPU / TPU, ``implementation`` as in QLinear; any other
+  einsum dequantizes the kernel and runs the einsum.
   """
 
   def __init__(self, einsum_str: str, kernel_shape, bias_shape=None, **kwargs):
     super().__init__(einsum_str, kernel_shape, bias_shape, **kwargs)
     self._init_quant()
+    self.implementation: str | None = None
+
+  def _as_matmul(self, einsum_str: str, x_ndim: int) -> bool:
+    """Whether ``einsum_str`` is ``x[..., k] @ w[k, ...]``: the input's last axis is the
+    kernel's first and only contracted one, and the output is the input's other axes
+    then the kernel's, in order (e.g. ``"btk,khd->bthd"``)."""
+    lhs, out = einsum_str.split("->")
+    xs, ws = lhs.split(",")
+    return (len(xs) == x_ndim and "." not in einsum_str and len(ws) >= 2 and xs[-1] == ws[0]
+            and ws[0] not in out and out == xs[:-1] + ws[1:]
+            and len(set(xs[:-1]) | set(ws[1:])) == len(xs) - 1 + len(ws) - 1)
 
   @classmethod
   def from_einsum(cls, e: nnx.Einsum) -> "QEinsum":
@@ -365,6 +379,22 @@ class QEinsum(_QuantMixin, nnx.Einsum):
     bias = self.bias[...] if self.bias is not None else None
     if self.mode == FAKE_QUANT:
       kernel = self._weight_for_fake_quant()
+    elif self.weight_spec is not None and self._as_matmul(einsum_str, inputs.ndim):
+      # a matmul in einsum's clothes: the kernel as a [K, H*D...] matrix through the
+      # dispatch (the Pallas kernels on GPU / TPU, the integer XLA paths on CPU)
+      dtype = self.dtype or inputs.dtype
+      w = self.quantized_weight()
+      y = kernels.qmatmul(inputs.astype(dtype), w.as_matrix(), act_spec=self.act_spec,
+                          act_params=self._act_params(), implementation=self.implementation,
+                          out_dtype=dtype)
+      y = y.reshape(*inputs.shape[:-1], *w.shape[1:])
+      if bias is not None:
+        kernel_shape = (inputs.shape[-1], *w.shape[1:])
+        bias = bias.astype(dtype)
+        shape_only = jax.ShapeDtypeStruct(kernel_shape, dtype)
+        y = y + jnp.reshape(bias, self._infer_broadcasted_bias_shape(einsum_str, inputs,
+                                                                     shape_only))
+      return y
     else:
       kernel = (dequantize(self.quantized_weight()) if self.weight_spec is not None
                 else self.kernel[...])

@@ -95,9 +95,10 @@ def convert(model: nnx.Module, policy: PrecisionPolicy | None = None, *,
 
 def set_implementation(model: nnx.Module, implementation: str | None) -> None:
   """Force the matmul implementation (``"pallas"``, ``"xla"``, ``"dequant"``, ``"reference"``; see
-  :func:`lowbit.kernels.qmatmul`) of converted QLinears."""
+  :func:`lowbit.kernels.qmatmul`) of converted QLinears and of QEinsums whose einsum is a
+  matmul (``x[..., k] @ w[k, ...]``)."""
   for layer in quantizable_layers(model).values():
-    if isinstance(layer, QLinear):
+    if isinstance(layer, (QLinear, QEinsum)):
       layer.implementation = implementation
 
 

@@ -104,5 +104,39 @@ class QArray:
         pack_axis=None if self.pack_axis is None else swap[self.pack_axis])
 
 
+  def as_matrix(self) -> QArray:
+    """The 2-D QArray ``[shape[0], prod(shape[1:])]`` of a weight contracted along axis 0:
+    ``dequantize(q.as_matrix()) == dequantize(q).reshape(shape[0], -1)``.
+
+    Needs groups and packing (if any) along axis 0. Scales and zero points shared over
+    some trailing axes are repeated over them first (per-column after the reshape), so a
+    ``[K, H, D]`` kernel with ``channel_axes=(1, 2)`` or ``(2,)`` becomes ``[K, H*D]`` with
+    ``channel_axes=(1,)``; a per-tensor one stays per-tensor. Values are reshaped, not copied.
+    """
+    if self.ndim < 2:
+      raise ValueError(f"QArray.as_matrix: needs 2 or more axes, got shape {self.shape}.")
+    if 0 in self.channel_axes or self.group_axis not in (None, 0) or self.pack_axis not in (None, 0):
+      raise ValueError(
+          f"QArray.as_matrix: groups (axis {self.group_axis}) and packing (axis "
+          f"{self.pack_axis}) must be along axis 0, the contraction axis, and the scales "
+          f"shared along it (channel_axes={self.channel_axes}).")
+    if self.ndim == 2:
+      return self
+    cols = int(np.prod(self.shape[1:]))
+    per_col = bool(self.channel_axes)
+
+    def flat(a):
+      if a is None:
+        return None
+      if per_col:
+        a = jnp.broadcast_to(a, (a.shape[0], *self.shape[1:]))
+      return a.reshape(a.shape[0], cols if per_col else 1)
+
+    return dataclasses.replace(
+        self, qvalue=self.qvalue.reshape(self.qvalue.shape[0], cols), scale=flat(self.scale),
+        zero_point=flat(self.zero_point), shape=(self.shape[0], cols),
+        channel_axes=(1,) if per_col else ())
+
+
 def _nbytes(a) -> int:
   return int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize

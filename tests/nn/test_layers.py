@@ -119,6 +119,41 @@ def test_qeinsum_modes():
     QEinsum("btk,kn->btn", (128, 64), rngs=nnx.Rngs(0)).set_precision(None, A8)
 
 
+@pytest.mark.parametrize("wname", ["w8", "w4g64bf16", "w4g32asym"])
+@pytest.mark.parametrize("act", [None, QuantSpec(bits=8)], ids=["a-float", "a8-tensor"])
+def test_converted_qeinsum_calls_the_dispatch(wname, act, monkeypatch):
+  """A matmul-shaped einsum ("btk,khd->bthd") goes through lowbit.kernels.qmatmul with the
+  kernel as a [K, H*D] matrix: same numbers as fake-quant, through the XLA path and the
+  Pallas kernel (interpreted); another einsum keeps the dequantize path."""
+  spec = W_SPECS[wname]
+  spec3 = QuantSpec(bits=spec.bits, symmetric=spec.symmetric, channel_axes=(1, 2),
+                    group_size=spec.group_size, pack=spec.pack, scale_dtype=spec.scale_dtype)
+  e = QEinsum("btk,khd->bthd", (128, 4, 16), (4, 16), rngs=nnx.Rngs(0))
+  e.set_precision(spec3, act)
+  y_fq = e(x_())
+  e.convert()
+  calls = []
+  real = lowbit.kernels.qmatmul
+  monkeypatch.setattr(lowbit.kernels, "qmatmul",
+                      lambda x, w, **kw: calls.append(w.shape) or real(x, w, **kw))
+  has_kernel = lowbit.kernels.kernel_for(e.quantized_weight().as_matrix(), act) is not None
+  assert has_kernel == (wname == "w4g64bf16" or (wname == "w8" and act is not None))
+  for impl in ("xla", "pallas") if has_kernel else ("xla",):
+    e.implementation = impl
+    y = e(x_())
+    assert y.shape == (3, 5, 4, 16)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_fq), rtol=1e-5, atol=1e-5)
+  assert calls and set(calls) == {(128, 64)}
+  # not x[..., k] @ w[k, ...]: the kernel is contracted on another axis -> dequantize path
+  e2 = QEinsum("bth,khd->btkd", (128, 5, 16), (128, 16), rngs=nnx.Rngs(0))
+  e2.set_precision(QuantSpec(bits=8, channel_axes=(0, 2)), None)
+  y2 = e2(x_((3, 7, 5)))
+  e2.convert()
+  calls.clear()
+  np.testing.assert_allclose(np.asarray(e2(x_((3, 7, 5)))), np.asarray(y2), rtol=1e-5, atol=1e-5)
+  assert not calls
+
+
 def test_bad_specs_name_the_layer():
   q = QLinear(96, 32, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"group_size=64 does not divide axis 0 of "

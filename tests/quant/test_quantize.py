@@ -236,6 +236,25 @@ def test_transpose_is_the_transposed_tensor(spec):
     quantize(normal((4, 4, 4)), QuantSpec(bits=8)).transpose()
 
 
+@pytest.mark.parametrize("spec", [
+    QuantSpec(bits=8, channel_axes=(1, 2)),
+    QuantSpec(bits=8, channel_axes=(2,)),
+    QuantSpec(bits=8, channel_axes=()),
+    QuantSpec(bits=4, channel_axes=(1, 2), group_size=16, pack=True),
+    QuantSpec(bits=4, symmetric=False, channel_axes=(1, 2), group_size=32, pack=True),
+], ids=["int8-channels", "int8-last-axis", "int8-tensor", "int4-g16-packed", "int4-asym-g32"])
+def test_as_matrix_is_the_reshaped_tensor(spec):
+  qa = quantize(normal((64, 3, 8), seed=6), spec)
+  qm = qa.as_matrix()
+  assert qm.shape == (64, 24) and qm.pack_axis == qa.pack_axis
+  assert qm.channel_axes == ((1,) if spec.channel_axes else ())
+  np.testing.assert_array_equal(np.asarray(dequantize(qm)),
+                                np.asarray(dequantize(qa)).reshape(64, 24))
+  assert qm.as_matrix() is qm  # already a matrix
+  with pytest.raises(ValueError, match="along axis 0"):
+    quantize(normal((8, 16, 4)), QuantSpec(bits=8, channel_axes=(0,))).as_matrix()
+
+
 def test_transposing_back_costs_nothing_under_jit():
   """The K-major kernels transpose a ``[K, N]`` weight; given ``w.transpose()`` they
   transpose it back, and XLA folds the pair: no transpose is left in the program."""
