@@ -166,8 +166,10 @@ def test_w4a16_matches_reference_and_float64(m, k, n, group, kw, layout):
   assert out.shape == (m, n) and out.dtype == jnp.float32
   assert rel(out, np.asarray(K.w4a16.reference(x, wq, out_dtype=jnp.float32), np.float64)) < 1e-5
   assert rel(out, w4_oracle(x, wq)) < 1e-5
-  out16 = K.w4a16_matmul(x, w, backend=BACKEND, block_sizes=w4_tiles(**kw), weight_layout=layout)
-  assert out16.dtype == jnp.bfloat16 and rel(out16, w4_oracle(x, wq)) < 1e-2
+  if group == 64:  # bf16 output (one case: the cast is the same in all)
+    out16 = K.w4a16_matmul(x, w, backend=BACKEND, block_sizes=w4_tiles(**kw),
+                           weight_layout=layout)
+    assert out16.dtype == jnp.bfloat16 and rel(out16, w4_oracle(x, wq)) < 1e-2
 
 
 def test_qmatmul_takes_hopper_w4_tiles_for_w4a16_and_w4a8():

@@ -119,8 +119,9 @@ def test_qeinsum_modes():
     QEinsum("btk,kn->btn", (128, 64), rngs=nnx.Rngs(0)).set_precision(None, A8)
 
 
-@pytest.mark.parametrize("wname", ["w8", "w4g64bf16", "w4g32asym"])
-@pytest.mark.parametrize("act", [None, QuantSpec(bits=8)], ids=["a-float", "a8-tensor"])
+@pytest.mark.parametrize("wname,act", [("w8", QuantSpec(bits=8)), ("w8", None),
+                                       ("w4g64bf16", None), ("w4g32asym", QuantSpec(bits=8))],
+                         ids=["w8-a8-tensor", "w8-a-float", "w4g64bf16-a-float", "w4g32asym-a8"])
 def test_converted_qeinsum_calls_the_dispatch(wname, act, monkeypatch):
   """A matmul-shaped einsum ("btk,khd->bthd") goes through lowbit.kernels.qmatmul with the
   kernel as a [K, H*D] matrix: same numbers as fake-quant, through the XLA path and the
@@ -216,8 +217,9 @@ def test_quantize_model_on_a_user_model():
   assert by["heads"]["weight"] == "w4 per-channel" and by["heads"]["bytes"] == 256 * 64 // 2 + 64 * 4
 
 
-@pytest.mark.parametrize("act", [None, A8], ids=["a-float", "a8"])
-@pytest.mark.parametrize("wname", ["w8", "w4", "w4g64bf16", "w4g32asym"])
+@pytest.mark.parametrize("wname,act", [("w8", A8), ("w4", None), ("w4g64bf16", A8),
+                                       ("w4g32asym", None)],
+                         ids=["w8-a8", "w4-a-float", "w4g64bf16-a8", "w4g32asym-a-float"])
 def test_weight_stored_k_major_gives_the_same_layer(wname, act):
   """convert(weight_layout="nk") stores [N, K] (int4: [N, K/2] bytes), the same bytes, and
   computes what the [K, N] layer computes; quantized_weight() is [K, N] again."""
