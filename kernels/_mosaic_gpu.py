@@ -148,6 +148,31 @@ def check_fit(name: str, k: int, n: int, tiles: HopperTiles, out_dtype) -> None:
         f"{SMEM_BYTES}; lower max_concurrent_steps or the tiles.")
 
 
+def _tiled(cols: int, bits: int) -> tuple:
+  """Shared-memory transforms of a tile with rows of ``cols`` elements of ``bits``: 8-row
+  tiles and the widest swizzle the row allows (what TMA and wgmma want)."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  sw = plgpu.find_swizzle(cols * bits)
+  return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
+
+
+def _launch(kernel, out_type, num_sms: int, name: str, interpret: bool):
+  """The persistent launch both kernels share: one CTA per SM (grid axis ``"sm"``), a TMA
+  warpgroup and two compute warpgroups (axis ``"wg"``), warpgroup lowering semantics;
+  ``interpret`` runs it in jax's GPU interpreter."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  extra = {}
+  if interpret:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    extra["interpret"] = InterpretGPUParams()
+  kernel.__name__ = name  # the kernel's name in profiles and HLO
+  return plgpu.kernel(
+      kernel, out_type=out_type, grid=(num_sms,), grid_names=("sm",), num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      **extra)
+
+
 def w8a8_kernel(xq: jax.Array, xs: jax.Array, w: jax.Array, ws: jax.Array, *,
                 tiles: HopperTiles, out_dtype, interpret: bool = False,
                 name: str = "lowbit_w8a8_hopper") -> jax.Array:
@@ -165,12 +190,8 @@ def w8a8_kernel(xq: jax.Array, xs: jax.Array, w: jax.Array, ws: jax.Array, *,
   t = tiles
   cta_m, cta_n = t.cta_m, t.cta_n
   m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // t.tile_k
-  swizzle = plgpu.find_swizzle(t.tile_k * 8)  # int8 rows of tile_k bytes
-  in_tr = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
-  out_bits = jnp.dtype(out_dtype).itemsize * 8
-  out_swizzle = plgpu.find_swizzle(t.epi_tile * out_bits)
-  out_tr = (plgpu.TilingTransform((8, out_swizzle * 8 // out_bits)),
-            plgpu.SwizzleTransform(out_swizzle))
+  in_tr = _tiled(t.tile_k, 8)  # int8 rows of tile_k bytes
+  out_tr = _tiled(t.epi_tile, jnp.dtype(out_dtype).itemsize * 8)
   if interpret:  # the interpreter ignores physical layouts: no tiling or swizzle here
     w_spec = plgpu.BlockSpec((t.tile_k, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM)
   else:
@@ -253,22 +274,12 @@ def w8a8_kernel(xq: jax.Array, xs: jax.Array, w: jax.Array, ws: jax.Array, *,
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  extra = {}
-  if interpret:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    extra["interpret"] = InterpretGPUParams()
-  num_sms = t.num_sms or default_num_sms()
-  kernel.__name__ = name  # the kernel's name in profiles and HLO
-  f = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(num_sms,),
-      grid_names=("sm",), num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      **extra)
-  return f(xq, xs, w, ws)
+  return _launch(kernel, jax.ShapeDtypeStruct((m, n), out_dtype), t.num_sms or default_num_sms(),
+                 name, interpret)(xq, xs, w, ws)
 
 
 # ---------------------------------------------------------------------------------------
-# W4A16: the int4 weight as wgmma's A operand, from registers (decode)
+# W4A16 / W4A8: the int4 weight as wgmma's A operand, from registers (decode)
 # ---------------------------------------------------------------------------------------
 
 
@@ -429,18 +440,14 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   steps = kk_total // tk // p.split_k  # per split
   kspan = steps * tk
 
-  def tiled(cols: int, bits: int):
-    sw = plgpu.find_swizzle(cols * bits)
-    return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
-
   smem = plgpu.SMEM
   if interpret:
     x_spec = plgpu.BlockSpec((tk, tm), lambda t: (t, 0), memory_space=smem)
     w_spec = plgpu.BlockSpec((cta_n, tk), lambda t: (0, t), memory_space=smem)
   else:
-    x_spec = plgpu.BlockSpec((tm, tk), lambda t: (0, t), transforms=tiled(tk, act.itemsize * 8),
+    x_spec = plgpu.BlockSpec((tm, tk), lambda t: (0, t), transforms=_tiled(tk, act.itemsize * 8),
                              memory_space=smem)
-    w_spec = plgpu.BlockSpec((cta_n, tk), lambda t: (0, t), transforms=tiled(tk, 4),
+    w_spec = plgpu.BlockSpec((cta_n, tk), lambda t: (0, t), transforms=_tiled(tk, 4),
                              memory_space=smem)
   specs = [x_spec] * len(xs) + [w_spec]
   if p.grouped:  # the lo half's group row, then the hi half's
@@ -473,7 +480,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(*operands(0, 0, pl.ds(0, cta_n))),
         out_smem=plgpu.SMEM((2, tn, tm), jnp.float32,
-                            transforms=() if interpret else tiled(tm, 32)),
+                            transforms=() if interpret else _tiled(tm, 32)),
         collective_axes="wg")
     def _scope(allocs, out_smem):
       wg = lax.axis_index("wg")
@@ -550,18 +557,9 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  extra = {}
-  if interpret:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    extra["interpret"] = InterpretGPUParams()
-  kernel.__name__ = name
-  f = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((p.split_k, n, mt * tm), jnp.float32),
-      grid=(p.num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      **extra)
+  out_type = jax.ShapeDtypeStruct((p.split_k, n, mt * tm), jnp.float32)
   args = (*xs, w4) + ((ws,) if p.grouped else ())
-  return f(*args)
+  return _launch(kernel, out_type, p.num_sms, name, interpret)(*args)
 
 
 def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,

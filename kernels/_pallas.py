@@ -433,6 +433,16 @@ def resolve_backend(backend: str | None) -> Backend:
   return backend  # type: ignore[return-value]
 
 
+def resolve_block_sizes(kernel: str, backend: Backend, m: int, k: int, n: int,
+                        block_sizes: BlockSizes | None, weight_layout: str) -> BlockSizes:
+  """``block_sizes``, or :func:`default_block_sizes`; a weight stored ``"nk"`` (K-major)
+  takes K-major tiles off TPU, so the kernel reads it as stored (no transpose per call)."""
+  bs = block_sizes or default_block_sizes(kernel, backend, m, k, n)
+  if weight_layout == "nk" and backend != "tpu" and not bs.k_major:
+    bs = dataclasses.replace(bs, k_major=True)
+  return bs
+
+
 def logical_weight(w, weight_layout: str, name: str):
   """The ``[K, N]`` view of a weight given as stored: ``"kn"`` as is, ``"nk"`` (a weight
   transposed once ahead of time, ``w.transpose()``) transposed back; a kernel that reads

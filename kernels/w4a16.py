@@ -7,7 +7,6 @@ one group spanning K).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -57,9 +56,7 @@ def w4a16_matmul(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
     return _hopper(x, wq, ws, group, out_dtype=out_dtype or x.dtype,
                    tiles=block_sizes or HopperW4Tiles(),
                    interpret=backend == "mosaic_gpu_interpret")
-  bs = block_sizes or _pallas.default_block_sizes("w4a16", backend, m, k, n)
-  if weight_layout == "nk" and backend != "tpu" and not bs.k_major:
-    bs = dataclasses.replace(bs, k_major=True)  # read the stored [N, K/2] bytes as they are
+  bs = _pallas.resolve_block_sizes("w4a16", backend, m, k, n, block_sizes, weight_layout)
   _pallas.check_block_fit("w4a16_matmul", k, n, True, group, bs, backend)
   return _pallas.run_matmul(x, None, wq, ws, k=k, n=n, packed=True, group=group,
                             int_dot=False, out_dtype=out_dtype or x.dtype, bs=bs,

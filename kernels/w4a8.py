@@ -6,7 +6,6 @@ int32: ``out[m, n] = sx[m] * sum_g sw[g, n] * sum_{k in g} xq[m, k] * q[k, n]``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -53,9 +52,7 @@ def w4a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
                               name="w4a8_matmul(backend='mosaic_gpu')",
                               kernel_name="lowbit_w4a8_hopper")
     return (y * xs).astype(out_dtype)
-  bs = block_sizes or _pallas.default_block_sizes("w4a8", backend, m, k, n)
-  if weight_layout == "nk" and backend != "tpu" and not bs.k_major:
-    bs = dataclasses.replace(bs, k_major=True)  # read the stored [N, K/2] bytes as they are
+  bs = _pallas.resolve_block_sizes("w4a8", backend, m, k, n, block_sizes, weight_layout)
   _pallas.check_block_fit("w4a8_matmul", k, n, True, group, bs, backend)
   return _pallas.run_matmul(xq, xs, wq, ws, k=k, n=n, packed=True, group=group,
                             int_dot=True, out_dtype=out_dtype, bs=bs, backend=backend,

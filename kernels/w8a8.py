@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -59,9 +58,7 @@ def w8a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
   if backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
     return _hopper(xq, xs, wq, ws, out_dtype=out_dtype, tiles=block_sizes or HopperTiles(),
                    interpret=backend == "mosaic_gpu_interpret")
-  bs = block_sizes or _pallas.default_block_sizes("w8a8", backend, m, k, n)
-  if weight_layout == "nk" and backend != "tpu" and not bs.k_major:
-    bs = dataclasses.replace(bs, k_major=True)
+  bs = _pallas.resolve_block_sizes("w8a8", backend, m, k, n, block_sizes, weight_layout)
   _pallas.check_block_fit("w8a8_matmul", k, n, False, None, bs, backend)
   return _pallas.run_matmul(xq, xs, wq, ws, k=k, n=n, packed=False, group=None,
                             int_dot=True, out_dtype=out_dtype, bs=bs, backend=backend,

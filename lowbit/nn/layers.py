@@ -388,12 +388,10 @@ class QEinsum(_QuantMixin, nnx.Einsum):
                           act_params=self._act_params(), implementation=self.implementation,
                           out_dtype=dtype)
       y = y.reshape(*inputs.shape[:-1], *w.shape[1:])
-      if bias is not None:
-        kernel_shape = (inputs.shape[-1], *w.shape[1:])
-        bias = bias.astype(dtype)
-        shape_only = jax.ShapeDtypeStruct(kernel_shape, dtype)
-        y = y + jnp.reshape(bias, self._infer_broadcasted_bias_shape(einsum_str, inputs,
-                                                                     shape_only))
+      if bias is not None:  # nnx's own bias broadcast (it reads the kernel's shape only)
+        shape = self._infer_broadcasted_bias_shape(einsum_str, inputs,
+                                                   jax.ShapeDtypeStruct(w.shape, dtype))
+        y = y + jnp.reshape(bias.astype(dtype), shape)
       return y
     else:
       kernel = (dequantize(self.quantized_weight()) if self.weight_spec is not None

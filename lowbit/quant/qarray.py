@@ -103,7 +103,6 @@ class QArray:
         group_axis=None if self.group_axis is None else swap[self.group_axis],
         pack_axis=None if self.pack_axis is None else swap[self.pack_axis])
 
-
   def as_matrix(self) -> QArray:
     """The 2-D QArray ``[shape[0], prod(shape[1:])]`` of a weight contracted along axis 0:
     ``dequantize(q.as_matrix()) == dequantize(q).reshape(shape[0], -1)``.
