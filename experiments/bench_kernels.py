@@ -40,6 +40,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -209,26 +210,35 @@ def candidates(kernel: str, m: int) -> list[BlockSizes]:
 
 
 def hopper_candidates(m: int) -> list[HopperTiles]:
-  """Tiles of the Mosaic GPU W8A8 kernel tried by ``--sweep`` (M >= 256): the default,
+  """Tiles of the Mosaic GPU W8A8 kernel tried by ``--sweep`` (M >= 1024; run 5: Triton's
+  K-major tiles win at M = 256): the default,
   a deeper or shallower pipeline, the other warpgroup split and snake order, band widths."""
-  if m < 256:
+  if m < 1024:
     return []
   T = HopperTiles
-  return [T(), T(max_concurrent_steps=4, epi_tile=32), T(tile_k=64, max_concurrent_steps=6),
-          T(wg_dim="m"), T(grid_minor="m"), T(grid_tile_width=4), T(grid_tile_width=16),
+  # (run 5: max_concurrent_steps=4 with epi_tile=32 failed Mosaic's layout inference)
+  return [T(), T(max_concurrent_steps=4), T(grid_minor="m"), T(grid_minor="m", grid_tile_width=4),
+          T(grid_tile_width=4), T(grid_minor="m", grid_tile_width=16),
           T(tile_n=64, max_concurrent_steps=4)]
 
 
 def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
-  """Tiles of the Mosaic GPU W4A16 kernel tried by ``--sweep`` (M <= 64): the default,
-  byte loads of the codes, the K-split (the SMs a decode step fills), the 128-row
-  warpgroup tile, pipeline depth."""
-  if m > 64:
+  """Tiles of the Mosaic GPU int4 kernel tried by ``--sweep`` (M <= 256): the two ways
+  the nibbles reach wgmma, byte or 32-bit loads of the codes, the K-split (the SMs a
+  decode step fills), the 128-row warpgroup tile, pipeline depth, token tiles."""
+  if m > 256:
     return []
   T = HopperW4Tiles
-  loads = [T(wide_load=False)] if kname == "w4a16" else []  # W4A8 has one load layout
-  return [T(), *loads, T(split_k=1), T(split_k=4), T(tile_n=128), T(tile_n=128, split_k=4),
-          T(max_concurrent_steps=2), T(max_concurrent_steps=6)]
+  S = functools.partial(T, nibbles="split")
+  if m > 64:  # W4A8's M = 256 target: MMA-bound, token tiles of 64 to 128
+    if kname != "w4a8":
+      return []
+    return [T(), S(), S(tile_n=128), S(tile_m=128), S(tile_m=128, tile_n=128),
+            S(tile_m=128, split_k=2), S(wide_load=False)]
+  run5 = [T(), T(tile_n=128, split_k=4)] + ([T(wide_load=False)] if kname == "w4a16" else [])
+  return run5 + [S(), S(wide_load=False), S(tile_n=128), S(tile_n=128, split_k=4),
+                 S(split_k=1), S(split_k=4), S(max_concurrent_steps=6),
+                 S(tile_n=128, wide_load=False)]
 
 
 def hopper_fn(tiles, interpret: bool, weight_layout: str = "kn", kname: str = "w4a16"):
@@ -327,14 +337,21 @@ def main(argv=None):
       xs = {"bf16": x.astype(jnp.bfloat16),
             "int8": quantize(x, QuantSpec(bits=8, channel_axes=(0,)))}
       impls = dict(baselines())
+      # The Triton / TPU kernels by name (on GPU backend="gpu": the wrappers' own default
+      # takes a Mosaic GPU kernel where _mosaic_gpu.AUTO says, timed as *_auto_nk).
+      pallas_backend = "gpu" if platform == "gpu" else None
       if platform in ("gpu", "tpu") or args.force_kernels:
         for kname, fn, wk, ak, op in KERNELS:
           impls[f"lowbit_{kname}" + ("_g128" if wk == "int4" else "")] = (
-              kernel_fn(fn, None), wk, ak, op)
-      if platform in ("gpu", "tpu") or args.force_kernels:
+              kernel_fn(fn, None, backend=pallas_backend), wk, ak, op)
         # the weight stored K-major ahead of time: no transpose per call
-        impls["lowbit_w8a8_nk"] = (kernel_fn(K.w8a8_matmul, None, weight_layout="nk"),
-                                   "int8_nk", "int8", "int8")
+        impls["lowbit_w8a8_nk"] = (
+            kernel_fn(K.w8a8_matmul, None, backend=pallas_backend, weight_layout="nk"),
+            "int8_nk", "int8", "int8")
+      if sm90:  # what a converted model (weight_layout="nk") gets by default on this GPU
+        for kname, fn, wk, ak, op in KERNELS:
+          impls[f"lowbit_{kname}_auto_nk"] = (kernel_fn(fn, None, weight_layout="nk"),
+                                              f"{wk}_nk", ak, op)
       if hopper["w8a8"] and m >= (64 if hopper_interp else 256):
         impls["lowbit_w8a8_hopper"] = (hopper_fn(HopperTiles(), hopper_interp),
                                        "int8", "int8", "int8")
@@ -403,6 +420,9 @@ def main(argv=None):
             row["rel_err_vs_xla"] = rel_err(y, outs[XLA_OF[kname]])
           if "_hopper" in name:
             bs = HopperTiles() if kname == "w8a8" else HopperW4Tiles()
+          elif "_auto" in name:
+            bs = K._mosaic_gpu.auto_tiles(kname, m, k, n, None if kname == "w8a8" else GROUP,
+                                          "nk") or default_block_sizes(kname, "gpu", m, k, n)
           else:
             bs = default_block_sizes(kname, "gpu", m, k, n)
           if name.endswith("_nk") and isinstance(bs, BlockSizes):

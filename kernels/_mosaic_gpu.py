@@ -112,6 +112,45 @@ def default_num_sms() -> int:
   return int(getattr(d, "core_count", 0) or 132) if d.platform == "gpu" else 132
 
 
+def is_hopper() -> bool:
+  """Whether the default device is a Hopper GPU (sm_90: TMA and ``wgmma``)."""
+  d = jax.devices()[0]
+  return d.platform == "gpu" and str(getattr(d, "compute_capability", "")).startswith("9")
+
+
+#: Where a wrapper called with neither ``backend`` nor ``block_sizes`` takes its Mosaic GPU
+#: kernel on a Hopper GPU: ``kernel -> (least M, most M, weight layouts, tiles)``, from
+#: the measured GPU runs (docs/kernels.md); elsewhere, and for shapes the tiles cannot
+#: take, the Triton kernel. The integer kernels' sums are exact either way.
+AUTO: dict[str, tuple] = {
+    # H200 run 5: 1.70x / 1.74x of bf16 (kn) and 1.89x / 1.88x (nk) at M = 4096 / 8192,
+    # Triton 1.35x-1.58x; at M = 256 Triton's K-major tiles win (1.30x vs 1.05x).
+    "w8a8": (4096, None, ("kn", "nk"), None),
+}
+
+
+def auto_tiles(kernel: str, m: int, k: int, n: int, group: int | None,
+               weight_layout: str, out_dtype=jnp.bfloat16):
+  """The tiles of the Mosaic GPU kernel that :data:`AUTO` names for this problem on this
+  device (a :class:`HopperTiles` or :class:`HopperW4Tiles`), or ``None``: the Triton kernel."""
+  rule = AUTO.get(kernel)
+  if rule is None or not is_hopper():
+    return None
+  lo, hi, layouts, tiles = rule
+  if m < lo or (hi is not None and m > hi) or weight_layout not in layouts:
+    return None
+  try:
+    if kernel == "w8a8":
+      tiles = tiles or HopperTiles()
+      check_fit(kernel, k, n, tiles, out_dtype)
+    else:
+      tiles = tiles or HopperW4Tiles()
+      plan_w4(kernel, m, k, n, group, tiles, act_bytes=1 if kernel == "w4a8" else 2)
+  except ValueError:
+    return None
+  return tiles
+
+
 def select_backend(name: str, backend: str | None, block_sizes, tiles_cls: type) -> str:
   """The backend of a kernel that also has a Mosaic GPU variant: tiles of ``tiles_cls``
   name that variant (compiled on GPU, jax's GPU interpreter elsewhere); otherwise the
@@ -312,6 +351,15 @@ class HopperW4Tiles:
       to Mosaic's inference, which reads one byte at a time (checked in the
       lowered module) and needs no shuffle. W4A8 always takes the inferred
       layout (16-bit loads, no shuffle).
+    nibbles: how a byte's two codes reach ``wgmma``. ``"split"``: the bytes
+      are loaded as int8 and split in registers, ``16 * lo = byte << 4`` and
+      ``16 * hi = byte & 0xF0`` (exact in int8 and bf16; the ``1/16`` goes
+      into the f32 scaling), so each packed half is its own ``wgmma`` over
+      its own tokens: no zero padding, half the MMA work, and the tokens are
+      read from ``x`` as they are (no spread copy). ``"interleaved"``: the
+      bytes viewed as ``int4 [N, K]`` (codes of the two halves alternate
+      along K), converted by Mosaic's int4 sequences; grouped weights then
+      need one ``wgmma`` per half against tokens zeroed in the other half.
   """
 
   tile_n: int = 64
@@ -321,8 +369,11 @@ class HopperW4Tiles:
   max_concurrent_steps: int | None = None
   num_sms: int | None = None
   wide_load: bool = True
+  nibbles: Literal["split", "interleaved"] = "interleaved"
 
   def __post_init__(self):
+    if self.nibbles not in ("split", "interleaved"):
+      raise ValueError(f"HopperW4Tiles.nibbles={self.nibbles!r}: use 'split' or 'interleaved'.")
     for f in ("tile_n", "tile_m", "tile_k", "split_k", "max_concurrent_steps", "num_sms"):
       v = getattr(self, f)
       if v is not None and (not isinstance(v, int) or v < 1):
@@ -349,11 +400,15 @@ class W4Plan:
   grouped: bool
   wide_load: bool = True
   act_bytes: int = 2  # bf16 tokens (W4A16) or int8 (W4A8)
+  split: bool = False  # HopperW4Tiles.nibbles == "split"
 
   def smem_bytes(self) -> int:
     """Pipeline buffers (weight codes, token tiles, scales) and the epilogue tiles."""
     cta_n = 2 * self.tile_n
-    parts = 2 if self.grouped else 1
+    if self.split:  # one token tile per half, half as wide
+      parts = 1
+    else:
+      parts = 2 if self.grouped else 1
     step = cta_n * self.tile_k // 2 + parts * self.tile_m * self.tile_k * self.act_bytes
     step += 2 * cta_n * 4 if self.grouped else 0  # scale rows, f32 at most
     return self.stages * step + 2 * self.tile_n * self.tile_m * 4
@@ -390,7 +445,7 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
     raise ValueError(f"{name}: split_k={split} does not divide the {steps} K-steps "
                      f"(K={k}, tile_k={tile_k}).")
   plan = W4Plan(tiles.tile_n, tile_m, tile_k, split, tiles.max_concurrent_steps or 4, num_sms,
-                group is not None, tiles.wide_load, act_bytes)
+                group is not None, tiles.wide_load, act_bytes, tiles.nibbles == "split")
   if tiles.max_concurrent_steps is None:
     while plan.stages > 2 and plan.smem_bytes() > SMEM_BYTES:
       plan = dataclasses.replace(plan, stages=plan.stages - 1)
@@ -403,53 +458,71 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
 def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
               plan: W4Plan, interpret: bool = False,
               name: str = "lowbit_w4a16_hopper") -> jax.Array:
-  """``out[s, n, m] = sum_{steps t of split s} sum_h ws[t + h G', n] sum_{k in t} w4[n, k] xs[h][m, k]``.
+  """``out[s, n, m] = sum_{steps t of split s} sum_h ws[t + h G', n] sum_{k in t} w_h[n, k] x_h[m, k]``.
 
-  The weight is the packed ``[N, K/2]`` bytes viewed as ``int4 [N, K]``: code
-  ``2j`` is the low nibble of byte ``j`` (row ``j`` of K), code ``2j + 1`` the
-  high nibble (row ``K/2 + j``). A K-step of ``tile_k`` codes covers
-  ``tile_k / 2`` rows of each half, so with ``group = tile_k / 2`` it holds
-  exactly one group of each half: ``xs = (x_lo, x_hi)`` are the tokens spread
-  over the same interleaved K with the other half's positions zero, each
-  ``wgmma`` yields one group's partial sum, scaled in f32 by the weight's own
-  group scales ``ws [K/G, N]`` (bf16 or f32; step ``t`` takes row ``t`` for the
-  lo half and row ``t + G'``, ``G' = K/(2G)``, for the hi half: no copy).
-  Per-channel (``ws`` None): ``xs = (x',)``, x in the interleaved order, one
-  accumulator over all of K; the caller applies the scale.
+  ``h`` runs over the two packed halves of K: byte ``j`` of a weight row holds
+  row ``j`` of K (low nibble, ``h = 0``) and row ``K/2 + j`` (high nibble). A
+  K-step of ``tile_k`` codes covers ``tile_k / 2`` rows of each half, so with
+  ``group = tile_k / 2`` it holds exactly one group of each half, scaled in
+  f32 by the weight's own group scales ``ws [K/G, N]`` (bf16 or f32; step ``t``
+  takes row ``t`` for the lo half and row ``t + G'``, ``G' = K/(2G)``, for the
+  hi half: no copy). Per-channel (``ws`` None): accumulators over all of K; the
+  caller applies the scale.
+
+  ``plan.split`` (``HopperW4Tiles.nibbles="split"``): ``w4`` is the bytes, int8
+  ``[N, K/2]``; each step loads them once and splits them in registers into
+  the codes of the low and of the high nibble (exact), each half one ``wgmma``
+  against its own tokens: ``xs = (x,)``, the lo half's tile read from columns
+  ``[0, K/2)`` of ``x``, the hi half's from ``[K/2, K)``. Mosaic GPU has only
+  bitwise operations on 8-bit registers, so W4A16 takes
+  ``lo = bf16((byte & 0xF) ^ 8) - 8`` and ``bf16(16 * hi)``, W4A8 ``16 * lo``
+  shifted in 16 bits; the 1/16 goes into each half's f32 scale
+  (per-channel: one accumulator per half, combined at the end).
+
+  Otherwise (``"interleaved"``): ``w4`` is the bytes viewed as ``int4 [N, K]``
+  (code ``2j`` row ``j``, ``2j + 1`` row ``K/2 + j``); ``xs = (x_lo, x_hi)`` the
+  tokens spread over that interleaved K with the other half's positions zero
+  (grouped: one ``wgmma`` per half), or ``(x',)``, both halves (per-channel).
 
   The tokens' dtype picks the MMA: bf16 (W4A16: codes -> bf16, f32 sums) or
   int8 (W4A8: codes -> int8, exact int32 sums, each group's converted to f32
   before its scale; the per-token scale is the caller's).
 
   Shapes: ``xs[p]`` bf16 or int8 ``[M/tile_m, tile_m, K]`` (``[M/tile_m, K, tile_m]``
-  when ``interpret``: the interpreter has no transposed operand in ``wgmma``),
-  ``w4`` int4 ``[N, K]``. Returns f32 ``[split_k, N, M]``: the caller adds
-  the splits and transposes. In interpret mode each ``wgmma`` is a
-  ``jnp.dot`` of the same register and shared-memory operands (the
-  interpreter's ``wgmma`` takes no register operand).
+  when ``interpret``: the interpreter has no transposed operand in ``wgmma``).
+  Returns f32 ``[split_k, N, M]``: the caller adds the splits and transposes.
+  In interpret mode each ``wgmma`` is a ``jnp.dot`` of the same register and
+  shared-memory operands (the interpreter's ``wgmma`` takes no register operand).
   """
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   p = plan
-  n, kk_total = w4.shape
+  n = w4.shape[0]
+  k_total = xs[0].shape[1 if interpret else 2]
   mt = xs[0].shape[0]
   tn, tm, tk, cta_n = p.tile_n, p.tile_m, p.tile_k, 2 * p.tile_n
   act = jnp.dtype(xs[0].dtype)
   acc_dtype = jnp.int32 if act == jnp.int8 else jnp.float32
   n_iters = n // cta_n
-  steps = kk_total // tk // p.split_k  # per split
-  kspan = steps * tk
+  steps = k_total // tk // p.split_k  # per split
+  # Along K per step: tokens and weight columns (split: bytes, tk / 2 of each half).
+  tx = tw = tk // 2 if p.split else tk
+  w_bits = 8 if p.split else 4
+  # Split: the partial sums of each half times these are true (16 * hi; W4A8 16 * lo too).
+  factors = ((1 / 16 if act == jnp.int8 else 1.0), 1 / 16) if p.split else (1.0, 1.0)
+  n_acc = 2 if p.split else 1  # per-channel accumulators
 
   smem = plgpu.SMEM
   if interpret:
-    x_spec = plgpu.BlockSpec((tk, tm), lambda t: (t, 0), memory_space=smem)
-    w_spec = plgpu.BlockSpec((cta_n, tk), lambda t: (0, t), memory_space=smem)
+    x_spec = plgpu.BlockSpec((tx, tm), lambda t: (t, 0), memory_space=smem)
+    w_spec = plgpu.BlockSpec((cta_n, tw), lambda t: (0, t), memory_space=smem)
   else:
-    x_spec = plgpu.BlockSpec((tm, tk), lambda t: (0, t), transforms=_tiled(tk, act.itemsize * 8),
+    x_spec = plgpu.BlockSpec((tm, tx), lambda t: (0, t), transforms=_tiled(tx, act.itemsize * 8),
                              memory_space=smem)
-    w_spec = plgpu.BlockSpec((cta_n, tk), lambda t: (0, t), transforms=_tiled(tk, 4),
+    w_spec = plgpu.BlockSpec((cta_n, tw), lambda t: (0, t), transforms=_tiled(tw, w_bits),
                              memory_space=smem)
-  specs = [x_spec] * len(xs) + [w_spec]
+  n_x = 2 if p.split else len(xs)  # token operands per step
+  specs = [x_spec] * n_x + [w_spec]
   if p.grouped:  # the lo half's group row, then the hi half's
     specs += [plgpu.BlockSpec((1, cta_n), lambda t: (t, 0), memory_space=smem)] * 2
 
@@ -462,8 +535,12 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
       return ref.at[mi, ks, :] if interpret else ref.at[mi, :, ks]
 
     def operands(mi, s, cn):
-      ks = pl.ds(s * kspan, kspan)
-      ops = [x_at(r, mi, ks) for r in x_gmem] + [w_gmem.at[cn, ks]]
+      span = steps * tx
+      if p.split:  # one x, read at the lo half's columns and at the hi half's
+        ops = [x_at(x_gmem[0], mi, pl.ds(h * k_total // 2 + s * span, span)) for h in (0, 1)]
+      else:
+        ops = [x_at(r, mi, pl.ds(s * span, span)) for r in x_gmem]
+      ops.append(w_gmem.at[cn, pl.ds(s * steps * tw, steps * tw)])
       if p.grouped:
         g = s_gmem.shape[0] // 2  # groups per half: one per K-step
         ops += [s_gmem.at[pl.ds(s * steps, steps), cn], s_gmem.at[pl.ds(g + s * steps, steps), cn]]
@@ -494,28 +571,46 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
         ni, mi = rest // mt, rest % mt
         cn = pl.ds(ni * cta_n, cta_n)
 
-        def dots(w, b_smems):
-          """``[w @ b for b in b_smems]``, f32 or int32: the wgmmas issued, then one wait."""
+        def mma(pairs, acc_refs):
+          """``acc += a @ b`` for each ``(a, b_smem)`` of ``pairs`` into its ref of
+          ``acc_refs`` (refs may repeat): the wgmmas issued, then one wait."""
+          for (a, b), acc_ref in zip(pairs, acc_refs, strict=True):
+            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)))
+          plgpu.wgmma_wait(0)
+
+        def dots(pairs):
+          """``[a @ b for (a, b_smem) in pairs]``, f32 or int32."""
           if interpret:
-            return [jnp.dot(w, b[...], preferred_element_type=acc_dtype) for b in b_smems]
+            return [jnp.dot(a, b[...], preferred_element_type=acc_dtype) for a, b in pairs]
 
           def acc_scope(*acc_refs):
-            for acc_ref, b in zip(acc_refs, b_smems, strict=True):
-              plgpu.wgmma(acc_ref, w, plgpu.transpose_ref(b, (1, 0)))
-            plgpu.wgmma_wait(0)
-            return [a[...] for a in acc_refs]
-          return pl.run_scoped(acc_scope, *[plgpu.ACC((tn, tm), acc_dtype) for _ in b_smems])
+            mma(pairs, acc_refs)
+            return [r[...] for r in acc_refs]
+          return pl.run_scoped(acc_scope, *[plgpu.ACC((tn, tm), acc_dtype) for _ in pairs])
 
         def codes(w_smem):
-          """This warpgroup's weight rows, int4 -> the tokens' dtype in wgmma's register
-          layout (``HopperW4Tiles.wide_load``: how the codes leave shared memory)."""
+          """This warpgroup's weight rows in wgmma's register layout, in the tokens'
+          dtype: ``[w]`` (interleaved int4) or ``[16 * lo, 16 * hi]`` (split bytes).
+          ``HopperW4Tiles.wide_load``: 32-bit shared-memory loads, then a relayout."""
           w = w_smem[wn, :]
-          if p.wide_load and not interpret and act == jnp.bfloat16:
-            # int8 tokens: inference's layout already reads 16 bits a time; Mosaic has no
-            # cheaper relayout to the 8-bit wgmma operand (the casts tried are refused).
-            w = plgpu.layout_cast(w, plgpu.Layout.WGMMA_UPCAST_4X)
-            w = plgpu.layout_cast(w, plgpu.Layout.WGMMA)
-          return w.astype(act)
+          wide = p.wide_load and not interpret
+          if not p.split:
+            if wide and act == jnp.bfloat16:
+              # int8 tokens: inference's layout already reads 16 bits a time; Mosaic has no
+              # cheaper relayout to the 8-bit wgmma operand (the casts tried are refused).
+              w = plgpu.layout_cast(w, plgpu.Layout.WGMMA_UPCAST_4X)
+              w = plgpu.layout_cast(w, plgpu.Layout.WGMMA)
+            return [w.astype(act)]
+          if wide:  # 4 bytes per thread and load: the layout that upcasts to wgmma's
+            w = plgpu.layout_cast(w, plgpu.Layout.WGMMA_UPCAST_2X if act == jnp.bfloat16
+                                  else plgpu.Layout.WGMMA_8BIT)
+          # Mosaic GPU does no arithmetic on 8-bit registers, only bitwise operations.
+          hi = w & jnp.int8(-16)  # byte & 0xF0 = 16 * hi
+          if act == jnp.int8:  # 16 * lo = byte << 4, shifted in 16 bits
+            return [(w.astype(jnp.int16) << 4).astype(jnp.int8), hi]
+          lo = ((w & jnp.int8(15)) ^ jnp.int8(8)).astype(act) - 8  # (lo + 8) - 8, exact
+          halves = [lo, hi.astype(act)]
+          return [plgpu.layout_cast(h, plgpu.Layout.WGMMA) for h in halves] if wide else halves
 
         def store(y):
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -523,35 +618,41 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[s, cn, pl.ds(mi * tm, tm)].at[wn])
 
+        def pairs_of(x_refs, w_smem):
+          ws_ = codes(w_smem)
+          return list(zip(ws_, x_refs, strict=True)) if p.split else [(ws_[0], x) for x in x_refs]
+
         if p.grouped:
           def context(eval_pipeline):
             store(eval_pipeline(jnp.zeros((tn, tm), jnp.float32)))
 
-          def body(_, x_lo, x_hi, w_smem, s_lo, s_hi, y):
-            w = codes(w_smem)
-            shape = (tn, tm)
-            for half, part in enumerate(dots(w, (x_lo, x_hi))):
-              sc = (s_lo, s_hi)[half][0, wn].astype(jnp.float32)
-              y = y + part.astype(jnp.float32) * lax.broadcast_in_dim(sc, shape, (0,))
+          def body(_, *refs):
+            *x_refs, w_smem, s_lo, s_hi, y = refs
+            for half, part in enumerate(dots(pairs_of(x_refs, w_smem))):
+              sc = (s_lo, s_hi)[half][0, wn].astype(jnp.float32) * factors[half]
+              y = y + part.astype(jnp.float32) * lax.broadcast_in_dim(sc, (tn, tm), (0,))
             return y
-        else:
+        else:  # one accumulator per half (split: their factors differ) for all of K
+          def finish(accs):
+            store(sum(a.astype(jnp.float32) * f for a, f in zip(accs, factors, strict=False)))
+
           def context(eval_pipeline):
             if interpret:
-              store(eval_pipeline(jnp.zeros((tn, tm), acc_dtype)).astype(jnp.float32))
+              finish(eval_pipeline((jnp.zeros((tn, tm), acc_dtype),) * n_acc))
               return
 
-            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tn, tm), acc_dtype))
-            def _acc(acc_ref):
-              eval_pipeline(acc_ref)
-              store(acc_ref[...].astype(jnp.float32))
+            def _accs(*acc_refs):
+              eval_pipeline(acc_refs)
+              finish([r[...] for r in acc_refs])
+            pl.run_scoped(_accs, *[plgpu.ACC((tn, tm), acc_dtype) for _ in range(n_acc)])
 
-          def body(_, x_smem, w_smem, acc):
-            w = codes(w_smem)
+          def body(_, *refs):
+            *x_refs, w_smem, accs = refs
+            pairs = pairs_of(x_refs, w_smem)
             if interpret:
-              return acc + dots(w, (x_smem,))[0]
-            plgpu.wgmma(acc, w, plgpu.transpose_ref(x_smem, (1, 0)))
-            plgpu.wgmma_wait(0)
-            return acc
+              return tuple(a + d for a, d in zip(accs, dots(pairs), strict=True))
+            mma(pairs, accs)
+            return accs
 
         pipeline(body, context)(*operands(mi, s, cn), allocations=allocs)
 
@@ -569,30 +670,33 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
   codes (W4A8), ``wq [K/2, N]`` packed, ``ws [K/G or 1, N]``.
 
   Builds the kernel's operands: the bytes K-major (``wq.T``, free for a weight
-  stored ``"nk"``) viewed as ``int4 [N, K]``, whose K order interleaves the
-  halves (code ``2j`` is row ``j``, ``2j + 1`` row ``K/2 + j``); the tokens padded
-  to the token tile and spread over that order, per group-scaled half (zeros
-  elsewhere) or both halves at once (per-channel); the group scales as stored.
-  Adds the K-splits, transposes back and applies a per-channel scale in f32: one
-  small XLA fusion over ``[N, M]``.
+  stored ``"nk"``), as int8 (``nibbles="split"``) or viewed as ``int4 [N, K]``
+  (``"interleaved"``: its K order interleaves the halves, code ``2j`` row
+  ``j``, ``2j + 1`` row ``K/2 + j``, so the tokens are spread over that order,
+  per group-scaled half with zeros elsewhere, or both halves at once); the
+  tokens padded to the token tile; the group scales as stored. Adds the
+  K-splits, transposes back and applies a per-channel scale in f32: one small
+  XLA fusion over ``[N, M]``.
   """
   (m, k), n = x.shape, wq.shape[1]
   plan = plan_w4(name, m, k, n, group, tiles, act_bytes=jnp.dtype(x.dtype).itemsize)
   tm, h = plan.tile_m, k // 2
   mp = -(-m // tm) * tm
   x = jnp.pad(x, ((0, mp - m), (0, 0)))
-  lo, hi = x[:, :h], x[:, h:]
 
-  def spread(a, b):  # [M, K] in the interleaved K order, per token tile
-    out = jnp.stack([a, b], axis=-1).reshape(mp // tm, tm, k)
-    return out.transpose(0, 2, 1) if interpret else out
+  def tiled(a):  # [M, K] -> per token tile (K-major rows, or [K, tile_m] to interpret)
+    a = a.reshape(mp // tm, tm, k)
+    return a.transpose(0, 2, 1) if interpret else a
 
-  if group is None:
-    xs, scales = (spread(lo, hi),), None
+  if plan.split:
+    xs, w = (tiled(x),), lax.bitcast_convert_type(wq.T, jnp.int8)
   else:
+    lo, hi = x[:, :h], x[:, h:]
+    spread = lambda a, b: tiled(jnp.stack([a, b], axis=-1))  # noqa: E731
     zero = jnp.zeros_like(lo)
-    xs, scales = (spread(lo, zero), spread(zero, hi)), ws
-  w4 = lax.bitcast_convert_type(wq.T, jnp.int4).reshape(n, k)
-  out = w4_kernel(xs, w4, scales, plan=plan, interpret=interpret, name=kernel_name)
+    xs = (spread(lo, hi),) if group is None else (spread(lo, zero), spread(zero, hi))
+    w = lax.bitcast_convert_type(wq.T, jnp.int4).reshape(n, k)
+  out = w4_kernel(xs, w, None if group is None else ws, plan=plan, interpret=interpret,
+                  name=kernel_name)
   y = out.sum(axis=0).T[:m]
   return y * ws.astype(jnp.float32) if group is None else y

@@ -31,7 +31,9 @@ def w8a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
       ``w.transpose()``: ``[N, K]``, scale ``[N, 1]``.
     out_dtype: output dtype (bf16 or f32).
     block_sizes: tiles; default :func:`lowbit.kernels.default_block_sizes`
-      (a :class:`HopperTiles` for ``backend="mosaic_gpu"``).
+      (a :class:`HopperTiles` for ``backend="mosaic_gpu"``). With neither
+      ``backend`` nor ``block_sizes``, a Hopper GPU takes the Mosaic GPU kernel
+      where the measured runs put it ahead (``_mosaic_gpu.AUTO``: M >= 4096).
     backend: ``"gpu"`` (Triton), ``"tpu"`` (Mosaic), ``"interpret"``;
       ``"mosaic_gpu"`` (Hopper: TMA + wgmma, :mod:`lowbit.kernels._mosaic_gpu`)
       or ``"mosaic_gpu_interpret"`` (that kernel in jax's GPU interpreter);
@@ -47,6 +49,9 @@ def w8a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
     ``[M, N]`` in ``out_dtype``. M of any size (masked or padded to the block).
   """
   w = _pallas.logical_weight(w, weight_layout, "w8a8_matmul")
+  if backend is None and block_sizes is None:  # large M on Hopper: the Mosaic GPU kernel
+    block_sizes = _mosaic_gpu.auto_tiles("w8a8", x.shape[0], *w.shape, None, weight_layout,
+                                         out_dtype)
   backend = _mosaic_gpu.select_backend("w8a8_matmul", backend, block_sizes, HopperTiles)
   xq, xs = _pallas.act_operands(x, "w8a8_matmul")
   wq, ws, group = _pallas.weight_operands(w, "w8a8_matmul", packed=False)

@@ -98,6 +98,9 @@ HOPPER_W4_TILES = {
     "default": None,  # tile_m 8 (M = 5), split over K
     "n128-m16-split2-byteload": K.HopperW4Tiles(tile_n=128, tile_m=16, split_k=2, num_sms=16,
                                                 wide_load=False),
+    "split": K.HopperW4Tiles(nibbles="split"),
+    "split-n128-byteload": K.HopperW4Tiles(nibbles="split", tile_n=128, tile_m=16, split_k=2,
+                                           num_sms=16, wide_load=False),
 }
 
 

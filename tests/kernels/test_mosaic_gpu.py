@@ -152,11 +152,18 @@ W4_CASES = [
     (20, 1024, 256, 128, dict(tile_m=16, split_k=2), "nk"),  # bf16 scales
     (9, 512, 256, None, dict(wide_load=False), "nk"),
     (3, 256, 256, 32, dict(tile_n=128, num_sms=2), "kn"),
+    # nibbles="split": the bytes split in registers, one wgmma per half on x as it is
+    (5, 512, 256, 64, dict(nibbles="split"), "nk"),
+    (20, 1024, 256, 128, dict(nibbles="split", tile_m=16, split_k=2), "kn"),  # bf16 scales
+    (9, 512, 256, None, dict(nibbles="split", wide_load=False), "nk"),
 ]
 
 
-@pytest.mark.parametrize("m,k,n,group,kw,layout", W4_CASES,
-                         ids=[f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}-{c[5]}" for c in W4_CASES])
+def case_id(c) -> str:
+  return f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}-{c[5]}" + ("-split" if c[4].get("nibbles") == "split" else "")
+
+
+@pytest.mark.parametrize("m,k,n,group,kw,layout", W4_CASES, ids=[case_id(c) for c in W4_CASES])
 def test_w4a16_matches_reference_and_float64(m, k, n, group, kw, layout):
   x, wq = w4_operands(m, k, n, group, seed=m + k + n,
                       scale_dtype=jnp.bfloat16 if group == 128 else jnp.float32)
@@ -190,11 +197,12 @@ def test_qmatmul_takes_hopper_w4_tiles_for_w4a16_and_w4a8():
 W4A8_CASES = [
     (5, 512, 256, 64, dict(), "nk"),
     (20, 1024, 256, None, dict(tile_m=16, split_k=2), "kn"),
+    (5, 512, 256, 64, dict(nibbles="split"), "kn"),
+    (20, 1024, 256, None, dict(nibbles="split", tile_m=16, split_k=2), "nk"),
 ]
 
 
-@pytest.mark.parametrize("m,k,n,group,kw,layout", W4A8_CASES,
-                         ids=[f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}-{c[5]}" for c in W4A8_CASES])
+@pytest.mark.parametrize("m,k,n,group,kw,layout", W4A8_CASES, ids=[case_id(c) for c in W4A8_CASES])
 def test_w4a8_matches_reference_and_float64(m, k, n, group, kw, layout):
   x, wq = w4_operands(m, k, n, group, seed=m + k + n + 1)
   xa = quantize(x.astype(jnp.float32), QuantSpec(bits=8, channel_axes=(0,)))
@@ -208,9 +216,10 @@ def test_w4a8_matches_reference_and_float64(m, k, n, group, kw, layout):
   assert rel(out, oracle64) < 1e-5
 
 
-def test_w4a8_int32_group_sums_are_exact():
+@pytest.mark.parametrize("nibbles", ["interleaved", "split"])
+def test_w4a8_int32_group_sums_are_exact(nibbles):
   """Unit scales: every group's int32 sum (and their f32 total, < 2^24) is the integer
-  product itself."""
+  product itself (split: sums of 16 * codes, times 1/16 exactly)."""
   m, k, n = 9, 512, 128
   rng = np.random.default_rng(8)
   xc, wc = rng.integers(-127, 128, (m, k)), rng.integers(-7, 8, (k, n))
@@ -219,7 +228,8 @@ def test_w4a8_int32_group_sums_are_exact():
   wq = quantize(jnp.asarray(wc, jnp.float32),
                 QuantSpec(bits=4, channel_axes=(1,), group_size=64, pack=True),
                 params=QuantParams(jnp.ones((k // 64, n), jnp.float32)))
-  out = K.w4a8_matmul(xa, wq, out_dtype=jnp.float32, backend=BACKEND, block_sizes=w4_tiles())
+  out = K.w4a8_matmul(xa, wq, out_dtype=jnp.float32, backend=BACKEND,
+                      block_sizes=w4_tiles(nibbles=nibbles))
   np.testing.assert_array_equal(np.asarray(out), (xc @ wc).astype(np.float32))
 
 
@@ -246,3 +256,5 @@ def test_w4a16_errors_name_the_problem():
     K.HopperW4Tiles(tile_n=32)
   with pytest.raises(ValueError, match="a multiple of 8, at most 256"):
     K.HopperW4Tiles(tile_m=12)
+  with pytest.raises(ValueError, match="use 'split' or 'interleaved'"):
+    K.HopperW4Tiles(nibbles="packed")
