@@ -217,9 +217,8 @@ def hopper_candidates(m: int) -> list[HopperTiles]:
     return []
   T = HopperTiles
   # (run 5: max_concurrent_steps=4 with epi_tile=32 failed Mosaic's layout inference)
-  return [T(), T(max_concurrent_steps=4), T(grid_minor="m"), T(grid_minor="m", grid_tile_width=4),
-          T(grid_tile_width=4), T(grid_minor="m", grid_tile_width=16),
-          T(tile_n=64, max_concurrent_steps=4)]
+  return [T(), T(grid_minor="n"), T(max_concurrent_steps=4), T(grid_tile_width=4),
+          T(grid_tile_width=16), T(tile_n=64, max_concurrent_steps=4)]
 
 
 def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
@@ -345,9 +344,9 @@ def main(argv=None):
           impls[f"lowbit_{kname}" + ("_g128" if wk == "int4" else "")] = (
               kernel_fn(fn, None, backend=pallas_backend), wk, ak, op)
         # the weight stored K-major ahead of time: no transpose per call
-        impls["lowbit_w8a8_nk"] = (
-            kernel_fn(K.w8a8_matmul, None, backend=pallas_backend, weight_layout="nk"),
-            "int8_nk", "int8", "int8")
+        for kname, fn, wk, ak, op in KERNELS:
+          impls[f"lowbit_{kname}_nk"] = (
+              kernel_fn(fn, None, backend=pallas_backend, weight_layout="nk"), f"{wk}_nk", ak, op)
       if sm90:  # what a converted model (weight_layout="nk") gets by default on this GPU
         for kname, fn, wk, ak, op in KERNELS:
           impls[f"lowbit_{kname}_auto_nk"] = (kernel_fn(fn, None, weight_layout="nk"),

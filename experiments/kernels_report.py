@@ -16,6 +16,15 @@ DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "kernels.md"
 BEGIN = "<!-- BEGIN GENERATED: experiments/kernels_report.py -->"
 END = "<!-- END GENERATED -->"
 TARGETS = [  # (label, M values, K, N, impl, target speedup)
+    # What a model converted with weight_layout="nk" gets by default (the wrappers'
+    # dispatch: Triton, or a Mosaic GPU kernel where _mosaic_gpu.AUTO says): runs >= 6.
+    ("default dispatch: W4A16 g128, weight stored K-major, M <= 16", (1, 16), 8192, 8192,
+     "lowbit_w4a16_auto_nk", 3.0),
+    ("default dispatch: W8A8, weight stored K-major, M = N = K = 8192", (8192,), 8192, 8192,
+     "lowbit_w8a8_auto_nk", 1.6),
+    ("default dispatch: W4A8 g128, weight stored K-major, M = 256", (256,), 8192, 8192,
+     "lowbit_w4a8_auto_nk", 2.0),
+    # Each kernel by name.
     ("W4A16 g128, M <= 16, K = N = 8192", (1, 16), 8192, 8192, "lowbit_w4a16_g128", 3.0),
     ("W4A16 g128 Mosaic GPU (Hopper), weight stored K-major, M <= 16, K = N = 8192", (1, 16),
      8192, 8192, "lowbit_w4a16_hopper_nk", 3.0),
@@ -50,8 +59,9 @@ def _targets(rows) -> list[str]:
 def render(paths: list[str]) -> str:
   """Targets for every run; all rows and the sweep's best only for the newest run."""
   out = []
-  for i, p in enumerate(sorted(paths, reverse=True)):
-    d = json.loads(pathlib.Path(p).read_text())
+  runs = [(p, json.loads(pathlib.Path(p).read_text())) for p in sorted(paths, reverse=True)]
+  runs = [(p, d) for p, d in runs if "sweeps" in d]  # bench_kernels.py's files only
+  for i, (p, d) in enumerate(runs):
     meta, rows = d["meta"], d["rows"]
     cupti = meta.get("timer") == "cupti"
     out.append(f"### {pathlib.Path(p).name}: {meta['device']}, jax {meta['jax']}, {meta['date']}\n")

@@ -65,7 +65,7 @@ class HopperTiles:
   tile_k: int = 128
   max_concurrent_steps: int = 3
   epi_tile: int = 64
-  grid_minor: Literal["m", "n"] = "n"
+  grid_minor: Literal["m", "n"] = "m"
   grid_tile_width: int = 8
   wg_dim: Literal["m", "n"] = "n"
   num_sms: int | None = None
@@ -116,39 +116,6 @@ def is_hopper() -> bool:
   """Whether the default device is a Hopper GPU (sm_90: TMA and ``wgmma``)."""
   d = jax.devices()[0]
   return d.platform == "gpu" and str(getattr(d, "compute_capability", "")).startswith("9")
-
-
-#: Where a wrapper called with neither ``backend`` nor ``block_sizes`` takes its Mosaic GPU
-#: kernel on a Hopper GPU: ``kernel -> (least M, most M, weight layouts, tiles)``, from
-#: the measured GPU runs (docs/kernels.md); elsewhere, and for shapes the tiles cannot
-#: take, the Triton kernel. The integer kernels' sums are exact either way.
-AUTO: dict[str, tuple] = {
-    # H200 run 5: 1.70x / 1.74x of bf16 (kn) and 1.89x / 1.88x (nk) at M = 4096 / 8192,
-    # Triton 1.35x-1.58x; at M = 256 Triton's K-major tiles win (1.30x vs 1.05x).
-    "w8a8": (4096, None, ("kn", "nk"), None),
-}
-
-
-def auto_tiles(kernel: str, m: int, k: int, n: int, group: int | None,
-               weight_layout: str, out_dtype=jnp.bfloat16):
-  """The tiles of the Mosaic GPU kernel that :data:`AUTO` names for this problem on this
-  device (a :class:`HopperTiles` or :class:`HopperW4Tiles`), or ``None``: the Triton kernel."""
-  rule = AUTO.get(kernel)
-  if rule is None or not is_hopper():
-    return None
-  lo, hi, layouts, tiles = rule
-  if m < lo or (hi is not None and m > hi) or weight_layout not in layouts:
-    return None
-  try:
-    if kernel == "w8a8":
-      tiles = tiles or HopperTiles()
-      check_fit(kernel, k, n, tiles, out_dtype)
-    else:
-      tiles = tiles or HopperW4Tiles()
-      plan_w4(kernel, m, k, n, group, tiles, act_bytes=1 if kernel == "w4a8" else 2)
-  except ValueError:
-    return None
-  return tiles
 
 
 def select_backend(name: str, backend: str | None, block_sizes, tiles_cls: type) -> str:
@@ -700,3 +667,40 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
                   name=kernel_name)
   y = out.sum(axis=0).T[:m]
   return y * ws.astype(jnp.float32) if group is None else y
+
+
+#: Where a wrapper called with neither ``backend`` nor ``block_sizes`` takes a Mosaic GPU
+#: kernel on a Hopper GPU: ``kernel -> [(least M, most M, weight layouts, tiles)]``, from
+#: the measured GPU runs (docs/kernels.md); elsewhere, and for shapes the tiles cannot
+#: take, the Triton kernel. The integer kernels' sums are exact either way.
+AUTO: dict[str, list[tuple]] = {
+    # H200 runs 5-6 (K = N = 8192): 1.53x / 1.96x of bf16 (kn / nk) at M = 2048, 1.70-1.89x
+    # at M = 4096-8192, where Triton's best is 1.23-1.58x; at M = 256 Triton's K-major
+    # tiles win (1.33x vs 1.06x).
+    "w8a8": [(2048, None, ("kn", "nk"), HopperTiles())],
+    # Run 6, weight stored K-major: decode 16.0-16.6 us (2.03-2.10x) against Triton's 17.3
+    # (1.95x, 2 us of it the per-call scale transpose Triton no longer does); M = 256:
+    # 51.6 us with split nibbles and 128-token tiles against Triton's 65.0.
+    "w4a8": [(1, 64, ("nk",), HopperW4Tiles(tile_n=128)),
+             (65, 256, ("nk",), HopperW4Tiles(nibbles="split", tile_m=128))],
+}
+
+
+def auto_tiles(kernel: str, m: int, k: int, n: int, group: int | None,
+               weight_layout: str, out_dtype=jnp.bfloat16):
+  """The tiles of the Mosaic GPU kernel that :data:`AUTO` names for this problem on this
+  device (a :class:`HopperTiles` or :class:`HopperW4Tiles`), or ``None``: the Triton kernel."""
+  if not is_hopper():
+    return None
+  for lo, hi, layouts, tiles in AUTO.get(kernel, ()):
+    if m < lo or (hi is not None and m > hi) or weight_layout not in layouts:
+      continue
+    try:
+      if kernel == "w8a8":
+        check_fit(kernel, k, n, tiles, out_dtype)
+      else:
+        plan_w4(kernel, m, k, n, group, tiles, act_bytes=1 if kernel == "w4a8" else 2)
+    except ValueError:
+      return None
+    return tiles
+  return None

@@ -228,7 +228,8 @@ def matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, k: int, bk: int,
 
   Refs: ``x_ref [bm, K]`` (float or int8), ``xs_ref [bm, 1]`` f32 per-token
   scale or ``None``, ``w_ref [K or K/2, bn]`` int8 or packed uint8 (``[bn, K or
-  K/2]`` when ``k_major``), ``ws_ref [K/group or 1, bn]`` weight scale,
+  K/2]`` when ``k_major``), ``ws_ref [K/group or 1, bn]`` weight scale (grouped
+  and ``k_major``: ``[bn, K/group]``),
   ``o_ref [bm, bn]`` (or ``[1, bm, bn]`` with split-K, holding f32 partial sums).
 
   For each K-step the packed tile gives ``lo`` (rows ``k0:k0+bk``) and ``hi``
@@ -269,6 +270,9 @@ def matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, k: int, bk: int,
     return lax.dot_general(xt, wt, dims, precision=precision, preferred_element_type=part_dtype)
 
   def group_scale(x0):
+    if k_major:  # the scales K-major too, [bn, groups]: read a column
+      sc = ws_ref[:, pl.ds(x0 // group, 1)].astype(jnp.float32)  # [bn, 1]
+      return sc if fold else jnp.transpose(sc)
     sc = ws_ref[pl.ds(x0 // group, 1), :].astype(jnp.float32)  # [1, bn]
     return jnp.transpose(sc) if fold else sc
 
@@ -317,7 +321,9 @@ def run_matmul(x, xs, w, ws, *, k: int, n: int, packed: bool, group: int | None,
 
   Shapes: ``x [M, K]``, ``xs [M, 1] | None``, ``w [K or K/2, N]``,
   ``ws [groups, N]``. With ``bs.k_major`` the weight is transposed here (an
-  XLA pass) and the kernel reads ``[N, K or K/2]``. The last M block is masked
+  XLA pass) and the kernel reads ``[N, K or K/2]``, and grouped scales
+  ``[N, groups]``: for a weight stored ``"nk"`` both transposes fold into the
+  stored arrays (no per-call pass over the codes or the scales). The last M block is masked
   inside the kernel on GPU and interpreted (no padding op), padded on TPU.
   Assumes the caller validated divisibility (:func:`check_block_fit`).
   """
@@ -336,6 +342,8 @@ def run_matmul(x, xs, w, ws, *, k: int, n: int, packed: bool, group: int | None,
   m_out = x.shape[0]
   if bs.k_major:
     w = w.T
+    if group is not None:
+      ws = ws.T
   split_k = bs.split_k
   while split_k > 1 and (w_rows // bk) % split_k:
     split_k //= 2
@@ -356,7 +364,10 @@ def run_matmul(x, xs, w, ws, *, k: int, n: int, packed: bool, group: int | None,
     in_specs.append(pl.BlockSpec((bn, w_rows), im(lambda i, j: (j, 0))))
   else:
     in_specs.append(pl.BlockSpec((w_rows, bn), im(lambda i, j: (0, j))))
-  in_specs.append(pl.BlockSpec((ws.shape[0], bn), im(lambda i, j: (0, j))))
+  if bs.k_major and group is not None:
+    in_specs.append(pl.BlockSpec((bn, ws.shape[1]), im(lambda i, j: (j, 0))))
+  else:
+    in_specs.append(pl.BlockSpec((ws.shape[0], bn), im(lambda i, j: (0, j))))
   args += [w, ws]
   if split:
     out_shape = jax.ShapeDtypeStruct((split_k, m_out, n), jnp.float32)

@@ -33,7 +33,7 @@ def w8a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
     block_sizes: tiles; default :func:`lowbit.kernels.default_block_sizes`
       (a :class:`HopperTiles` for ``backend="mosaic_gpu"``). With neither
       ``backend`` nor ``block_sizes``, a Hopper GPU takes the Mosaic GPU kernel
-      where the measured runs put it ahead (``_mosaic_gpu.AUTO``: M >= 4096).
+      where the measured runs put it ahead (``_mosaic_gpu.AUTO``: M >= 2048).
     backend: ``"gpu"`` (Triton), ``"tpu"`` (Mosaic), ``"interpret"``;
       ``"mosaic_gpu"`` (Hopper: TMA + wgmma, :mod:`lowbit.kernels._mosaic_gpu`)
       or ``"mosaic_gpu_interpret"`` (that kernel in jax's GPU interpreter);

@@ -52,7 +52,7 @@ def rel(a, b) -> float:
 # weight as stored and transposed ahead of time (weight_layout="nk").
 CASES = [
     (100, 384, 256, dict(), (0,), "kn"),
-    (130, 256, 256, dict(tile_m=128, tile_n=128, wg_dim="m", grid_minor="m",
+    (130, 256, 256, dict(tile_m=128, tile_n=128, wg_dim="m", grid_minor="n",
                          grid_tile_width=2, num_sms=2), (), "kn"),
     (64, 512, 256, dict(tile_n=128, tile_k=64, max_concurrent_steps=2, num_sms=1), (0,), "nk"),
 ]
@@ -258,3 +258,43 @@ def test_w4a16_errors_name_the_problem():
     K.HopperW4Tiles(tile_m=12)
   with pytest.raises(ValueError, match="use 'split' or 'interleaved'"):
     K.HopperW4Tiles(nibbles="packed")
+
+
+# --- Default dispatch: the Mosaic GPU kernels where the GPU runs put them ahead
+
+
+def test_auto_tiles_follow_the_measured_table(monkeypatch):
+  from lowbit.kernels import _mosaic_gpu
+  auto = _mosaic_gpu.auto_tiles
+  monkeypatch.setattr(_mosaic_gpu, "is_hopper", lambda: False)
+  assert auto("w8a8", 8192, 8192, 8192, None, "kn") is None  # not a Hopper GPU: Triton
+  monkeypatch.setattr(_mosaic_gpu, "is_hopper", lambda: True)
+  assert auto("w8a8", 8192, 8192, 8192, None, "kn") == HopperTiles()
+  assert auto("w8a8", 2048, 4096, 14336, None, "nk") == HopperTiles()
+  assert auto("w8a8", 256, 8192, 8192, None, "nk") is None  # Triton's K-major tiles win
+  assert auto("w8a8", 8192, 8192, 8000, None, "kn") is None  # N not a multiple of 256
+  assert auto("w4a8", 1, 8192, 8192, 128, "nk") == K.HopperW4Tiles(tile_n=128)
+  assert auto("w4a8", 256, 8192, 8192, 128, "nk") == K.HopperW4Tiles(nibbles="split", tile_m=128)
+  assert auto("w4a8", 16, 8192, 8192, 128, "kn") is None  # would transpose per call
+  assert auto("w4a8", 512, 8192, 8192, 128, "nk") is None
+  assert auto("w4a8", 16, 8192, 8192, 256, "nk") is None  # group 256: the kernel cannot
+  assert auto("w4a16", 1, 8192, 8192, 128, "nk") is None  # Triton ties or wins
+
+
+def test_wrappers_take_the_auto_tiles_only_without_backend_or_tiles(monkeypatch):
+  from lowbit.kernels import _mosaic_gpu
+  calls = []
+
+  def spy(x, wq, ws, group, *, tiles, interpret, name, kernel_name):
+    calls.append(tiles)
+    return jnp.zeros((x.shape[0], wq.shape[1]), jnp.float32)
+  monkeypatch.setattr(_mosaic_gpu, "w4_matmul", spy)
+  monkeypatch.setattr(_mosaic_gpu, "is_hopper", lambda: True)
+  x, wq = w4_operands(7, 768, 256, 64, seed=11)  # shapes of this test only: fresh traces
+  xa = quantize(x.astype(jnp.float32), QuantSpec(bits=8, channel_axes=(0,)))
+  K.w4a8_matmul(xa, wq.transpose(), weight_layout="nk")
+  assert calls == [K.HopperW4Tiles(tile_n=128)]
+  out = K.w4a8_matmul(xa, wq.transpose(), weight_layout="nk", backend="interpret")
+  assert calls == [K.HopperW4Tiles(tile_n=128)]  # a named backend is kept
+  ref = K.w4a8.reference(xa, wq, out_dtype=jnp.float32)
+  assert rel(out, np.asarray(ref, np.float64)) < 1e-2
