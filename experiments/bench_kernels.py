@@ -209,6 +209,19 @@ def candidates(kernel: str, m: int) -> list[BlockSizes]:
   return out
 
 
+def candidates_nk(kernel: str, m: int) -> list[BlockSizes]:
+  """Triton tiles tried by ``--sweep`` on a weight stored ``"nk"`` (K-major tiles, no
+  transpose of codes or scales per call), at decode (M <= 16): the decode default, the
+  weight tile as the MMA's row-major A operand ("wx"), wider or deeper tiles, split-K."""
+  if m > 16:
+    return []
+  kb = functools.partial(B, k_major=True)
+  return [kb(16, 128, 64, 8, 4, 4), kb(16, 128, 64, 8, 4, 4, "wx"), kb(16, 64, 128, 8, 4, 4, "wx"),
+          kb(16, 128, 128, 4, 4, 4, "wx"), kb(16, 256, 64, 8, 8, 4), kb(16, 128, 64, 16, 4, 4),
+          kb(16, 128, 64, 8, 4, 6), kb(16, 64, 64, 16, 4, 4, "wx"), kb(16, 128, 128, 8, 4, 3),
+          kb(16, 64, 128, 16, 4, 4)]
+
+
 def hopper_candidates(m: int) -> list[HopperTiles]:
   """Tiles of the Mosaic GPU W8A8 kernel tried by ``--sweep`` (M >= 1024; run 5: Triton's
   K-major tiles win at M = 256): the default,
@@ -281,10 +294,10 @@ def main(argv=None):
   ap.add_argument("--sweep-m", type=int, nargs="*", default=[1, 16, 64, 256, 4096, 8192],
                   help="M values (at K = N = 8192) where --sweep runs")
   ap.add_argument("--sweep-kernels", nargs="*",
-                  default=["w8a8", "w4a16", "w4a8", "w8a8_hopper", "w4a16_hopper",
-                           "w4a8_hopper"],
-                  help="*_hopper: the Mosaic GPU kernels' tiles (sm_90; W8A8 at M >= 256, "
-                       "W4A16 and W4A8 at M <= 64)")
+                  default=["w8a8", "w4a16", "w4a8", "w4a16_nk", "w4a8_nk", "w8a8_hopper",
+                           "w4a16_hopper", "w4a8_hopper"],
+                  help="*_nk: Triton tiles on the K-major stored weight (M <= 16); *_hopper: "
+                       "the Mosaic GPU kernels' tiles (sm_90; W8A8 at M >= 1024, int4 at M <= 256)")
   ap.add_argument("--no-hopper", nargs="*", choices=["w8a8", "w4a16", "w4a8"],
                   help="leave out the Mosaic GPU kernels named, or all of them with no name "
                        "(e.g. when their tests failed)")
@@ -371,6 +384,11 @@ def main(argv=None):
             continue
           for bs in candidates(kname, m):
             jobs.append(((kname, bs), kernel_fn(fn, bs), (xs[ak], ws[wk])))
+        for kname, fn, wk, ak, _op in KERNELS:  # Triton tiles on the weight stored K-major
+          if f"{kname}_nk" in args.sweep_kernels:
+            for bs in candidates_nk(kname, m):
+              jobs.append(((kname, bs, "nk"), kernel_fn(fn, bs, weight_layout="nk"),
+                           (xs[ak], ws[f"{wk}_nk"])))
         if "w8a8_hopper" in args.sweep_kernels and hopper["w8a8"]:
           for tiles in hopper_candidates(m):
             jobs.append((("w8a8", tiles), hopper_fn(tiles, hopper_interp),
@@ -432,14 +450,15 @@ def main(argv=None):
       for job_key, _fn, a in jobs:
         if not isinstance(job_key, tuple):
           continue
-        kname, bs = job_key
+        kname, bs, *nk = job_key
         try:
           t, t_wall, parts, y = timeit(job_key, a, with_wall=False)
         except Exception as e:  # a candidate the compiler rejects is data, not a crash
           print(f"sweep {kname} m={m} {bs}: {type(e).__name__}: {str(e)[:200]}", flush=True)
           continue
         err = rel_err(y, outs[XLA_OF[kname]]) if XLA_OF[kname] in outs else None
-        s = dict(m=m, k=k, n=n, kernel=kname, block_sizes=str(bs), us=t * 1e6,
+        s = dict(m=m, k=k, n=n, kernel=kname, block_sizes=str(bs) + (" nk" if nk else ""),
+                 us=t * 1e6,
                  us_wall=t_wall and t_wall * 1e6, speedup_vs_bf16=base / t if base else 0.0,
                  rel_err_vs_xla=err, correct=err is not None and err < 1e-2)
         sweeps.append(s)
