@@ -437,11 +437,12 @@ def main(argv=None):
             row["rel_err_vs_xla"] = rel_err(y, outs[XLA_OF[kname]])
           if "_hopper" in name:
             bs = HopperTiles() if kname == "w8a8" else HopperW4Tiles()
-          elif "_auto" in name:
-            bs = K._mosaic_gpu.auto_tiles(kname, m, k, n, None if kname == "w8a8" else GROUP,
-                                          "nk") or default_block_sizes(kname, "gpu", m, k, n)
           else:
-            bs = default_block_sizes(kname, "gpu", m, k, n)
+            layout = "nk" if name.endswith("_nk") else "kn"
+            bs = default_block_sizes(kname, "gpu", m, k, n, layout)
+            if "_auto" in name:
+              bs = K._mosaic_gpu.auto_tiles(kname, m, k, n, None if kname == "w8a8" else GROUP,
+                                            "nk") or bs
           if name.endswith("_nk") and isinstance(bs, BlockSizes):
             bs = dataclasses.replace(bs, k_major=True)
           row["block_sizes"] = str(bs)

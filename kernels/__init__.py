@@ -9,11 +9,14 @@ Kernels (one file each, each with ``reference`` and an ``xla`` path):
 All three also have Hopper kernels in Pallas' Mosaic GPU backend (TMA,
 ``wgmma``, warp specialization), selected by their tiles:
 ``w8a8_matmul(..., block_sizes=HopperTiles(...))``, and
-``w4a16_matmul`` / ``w4a8_matmul(..., block_sizes=HopperW4Tiles(...))``.
+``w4a16_matmul`` / ``w4a8_matmul(..., block_sizes=HopperW4Tiles(...))``; with
+neither ``backend`` nor ``block_sizes`` a Hopper GPU takes them where the GPU runs
+put them ahead (``_mosaic_gpu.AUTO``: W8A8 from M = 2048, W4A8 with weights stored
+K-major up to M = 256).
 
 :func:`qmatmul` picks the kernel from the operands and the backend from the
-platform (GPU: Pallas Triton; TPU: Pallas Mosaic; CPU: the XLA path), with an
-``implementation=`` override.
+platform (GPU: Pallas Triton, or Mosaic GPU as above; TPU: Pallas Mosaic; CPU:
+the XLA path), with an ``implementation=`` override.
 """
 
 from __future__ import annotations

@@ -81,13 +81,15 @@ class BlockSizes:
       raise ValueError(f"BlockSizes.orient={self.orient!r}: use 'xw' or 'wx'.")
 
 
-def default_block_sizes(kernel: str, backend: Backend, m: int, k: int, n: int) -> BlockSizes:
+def default_block_sizes(kernel: str, backend: Backend, m: int, k: int, n: int,
+                        weight_layout: str = "kn") -> BlockSizes:
   """Tuned defaults per backend (GPU numbers from ``experiments/bench_kernels.py``).
 
-  ``kernel`` is ``"w8a8"``, ``"w4a16"`` or ``"w4a8"``; ``k`` the logical K.
+  ``kernel`` is ``"w8a8"``, ``"w4a16"`` or ``"w4a8"``; ``k`` the logical K;
+  ``weight_layout`` how the weight is stored (``"nk"``: K-major tiles off TPU).
   The tuned tile is halved (down to 16) until it divides N and the stored K rows.
   """
-  bs = _tuned_block_sizes(kernel, backend, m)
+  bs = _tuned_block_sizes(kernel, backend, m, weight_layout == "nk" and backend != "tpu")
   rows = k // 2 if kernel != "w8a8" else k
   floor = 128 if backend == "tpu" else 16
   bn, bk = bs.bn, bs.bk
@@ -98,9 +100,13 @@ def default_block_sizes(kernel: str, backend: Backend, m: int, k: int, n: int) -
   return dataclasses.replace(bs, bn=bn, bk=bk)
 
 
-def _tuned_block_sizes(kernel: str, backend: Backend, m: int) -> BlockSizes:
+def _tuned_block_sizes(kernel: str, backend: Backend, m: int, k_major: bool) -> BlockSizes:
   if backend == "tpu":
     return BlockSizes(bm=128 if m > 64 else max(8, _pow2_at_least(m)), bn=256, bk=256)
+  if k_major and m <= 16 and kernel != "w8a8":
+    # int4 stored K-major, decode: K-major group scales are read a column per K-step, so
+    # one step per group of 128 (run 7: W4A16 21.8 us vs 24.0 with bk = 64; W4A8 16.2 vs 22.1)
+    return BlockSizes(bm=16, bn=128, bk=128, split_k=8, num_warps=4, num_stages=3, k_major=True)
   # GPU: the best correct candidate of `experiments/bench_kernels.py --sweep` on
   # an H200, jax 0.11.2, 2026-11-27 (docs/device_runs/2026-11-27-h200-run4.json;
   # device time from CUPTI, K = N = 8192).
@@ -448,7 +454,7 @@ def resolve_block_sizes(kernel: str, backend: Backend, m: int, k: int, n: int,
                         block_sizes: BlockSizes | None, weight_layout: str) -> BlockSizes:
   """``block_sizes``, or :func:`default_block_sizes`; a weight stored ``"nk"`` (K-major)
   takes K-major tiles off TPU, so the kernel reads it as stored (no transpose per call)."""
-  bs = block_sizes or default_block_sizes(kernel, backend, m, k, n)
+  bs = block_sizes or default_block_sizes(kernel, backend, m, k, n, weight_layout)
   if weight_layout == "nk" and backend != "tpu" and not bs.k_major:
     bs = dataclasses.replace(bs, k_major=True)
   return bs

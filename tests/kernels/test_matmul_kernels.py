@@ -247,3 +247,20 @@ def test_ragged_groups_take_the_xla_path_and_refuse_the_kernel():
     K.qmatmul(x, qw, implementation="pallas")
   with pytest.raises(ValueError, match="ragged last group"):
     K.w4a16_matmul(x, qw)
+
+
+def test_default_tiles_follow_the_weight_layout():
+  """GPU defaults: an int4 weight stored K-major takes one K-step per group of 128 at decode
+  (its group scales are read a column per step), K-major tiles everywhere; "kn" keeps the
+  tuned tiles; TPU ignores the layout. Divisibility still clamps the tiles."""
+  from lowbit.kernels import _pallas
+  kn = _pallas.default_block_sizes("w4a16", "gpu", 1, 8192, 8192)
+  nk = _pallas.default_block_sizes("w4a16", "gpu", 1, 8192, 8192, "nk")
+  assert (kn.bk, kn.k_major) == (64, False)
+  assert nk == BlockSizes(bm=16, bn=128, bk=128, split_k=8, num_warps=4, num_stages=3,
+                          k_major=True)
+  assert _pallas.resolve_block_sizes("w4a8", "gpu", 16, 8192, 8192, None, "nk") == nk
+  assert _pallas.resolve_block_sizes("w4a8", "gpu", 64, 8192, 8192, None, "nk").k_major
+  assert _pallas.default_block_sizes("w8a8", "gpu", 1, 8192, 8192, "nk").bk == 128
+  assert _pallas.default_block_sizes("w4a16", "gpu", 1, 192, 8192, "nk").bk == 32  # K/2 = 96
+  assert not _pallas.resolve_block_sizes("w4a16", "tpu", 1, 8192, 8192, None, "nk").k_major
