@@ -4,7 +4,8 @@
 # from CUPTI).
 #   usage (device tool): bash experiments/device_check.sh
 #   knobs: SWEEP=--sweep (default) or SWEEP= ; BENCH_DEADLINE (s), REPS, BENCH_ARGS;
-#          FORWARD=1 adds bench_forward.py (decode, [K, N] vs K-major stored weights)
+#          FORWARD=1 adds bench_forward.py (decode, [K, N] vs K-major stored weights);
+#          PROFILE=1 adds profile_w4.py (the Mosaic GPU int4 kernel's regions per step)
 # Writes logs and bench_kernels.json under $OUT (or ./device_out).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
@@ -53,5 +54,13 @@ if [ "${FORWARD:-0}" = 1 ]; then
     --layers 2 --batch 1 --seq 16 --reps 20 --rounds 2 --policies w8a8 w4a16 \
     --weight-layouts kn nk --out "$OUT/bench_forward.json" 2>&1 | tail -8
   echo "forward done at $(( $(date +%s) - T0 )) s"
+fi
+# Opt-in (PROFILE=1): where the Mosaic GPU int4 kernel spends a decode step (its own
+# profiler: clock stamps per warpgroup region, no hardware counters needed).
+if [ "${PROFILE:-0}" = 1 ]; then
+  timeout ${PROFILE_TIMEOUT:-120} python3 "$REPO/experiments/profile_w4.py" --out /tmp/profile_w4 2>&1 \
+    | grep -v "^W[0-9]" | tail -40
+  cp /tmp/profile_w4/summary.json "$OUT/profile_w4.json" 2>/dev/null
+  echo "profile done at $(( $(date +%s) - T0 )) s"
 fi
 echo "all done at $(( $(date +%s) - T0 )) s"

@@ -163,21 +163,30 @@ def _tiled(cols: int, bits: int) -> tuple:
   return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
 
 
-def _launch(kernel, out_type, num_sms: int, name: str, interpret: bool):
+def _launch(kernel, out_type, num_sms: int, name: str, interpret: bool,
+            profile_dir: str | None = None):
   """The persistent launch both kernels share: one CTA per SM (grid axis ``"sm"``), a TMA
   warpgroup and two compute warpgroups (axis ``"wg"``), warpgroup lowering semantics;
-  ``interpret`` runs it in jax's GPU interpreter."""
+  ``interpret`` runs it in jax's GPU interpreter. ``profile_dir``: Mosaic GPU's own
+  profiler records the kernel's ``jax.named_scope`` regions per warpgroup (clock
+  stamps, no hardware counters) and writes a Perfetto trace there after each call."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
   extra = {}
   if interpret:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     extra["interpret"] = InterpretGPUParams()
+  prof = dict(profile_space=PROFILE_EVENTS, profile_dir=profile_dir) if profile_dir else {}
   kernel.__name__ = name  # the kernel's name in profiles and HLO
   return plgpu.kernel(
       kernel, out_type=out_type, grid=(num_sms,), grid_names=("sm",), num_threads=3,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+                                           **prof),
       **extra)
+
+
+#: Profiler events one warpgroup may record in a profiled call (``profile_dir``).
+PROFILE_EVENTS = 4096
 
 
 def w8a8_kernel(xq: jax.Array, xs: jax.Array, w: jax.Array, ws: jax.Array, *,
@@ -425,7 +434,7 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
 
 def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
               plan: W4Plan, interpret: bool = False,
-              name: str = "lowbit_w4a16_hopper") -> jax.Array:
+              name: str = "lowbit_w4a16_hopper", profile_dir: str | None = None) -> jax.Array:
   """``out[s, n, m] = sum_{steps t of split s} sum_h ws[t + h G', n] sum_{k in t} w_h[n, k] x_h[m, k]``.
 
   ``h`` runs over the two packed halves of K: byte ``j`` of a weight row holds
@@ -461,6 +470,9 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   Returns f32 ``[split_k, N, M]``: the caller adds the splits and transposes.
   In interpret mode each ``wgmma`` is a ``jnp.dot`` of the same register and
   shared-memory operands (the interpreter's ``wgmma`` takes no register operand).
+  ``profile_dir``: see :func:`_launch`; each step's regions are ``load`` (codes from
+  shared memory), ``unpack`` (to wgmma's registers), ``issue``, ``wait`` (the
+  wgmmas) and ``scale`` (grouped).
   """
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -540,45 +552,64 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
         cn = pl.ds(ni * cta_n, cta_n)
 
         def mma(pairs, acc_refs):
-          """``acc += a @ b`` for each ``(a, b_smem)`` of ``pairs`` into its ref of
-          ``acc_refs`` (refs may repeat): the wgmmas issued, then one wait."""
+          """``acc += a() @ b`` for each ``(a, b_smem)`` of ``pairs`` into its ref of
+          ``acc_refs`` (refs may repeat): each A operand converted right before its
+          wgmma is issued (so converting the next overlaps the MMA in flight), then one
+          wait for all."""
           for (a, b), acc_ref in zip(pairs, acc_refs, strict=True):
-            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)))
-          plgpu.wgmma_wait(0)
+            a = a()
+            with jax.named_scope("issue"):
+              plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)))
+          with jax.named_scope("wait"):
+            plgpu.wgmma_wait(0)
 
         def dots(pairs):
-          """``[a @ b for (a, b_smem) in pairs]``, f32 or int32."""
+          """``[a() @ b for (a, b_smem) in pairs]``, f32 or int32."""
           if interpret:
-            return [jnp.dot(a, b[...], preferred_element_type=acc_dtype) for a, b in pairs]
+            return [jnp.dot(a(), b[...], preferred_element_type=acc_dtype) for a, b in pairs]
 
           def acc_scope(*acc_refs):
             mma(pairs, acc_refs)
             return [r[...] for r in acc_refs]
           return pl.run_scoped(acc_scope, *[plgpu.ACC((tn, tm), acc_dtype) for _ in pairs])
 
-        def codes(w_smem):
-          """This warpgroup's weight rows in wgmma's register layout, in the tokens'
-          dtype: ``[w]`` (interleaved int4) or ``[16 * lo, 16 * hi]`` (split bytes).
+        def pairs_of(x_refs, w_smem):
+          """``[(A operand thunk, token tile)]`` of one step: this warpgroup's weight rows
+          in wgmma's register layout, in the tokens' dtype. Interleaved: the int4 codes
+          converted once, against each token tile; split: each half's codes (times 16
+          where ``factors`` has 1/16) converted when its wgmma is issued.
           ``HopperW4Tiles.wide_load``: 32-bit shared-memory loads, then a relayout."""
-          w = w_smem[wn, :]
           wide = p.wide_load and not interpret
-          if not p.split:
-            if wide and act == jnp.bfloat16:
+          with jax.named_scope("load"):
+            w = w_smem[wn, :]
+            if wide and p.split:  # 4 bytes per thread and load: the layout that upcasts
+              w = plgpu.layout_cast(w, plgpu.Layout.WGMMA_UPCAST_2X if act == jnp.bfloat16
+                                    else plgpu.Layout.WGMMA_8BIT)
+            elif wide and act == jnp.bfloat16:
               # int8 tokens: inference's layout already reads 16 bits a time; Mosaic has no
               # cheaper relayout to the 8-bit wgmma operand (the casts tried are refused).
               w = plgpu.layout_cast(w, plgpu.Layout.WGMMA_UPCAST_4X)
-              w = plgpu.layout_cast(w, plgpu.Layout.WGMMA)
-            return [w.astype(act)]
-          if wide:  # 4 bytes per thread and load: the layout that upcasts to wgmma's
-            w = plgpu.layout_cast(w, plgpu.Layout.WGMMA_UPCAST_2X if act == jnp.bfloat16
-                                  else plgpu.Layout.WGMMA_8BIT)
-          # Mosaic GPU does no arithmetic on 8-bit registers, only bitwise operations.
-          hi = w & jnp.int8(-16)  # byte & 0xF0 = 16 * hi
-          if act == jnp.int8:  # 16 * lo = byte << 4, shifted in 16 bits
-            return [(w.astype(jnp.int16) << 4).astype(jnp.int8), hi]
-          lo = ((w & jnp.int8(15)) ^ jnp.int8(8)).astype(act) - 8  # (lo + 8) - 8, exact
-          halves = [lo, hi.astype(act)]
-          return [plgpu.layout_cast(h, plgpu.Layout.WGMMA) for h in halves] if wide else halves
+          if not p.split:
+            with jax.named_scope("unpack"):
+              if wide and act == jnp.bfloat16:
+                w = plgpu.layout_cast(w, plgpu.Layout.WGMMA)
+              codes = w.astype(act)
+            return [(lambda: codes, x) for x in x_refs]
+
+          def half(h):
+            """Mosaic GPU does no arithmetic on 8-bit registers, only bitwise operations."""
+            with jax.named_scope("unpack"):
+              if h == 1:
+                c = w & jnp.int8(-16)  # byte & 0xF0 = 16 * hi
+              elif act == jnp.int8:  # 16 * lo = byte << 4, shifted in 16 bits
+                c = (w.astype(jnp.int16) << 4).astype(jnp.int8)
+              else:
+                c = ((w & jnp.int8(15)) ^ jnp.int8(8)).astype(act) - 8  # (lo + 8) - 8, exact
+              if act != jnp.int8:
+                c = c.astype(act)
+                c = plgpu.layout_cast(c, plgpu.Layout.WGMMA) if wide else c
+              return c
+          return [(functools.partial(half, h), x) for h, x in enumerate(x_refs)]
 
         def store(y):
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -586,19 +617,17 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[s, cn, pl.ds(mi * tm, tm)].at[wn])
 
-        def pairs_of(x_refs, w_smem):
-          ws_ = codes(w_smem)
-          return list(zip(ws_, x_refs, strict=True)) if p.split else [(ws_[0], x) for x in x_refs]
-
         if p.grouped:
           def context(eval_pipeline):
             store(eval_pipeline(jnp.zeros((tn, tm), jnp.float32)))
 
           def body(_, *refs):
             *x_refs, w_smem, s_lo, s_hi, y = refs
-            for half, part in enumerate(dots(pairs_of(x_refs, w_smem))):
-              sc = (s_lo, s_hi)[half][0, wn].astype(jnp.float32) * factors[half]
-              y = y + part.astype(jnp.float32) * lax.broadcast_in_dim(sc, (tn, tm), (0,))
+            parts = dots(pairs_of(x_refs, w_smem))
+            with jax.named_scope("scale"):
+              for half, part in enumerate(parts):
+                sc = (s_lo, s_hi)[half][0, wn].astype(jnp.float32) * factors[half]
+                y = y + part.astype(jnp.float32) * lax.broadcast_in_dim(sc, (tn, tm), (0,))
             return y
         else:  # one accumulator per half (split: their factors differ) for all of K
           def finish(accs):
@@ -628,11 +657,12 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
   out_type = jax.ShapeDtypeStruct((p.split_k, n, mt * tm), jnp.float32)
   args = (*xs, w4) + ((ws,) if p.grouped else ())
-  return _launch(kernel, out_type, p.num_sms, name, interpret)(*args)
+  return _launch(kernel, out_type, p.num_sms, name, interpret, profile_dir)(*args)
 
 
 def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
-              tiles: HopperW4Tiles, interpret: bool, name: str, kernel_name: str) -> jax.Array:
+              tiles: HopperW4Tiles, interpret: bool, name: str, kernel_name: str,
+              profile_dir: str | None = None) -> jax.Array:
   """``sum_g ws[g, n] * sum_{k in g} x[m, k] q[k, n]`` in f32 ``[M, N]`` through
   :func:`w4_kernel`, from validated operands: ``x [M, K]`` bf16 (W4A16) or int8
   codes (W4A8), ``wq [K/2, N]`` packed, ``ws [K/G or 1, N]``.
@@ -665,7 +695,7 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
     xs = (spread(lo, hi),) if group is None else (spread(lo, zero), spread(zero, hi))
     w = lax.bitcast_convert_type(wq.T, jnp.int4).reshape(n, k)
   out = w4_kernel(xs, w, None if group is None else ws, plan=plan, interpret=interpret,
-                  name=kernel_name)
+                  name=kernel_name, profile_dir=profile_dir)
   y = out.sum(axis=0).T[:m]
   return y * ws.astype(jnp.float32) if group is None else y
 

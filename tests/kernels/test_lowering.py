@@ -113,3 +113,4 @@ def test_int4_kernels_lower_for_cuda_through_mosaic_gpu(tiles, name):
   fn, x, w4 = operands()[name]
   txt = lower(fn, x, w4.transpose(), "mosaic_gpu", "cuda", tiles, weight_layout="nk")
   assert f"lowbit_{name.split('-')[0]}_hopper" in txt and "mosaic_gpu" in txt
+

@@ -298,3 +298,33 @@ def test_wrappers_take_the_auto_tiles_only_without_backend_or_tiles(monkeypatch)
   assert calls == [K.HopperW4Tiles(tile_n=128)]  # a named backend is kept
   ref = K.w4a8.reference(xa, wq, out_dtype=jnp.float32)
   assert rel(out, np.asarray(ref, np.float64)) < 1e-2
+
+
+def test_profile_summary_of_a_trace():
+  """experiments/profile_w4.py's reading of Mosaic GPU's profiler trace (the profiled
+  kernel runs only on a GPU): nested regions per warpgroup, medians, shares of the span."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parents[2] / "experiments" / "profile_w4.py"
+  spec = importlib.util.spec_from_file_location("profile_w4", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+
+  def region(name, t0, t1, tid):
+    return [dict(name=name, ph="B", ts=t0, pid=1, tid=tid),
+            dict(name=name, ph="E", ts=t1, pid=1, tid=tid)]
+  ev = []
+  for tid, base in ((1, 0.0), (2, 100.0)):  # two warpgroups, two steps each
+    for step in range(2):
+      t = base + 10.0 * step
+      ev += region("unpack", t, t + 4.0, tid) + region("mma", t + 4.0, t + 7.0, tid)
+  ev.append(dict(name="unpack", ph="B", ts=5.0, pid=1, tid=3))  # nested regions
+  ev += region("mma", 6.0, 7.0, 3)
+  ev.append(dict(name="unpack", ph="E", ts=9.0, pid=1, tid=3))
+  s = mod.summarize({"traceEvents": ev})
+  assert s["warpgroups"] == 3 and s["median_span_us"] == 17.0
+  assert s["regions"]["unpack"]["count"] == 5 and s["regions"]["unpack"]["median_us"] == 4.0
+  assert s["regions"]["mma"]["total_us"] == 13.0
+  assert abs(s["regions"]["unpack"]["share"] - 20.0 / 38.0) < 1e-12
+  with pytest.raises(ValueError, match="unbalanced"):
+    mod.summarize({"traceEvents": region("mma", 0.0, 1.0, 1)[:1]})

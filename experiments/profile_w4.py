@@ -1,0 +1,126 @@
+"""Where the Mosaic GPU int4 kernel spends a decode step, from Mosaic GPU's own profiler.
+
+    python experiments/profile_w4.py --out /tmp/prof     # on a Hopper GPU (sm_90)
+
+Runs ``lowbit.kernels._mosaic_gpu.w4_matmul`` at M = 1, K = N = 8192, group 128
+with ``profile_dir`` set: the kernel records its named regions per compute
+warpgroup with the SM's clock (``load``: codes from shared memory; ``unpack``:
+into wgmma's registers; ``issue`` and ``wait``: the wgmmas; ``scale``: the
+group partial sums into the f32 total) and Mosaic GPU writes a Perfetto trace
+per call. No
+hardware counters are needed, so it works where ``ncu`` cannot read them (the
+lent H200s run under gVisor). Prints, per configuration, each region's median
+time per step and its share of the warpgroups' span; the rest of the span is
+waiting for the TMA warpgroup's loads. Writes the summaries as JSON.
+
+The profiled kernel cannot be lowered on a CPU machine (the profiler dumps
+through a host callback), so this script has only run where it says it ran
+(docs/kernels.md); :func:`summarize` is tested on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import statistics
+import sys
+
+
+def summarize(trace: dict) -> dict:
+  """Per region of a Mosaic GPU profiler trace: count, median and total duration (us), and
+  its share of the warpgroups' summed spans (first region start to last region end).
+
+  ``trace`` is the JSON the profiler writes: ``{"traceEvents": [{"name", "ph": "B" | "E",
+  "ts" (us), "pid" (SM), "tid" (warpgroup trace)}, ...]}``; regions nest per ``tid``.
+  """
+  by_tid = collections.defaultdict(list)
+  for e in trace["traceEvents"]:
+    by_tid[e["tid"]].append(e)
+  durations = collections.defaultdict(list)
+  spans = []
+  for events in by_tid.values():
+    events.sort(key=lambda e: e["ts"])
+    stack = []
+    for e in events:
+      if e["ph"] == "B":
+        stack.append(e)
+      else:
+        if not stack or stack[-1]["name"] != e["name"]:
+          raise ValueError(f"unbalanced profiler trace at {e['name']!r} (tid {e['tid']})")
+        durations[e["name"]].append(e["ts"] - stack.pop()["ts"])
+    if stack:
+      raise ValueError(f"unbalanced profiler trace: {stack[-1]['name']!r} never ends")
+    spans.append(events[-1]["ts"] - events[0]["ts"])
+  total_span = sum(spans)
+  regions = {name: dict(count=len(d), median_us=statistics.median(d), total_us=sum(d),
+                        share=sum(d) / total_span if total_span else 0.0)
+             for name, d in sorted(durations.items())}
+  return dict(warpgroups=len(spans), median_span_us=statistics.median(spans) if spans else 0.0,
+              regions=regions)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--out", default="profile_w4", help="trace folder and summary JSON")
+  ap.add_argument("--m", type=int, default=1)
+  ap.add_argument("--kn", type=int, default=8192)
+  args = ap.parse_args(argv)
+
+  import jax
+  import jax.numpy as jnp
+  from lowbit.kernels import _mosaic_gpu
+
+  from lowbit import kernels as K
+  from lowbit.quant import QuantSpec, quantize
+  if not _mosaic_gpu.is_hopper():
+    print("profile_w4: needs a Hopper GPU (sm_90); found", jax.devices()[0].device_kind)
+    return 2
+  k = n = args.kn
+  key = jax.random.key(0)
+  w = jax.random.normal(key, (k, n), jnp.float32)
+  wq = quantize(w, QuantSpec(bits=4, channel_axes=(1,), group_size=128, pack=True,
+                             scale_dtype=jnp.bfloat16))
+  x = jax.random.normal(jax.random.fold_in(key, 1), (args.m, k), jnp.float32)
+  xq = quantize(x, QuantSpec(bits=8, channel_axes=(0,)))
+  acts = {"w4a16": x.astype(jnp.bfloat16), "w4a8": xq.qvalue}
+  configs = [("w4a16", K.HopperW4Tiles()), ("w4a16", K.HopperW4Tiles(tile_n=128)),
+             ("w4a16", K.HopperW4Tiles(nibbles="split", tile_n=128)),
+             ("w4a8", K.HopperW4Tiles(tile_n=128)), ("w4a8", K.HopperW4Tiles(nibbles="split"))]
+  out = {}
+  for kname, tiles in configs:
+    label = f"{kname} {tiles}"
+    folder = os.path.join(args.out, f"{kname}-{len(out)}")
+    os.makedirs(folder, exist_ok=True)
+
+    def f(a, q, s, tiles=tiles, folder=folder, kname=kname):
+      return _mosaic_gpu.w4_matmul(a, q, s, 128, tiles=tiles, interpret=False, name=kname,
+                                   kernel_name=f"lowbit_{kname}_hopper", profile_dir=folder)
+    try:
+      fn = jax.jit(f)
+      for _ in range(3):  # the last call's trace: compiled, caches warm
+        fn(acts[kname], wq.qvalue, wq.scale).block_until_ready()
+      newest = max(glob.glob(os.path.join(folder, "*.json")), key=os.path.getmtime)
+      with open(newest) as fh:
+        out[label] = summarize(json.load(fh))
+    except Exception as e:  # noqa: BLE001 - one configuration failing is a result too
+      out[label] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    s = out[label]
+    print(f"\n{label}")
+    if "error" in s:
+      print("  failed:", s["error"])
+      continue
+    print(f"  {s['warpgroups']} warpgroup traces, median span {s['median_span_us']:.1f} us")
+    for name, r in s["regions"].items():
+      print(f"  {name:8s} x{r['count']:6d}  median {r['median_us'] * 1e3:8.0f} ns  "
+            f"share {100 * r['share']:5.1f}%")
+  with open(os.path.join(args.out, "summary.json"), "w") as fh:
+    json.dump(dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__,
+                   m=args.m, k=k, n=n, configs=out), fh, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
