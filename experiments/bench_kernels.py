@@ -245,12 +245,11 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
   if m > 64:  # W4A8's M = 256 target: MMA-bound, token tiles of 64 to 128
     if kname != "w4a8":
       return []
-    return [T(), S(), S(tile_n=128), S(tile_m=128), S(tile_m=128, tile_n=128),
-            S(tile_m=128, split_k=2), S(wide_load=False)]
-  run5 = [T(), T(tile_n=128, split_k=4)] + ([T(wide_load=False)] if kname == "w4a16" else [])
-  return run5 + [S(), S(wide_load=False), S(tile_n=128), S(tile_n=128, split_k=4),
-                 S(split_k=1), S(split_k=4), S(max_concurrent_steps=6),
-                 S(tile_n=128, wide_load=False)]
+    return [S(tile_m=128), S(tile_m=128, split_k=2), S(compute_wgs=4), S(compute_wgs=4, split_k=2)]
+  # runs 5-7: the default and 128-row tiles tie or win; byte loads and split-K 1 or 4 lose
+  return [T(), T(tile_n=128), S(tile_n=128), T(compute_wgs=4), S(compute_wgs=4),
+          S(compute_wgs=4, wide_load=False), S(compute_wgs=4, max_concurrent_steps=5),
+          S(compute_wgs=4, tile_n=128), T(compute_wgs=4, tile_n=128)]
 
 
 def hopper_fn(tiles, interpret: bool, weight_layout: str = "kn", kname: str = "w4a16"):

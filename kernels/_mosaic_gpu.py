@@ -164,9 +164,9 @@ def _tiled(cols: int, bits: int) -> tuple:
 
 
 def _launch(kernel, out_type, num_sms: int, name: str, interpret: bool,
-            profile_dir: str | None = None):
+            profile_dir: str | None = None, compute_wgs: int = 2):
   """The persistent launch both kernels share: one CTA per SM (grid axis ``"sm"``), a TMA
-  warpgroup and two compute warpgroups (axis ``"wg"``), warpgroup lowering semantics;
+  warpgroup and ``compute_wgs`` compute warpgroups (axis ``"wg"``), warpgroup lowering semantics;
   ``interpret`` runs it in jax's GPU interpreter. ``profile_dir``: Mosaic GPU's own
   profiler records the kernel's ``jax.named_scope`` regions per warpgroup (clock
   stamps, no hardware counters) and writes a Perfetto trace there after each call."""
@@ -178,7 +178,8 @@ def _launch(kernel, out_type, num_sms: int, name: str, interpret: bool,
   prof = dict(profile_space=PROFILE_EVENTS, profile_dir=profile_dir) if profile_dir else {}
   kernel.__name__ = name  # the kernel's name in profiles and HLO
   return plgpu.kernel(
-      kernel, out_type=out_type, grid=(num_sms,), grid_names=("sm",), num_threads=3,
+      kernel, out_type=out_type, grid=(num_sms,), grid_names=("sm",),
+      num_threads=compute_wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
                                            **prof),
@@ -310,7 +311,7 @@ class HopperW4Tiles:
 
   Attributes:
     tile_n: weight rows (of N) per compute warpgroup, 64 or 128; a CTA owns
-      two warpgroups' worth, ``2 * tile_n``.
+      ``compute_wgs * tile_n``.
     tile_m: tokens per tile, a multiple of 8 up to 256; ``None``: M rounded
       up to 8, at most 64.
     tile_k: int4 codes of K per pipeline step (even, a multiple of 64);
@@ -328,6 +329,9 @@ class HopperW4Tiles:
       to Mosaic's inference, which reads one byte at a time (checked in the
       lowered module) and needs no shuffle. W4A8 always takes the inferred
       layout (16-bit loads, no shuffle).
+    compute_wgs: compute warpgroups per CTA, 2 to 4 (a CTA owns
+      ``compute_wgs * tile_n`` weight rows): more warps to hide the latency of
+      the conversion and of each step's wgmma, fewer registers each.
     nibbles: how a byte's two codes reach ``wgmma``. ``"split"``: the bytes
       are loaded as int8 and split in registers, ``16 * lo = byte << 4`` and
       ``16 * hi = byte & 0xF0`` (exact in int8 and bf16; the ``1/16`` goes
@@ -347,8 +351,11 @@ class HopperW4Tiles:
   num_sms: int | None = None
   wide_load: bool = True
   nibbles: Literal["split", "interleaved"] = "interleaved"
+  compute_wgs: int = 2
 
   def __post_init__(self):
+    if self.compute_wgs not in (2, 3, 4):
+      raise ValueError(f"HopperW4Tiles.compute_wgs={self.compute_wgs!r}: use 2, 3 or 4.")
     if self.nibbles not in ("split", "interleaved"):
       raise ValueError(f"HopperW4Tiles.nibbles={self.nibbles!r}: use 'split' or 'interleaved'.")
     for f in ("tile_n", "tile_m", "tile_k", "split_k", "max_concurrent_steps", "num_sms"):
@@ -378,17 +385,18 @@ class W4Plan:
   wide_load: bool = True
   act_bytes: int = 2  # bf16 tokens (W4A16) or int8 (W4A8)
   split: bool = False  # HopperW4Tiles.nibbles == "split"
+  wgs: int = 2  # compute warpgroups
 
   def smem_bytes(self) -> int:
     """Pipeline buffers (weight codes, token tiles, scales) and the epilogue tiles."""
-    cta_n = 2 * self.tile_n
+    cta_n = self.wgs * self.tile_n
     if self.split:  # one token tile per half, half as wide
       parts = 1
     else:
       parts = 2 if self.grouped else 1
     step = cta_n * self.tile_k // 2 + parts * self.tile_m * self.tile_k * self.act_bytes
     step += 2 * cta_n * 4 if self.grouped else 0  # scale rows, f32 at most
-    return self.stages * step + 2 * self.tile_n * self.tile_m * 4
+    return self.stages * step + self.wgs * self.tile_n * self.tile_m * 4
 
 
 def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
@@ -406,11 +414,11 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
                      f"{2 * group} for grouped weights.")
   if k % tile_k:
     raise ValueError(f"{name}: K={k} is not a multiple of the K-step tile_k={tile_k}.")
-  cta_n = 2 * tiles.tile_n
+  cta_n = tiles.compute_wgs * tiles.tile_n
   if n % cta_n:
     raise ValueError(f"{name}: N={n} is not a multiple of the CTA's {cta_n} weight rows "
-                     f"(HopperW4Tiles tile_n={tiles.tile_n}); pass a tile_n with 2 * tile_n dividing N, "
-                     "or use backend='gpu'.")
+                     f"(HopperW4Tiles tile_n={tiles.tile_n}, compute_wgs={tiles.compute_wgs}); "
+                     "pass tiles whose compute_wgs * tile_n divides N, or use backend='gpu'.")
   tile_m = tiles.tile_m or min(64, -(-m // 8) * 8)
   num_sms = tiles.num_sms or default_num_sms()
   steps = k // tile_k
@@ -422,7 +430,8 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
     raise ValueError(f"{name}: split_k={split} does not divide the {steps} K-steps "
                      f"(K={k}, tile_k={tile_k}).")
   plan = W4Plan(tiles.tile_n, tile_m, tile_k, split, tiles.max_concurrent_steps or 4, num_sms,
-                group is not None, tiles.wide_load, act_bytes, tiles.nibbles == "split")
+                group is not None, tiles.wide_load, act_bytes, tiles.nibbles == "split",
+                tiles.compute_wgs)
   if tiles.max_concurrent_steps is None:
     while plan.stages > 2 and plan.smem_bytes() > SMEM_BYTES:
       plan = dataclasses.replace(plan, stages=plan.stages - 1)
@@ -480,7 +489,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   n = w4.shape[0]
   k_total = xs[0].shape[1 if interpret else 2]
   mt = xs[0].shape[0]
-  tn, tm, tk, cta_n = p.tile_n, p.tile_m, p.tile_k, 2 * p.tile_n
+  tn, tm, tk, cta_n = p.tile_n, p.tile_m, p.tile_k, p.wgs * p.tile_n
   act = jnp.dtype(xs[0].dtype)
   acc_dtype = jnp.int32 if act == jnp.int8 else jnp.float32
   n_iters = n // cta_n
@@ -529,14 +538,14 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
     def pipeline(body, context):
       return plgpu.emit_pipeline_warp_specialized(
           body, grid=(steps,), memory_registers=40, in_specs=specs, wg_axis="wg",
-          num_compute_wgs=2, max_concurrent_steps=p.stages, compute_context=context)
+          num_compute_wgs=p.wgs, max_concurrent_steps=p.stages, compute_context=context)
 
     ignore = lambda *_, **__: None  # noqa: E731 (allocation sizes do not depend on the body)
 
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(*operands(0, 0, pl.ds(0, cta_n))),
-        out_smem=plgpu.SMEM((2, tn, tm), jnp.float32,
+        out_smem=plgpu.SMEM((p.wgs, tn, tm), jnp.float32,
                             transforms=() if interpret else _tiled(tm, 32)),
         collective_axes="wg")
     def _scope(allocs, out_smem):
@@ -657,7 +666,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
   out_type = jax.ShapeDtypeStruct((p.split_k, n, mt * tm), jnp.float32)
   args = (*xs, w4) + ((ws,) if p.grouped else ())
-  return _launch(kernel, out_type, p.num_sms, name, interpret, profile_dir)(*args)
+  return _launch(kernel, out_type, p.num_sms, name, interpret, profile_dir, p.wgs)(*args)
 
 
 def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,

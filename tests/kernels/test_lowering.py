@@ -101,6 +101,7 @@ HOPPER_W4_TILES = {
     "split": K.HopperW4Tiles(nibbles="split"),
     "split-n128-byteload": K.HopperW4Tiles(nibbles="split", tile_n=128, tile_m=16, split_k=2,
                                            num_sms=16, wide_load=False),
+    "split-4wg": K.HopperW4Tiles(nibbles="split", compute_wgs=4),
 }
 
 

@@ -156,6 +156,7 @@ W4_CASES = [
     (5, 512, 256, 64, dict(nibbles="split"), "nk"),
     (20, 1024, 256, 128, dict(nibbles="split", tile_m=16, split_k=2), "kn"),  # bf16 scales
     (9, 512, 256, None, dict(nibbles="split", wide_load=False), "nk"),
+    (4, 512, 256, 64, dict(nibbles="split", compute_wgs=4), "nk"),  # 4 compute warpgroups
 ]
 
 
@@ -256,6 +257,10 @@ def test_w4a16_errors_name_the_problem():
     K.HopperW4Tiles(tile_n=32)
   with pytest.raises(ValueError, match="a multiple of 8, at most 256"):
     K.HopperW4Tiles(tile_m=12)
+  with pytest.raises(ValueError, match="compute_wgs \\* tile_n divides N"):
+    K.w4a16_matmul(xs, w192, backend=BACKEND, block_sizes=w4_tiles(compute_wgs=4))
+  with pytest.raises(ValueError, match="use 2, 3 or 4"):
+    K.HopperW4Tiles(compute_wgs=1)
   with pytest.raises(ValueError, match="use 'split' or 'interleaved'"):
     K.HopperW4Tiles(nibbles="packed")
 
