@@ -51,7 +51,7 @@ grep -v '^{' "$OUT/bench.log" | grep -v '^m=' | tail -150
 # Opt-in (FORWARD=1): a converted model's decode forward, weights [K, N] vs stored K-major.
 if [ "${FORWARD:-0}" = 1 ]; then
   timeout ${FORWARD_TIMEOUT:-150} python3 "$REPO/experiments/bench_forward.py" --bf16 --d 4096 \
-    --layers 2 --batch 1 --seq 16 --reps 20 --rounds 2 --policies w8a8 w4a16 \
+    --layers 2 --batch 1 --seq 16 --reps 20 --rounds 2 --policies w8a8 w4a8 w4a16 \
     --weight-layouts kn nk --out "$OUT/bench_forward.json" 2>&1 | tail -8
   echo "forward done at $(( $(date +%s) - T0 )) s"
 fi
