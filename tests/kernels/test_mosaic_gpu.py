@@ -156,7 +156,7 @@ W4_CASES = [
     (5, 512, 256, 64, dict(nibbles="split"), "nk"),
     (20, 1024, 256, 128, dict(nibbles="split", tile_m=16, split_k=2), "kn"),  # bf16 scales
     (9, 512, 256, None, dict(nibbles="split", wide_load=False), "nk"),
-    (4, 512, 256, 64, dict(nibbles="split", compute_wgs=4), "nk"),  # 4 compute warpgroups
+    (4, 256, 256, 32, dict(nibbles="split", compute_wgs=4), "nk"),  # 4 compute warpgroups
 ]
 
 
@@ -174,7 +174,7 @@ def test_w4a16_matches_reference_and_float64(m, k, n, group, kw, layout):
   assert out.shape == (m, n) and out.dtype == jnp.float32
   assert rel(out, np.asarray(K.w4a16.reference(x, wq, out_dtype=jnp.float32), np.float64)) < 1e-5
   assert rel(out, w4_oracle(x, wq)) < 1e-5
-  if group == 64:  # bf16 output (one case: the cast is the same in all)
+  if group == 64 and layout == "kn":  # bf16 output (one case: the cast is the same in all)
     out16 = K.w4a16_matmul(x, w, backend=BACKEND, block_sizes=w4_tiles(**kw),
                            weight_layout=layout)
     assert out16.dtype == jnp.bfloat16 and rel(out16, w4_oracle(x, wq)) < 1e-2
