@@ -49,7 +49,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from lowbit.kernels import BlockSizes, HopperTiles, HopperW4Tiles, default_block_sizes
+from lowbit.kernels import BlockSizes, HopperTiles, HopperW4Tiles
 
 from lowbit import kernels as K
 from lowbit.quant import QuantSpec, dequantize, quantize
@@ -322,7 +322,7 @@ def main(argv=None):
   # The Mosaic GPU kernels need Hopper (sm_90: TMA, wgmma); on CPU, --force-kernels runs
   # them interpreted (W8A8 at M >= 64, W4A16 at M <= 16).
   off = {"w8a8", "w4a16", "w4a8"} if args.no_hopper == [] else set(args.no_hopper or ())
-  sm90 = platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+  sm90 = K._mosaic_gpu.is_hopper()
   hopper_interp = platform == "cpu" and args.force_kernels
   hopper = {kn: (sm90 or hopper_interp) and kn not in off for kn in ("w8a8", "w4a16", "w4a8")}
   meta = dict(device=str(dev.device_kind), platform=platform, jax=jax.__version__,
@@ -436,14 +436,12 @@ def main(argv=None):
             row["rel_err_vs_xla"] = rel_err(y, outs[XLA_OF[kname]])
           if "_hopper" in name:
             bs = HopperTiles() if kname == "w8a8" else HopperW4Tiles()
-          else:
+          else:  # the tiles the wrapper resolves for this layout
             layout = "nk" if name.endswith("_nk") else "kn"
-            bs = default_block_sizes(kname, "gpu", m, k, n, layout)
+            bs = K._pallas.resolve_block_sizes(kname, "gpu", m, k, n, None, layout)
             if "_auto" in name:
               bs = K._mosaic_gpu.auto_tiles(kname, m, k, n, None if kname == "w8a8" else GROUP,
                                             "nk") or bs
-          if name.endswith("_nk") and isinstance(bs, BlockSizes):
-            bs = dataclasses.replace(bs, k_major=True)
           row["block_sizes"] = str(bs)
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -163,6 +163,10 @@ def _tiled(cols: int, bits: int) -> tuple:
   return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
 
 
+#: Profiler events one warpgroup may record in a profiled call (``profile_dir``).
+PROFILE_EVENTS = 4096
+
+
 def _launch(kernel, out_type, num_sms: int, name: str, interpret: bool,
             profile_dir: str | None = None, compute_wgs: int = 2):
   """The persistent launch both kernels share: one CTA per SM (grid axis ``"sm"``), a TMA
@@ -184,10 +188,6 @@ def _launch(kernel, out_type, num_sms: int, name: str, interpret: bool,
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
                                            **prof),
       **extra)
-
-
-#: Profiler events one warpgroup may record in a profiled call (``profile_dir``).
-PROFILE_EVENTS = 4096
 
 
 def w8a8_kernel(xq: jax.Array, xs: jax.Array, w: jax.Array, ws: jax.Array, *,
@@ -611,13 +611,13 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
               if h == 1:
                 c = w & jnp.int8(-16)  # byte & 0xF0 = 16 * hi
               elif act == jnp.int8:  # 16 * lo = byte << 4, shifted in 16 bits
-                c = (w.astype(jnp.int16) << 4).astype(jnp.int8)
+                return (w.astype(jnp.int16) << 4).astype(jnp.int8)
               else:
-                c = ((w & jnp.int8(15)) ^ jnp.int8(8)).astype(act) - 8  # (lo + 8) - 8, exact
-              if act != jnp.int8:
-                c = c.astype(act)
-                c = plgpu.layout_cast(c, plgpu.Layout.WGMMA) if wide else c
-              return c
+                c = (w & jnp.int8(15)) ^ jnp.int8(8)  # lo + 8, in [0, 16)
+              if act == jnp.int8:
+                return c
+              c = c.astype(act) - 8 if h == 0 else c.astype(act)  # (lo + 8) - 8, exact
+              return plgpu.layout_cast(c, plgpu.Layout.WGMMA) if wide else c
           return [(functools.partial(half, h), x) for h, x in enumerate(x_refs)]
 
         def store(y):
