@@ -242,14 +242,22 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
     return []
   T = HopperW4Tiles
   S = functools.partial(T, nibbles="split")
+  # nk_scales="slab": the scales read as stored, no per-call transpose (side by side with
+  # the default); unpack="ptx": W4A16's one-pass PTX conversion (W4A8 ignores it).
   if m > 64:  # W4A8's M = 256 target: MMA-bound, token tiles of 64 to 128
     if kname != "w4a8":
       return []
-    return [S(tile_m=128), S(tile_m=128, split_k=2), S(compute_wgs=4), S(compute_wgs=4, split_k=2)]
+    return [S(tile_m=128), S(tile_m=128, nk_scales="slab"), S(tile_m=128, split_k=2),
+            S(compute_wgs=4), S(compute_wgs=4, split_k=2)]
   # runs 5-7: the default and 128-row tiles tie or win; byte loads and split-K 1 or 4 lose
-  return [T(), T(tile_n=128), S(tile_n=128), T(compute_wgs=4), S(compute_wgs=4),
-          S(compute_wgs=4, wide_load=False), S(compute_wgs=4, max_concurrent_steps=5),
-          S(compute_wgs=4, tile_n=128), T(compute_wgs=4, tile_n=128)]
+  out = [T(), T(tile_n=128), T(tile_n=128, nk_scales="slab"), S(tile_n=128),
+         S(tile_n=128, nk_scales="slab"), T(compute_wgs=4), S(compute_wgs=4),
+         S(compute_wgs=4, wide_load=False), S(compute_wgs=4, max_concurrent_steps=5),
+         S(compute_wgs=4, tile_n=128), T(compute_wgs=4, tile_n=128)]
+  if kname == "w4a16":
+    out += [S(unpack="ptx"), S(tile_n=128, unpack="ptx"), S(compute_wgs=4, unpack="ptx"),
+            S(tile_n=128, unpack="ptx", nk_scales="slab")]
+  return out
 
 
 def hopper_fn(tiles, interpret: bool, weight_layout: str = "kn", kname: str = "w4a16"):

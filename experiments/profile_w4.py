@@ -88,6 +88,7 @@ def main(argv=None) -> int:
   acts = {"w4a16": x.astype(jnp.bfloat16), "w4a8": xq.qvalue}
   configs = [("w4a16", K.HopperW4Tiles()), ("w4a16", K.HopperW4Tiles(tile_n=128)),
              ("w4a16", K.HopperW4Tiles(nibbles="split", tile_n=128)),
+             ("w4a16", K.HopperW4Tiles(nibbles="split", tile_n=128, unpack="ptx")),
              ("w4a16", K.HopperW4Tiles(nibbles="split", compute_wgs=4)),
              ("w4a8", K.HopperW4Tiles(tile_n=128)), ("w4a8", K.HopperW4Tiles(nibbles="split"))]
   out = {}

@@ -34,6 +34,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -299,6 +300,67 @@ def w8a8_kernel(xq: jax.Array, xs: jax.Array, w: jax.Array, ws: jax.Array, *,
 # W4A16 / W4A8: the int4 weight as wgmma's A operand, from registers (decode)
 # ---------------------------------------------------------------------------------------
 
+# Both nibbles of 4 packed bytes -> bf16 in 13 instructions (the sequence of
+# lowbit.kernels._pallas._ASM_I4_TO_BF16, its prmt and xor shared by the halves):
+# flip each nibble to offset binary (u = s + 8), move the nibbles of bytes (0, 1)
+# and (2, 3) into the two 16-bit halves of a word, put u in the mantissa of the
+# bf16 128.0 (0x4300 | u = 128 + u, exact) and subtract 136 with one bf16x2 FMA;
+# the high nibbles the same after a 4-bit shift. $4: the bytes; $0, $1: the low
+# nibbles of bytes (0, 1), (2, 3); $2, $3: the high nibbles.
+_ASM_SPLIT_I4_TO_BF16 = """{
+.reg .b32 sbt, sba, sbb, sbha, sbhb, sbz, sbone, sboff;
+mov.b32 sbz, 0;
+mov.b32 sbone, 0x3F803F80;
+mov.b32 sboff, 0xC308C308;
+xor.b32 sbt, $4, 0x88888888;
+prmt.b32 sba, sbt, sbz, 0x4140;
+prmt.b32 sbb, sbt, sbz, 0x4342;
+shr.b32 sbha, sba, 4;
+shr.b32 sbhb, sbb, 4;
+lop3.b32 $0, sba, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $1, sbb, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $2, sbha, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $3, sbhb, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 $0, $0, sbone, sboff;
+fma.rn.bf16x2 $1, $1, sbone, sboff;
+fma.rn.bf16x2 $2, $2, sbone, sboff;
+fma.rn.bf16x2 $3, $3, sbone, sboff;
+}"""
+
+
+def split_int4_bf16_ptx(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(lo, hi)`` bf16 codes of the packed bytes ``w`` (int8 ``[rows, cols]`` in
+  ``plgpu.Layout.WGMMA_UPCAST_2X``: 4 bytes per 32-bit register), each in the
+  same layout, through :data:`_ASM_SPLIT_I4_TO_BF16` once per register (inside
+  a Mosaic GPU kernel only: ``plgpu.inline_mgpu``)."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm
+  from jax.experimental.mosaic import gpu as mgpu
+  layout = plgpu.Layout.WGMMA_UPCAST_2X
+  out = plgpu.ShapeDtypeStruct(w.shape, jnp.bfloat16, layout)
+
+  @plgpu.inline_mgpu(arg_types=(layout,), return_type=(out, out))
+  def convert(_, fa):
+    i32 = ir.IntegerType.get_signless(32)
+    bf16x4 = ir.VectorType.get((4,), ir.BF16Type.get())
+    i32x2 = ir.VectorType.get((2,), i32)
+    result = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>")
+    lo, hi = np.empty_like(fa.registers), np.empty_like(fa.registers)
+    for idx, reg in np.ndenumerate(fa.registers):
+      word = mgpu.utils.bitcast(reg, i32)
+      r = llvm.inline_asm(result, [word], _ASM_SPLIT_I4_TO_BF16, "=r,=r,=r,=r,r")
+      v = [llvm.extractvalue(i32, r, [j]) for j in range(4)]
+      for dst, (a, b) in ((lo, v[:2]), (hi, v[2:])):
+        pair = llvm.insertelement(llvm.insertelement(llvm.mlir_undef(i32x2), a,
+                                                     mgpu.utils.c(0, i32)), b, mgpu.utils.c(1, i32))
+        dst[idx] = mgpu.utils.bitcast(pair, bf16x4)
+    return tuple(mgpu.FragmentedArray(_registers=regs, _layout=fa.layout, _is_signed=None)
+                 for regs in (lo, hi))
+
+  return convert(w)
+
+
 
 @dataclasses.dataclass(frozen=True)
 class HopperW4Tiles:
@@ -341,6 +403,20 @@ class HopperW4Tiles:
       bytes viewed as ``int4 [N, K]`` (codes of the two halves alternate
       along K), converted by Mosaic's int4 sequences; grouped weights then
       need one ``wgmma`` per half against tokens zeroed in the other half.
+    nk_scales: group scales of a weight stored K-major (``weight_layout="nk"``,
+      scales ``[N, K/G]``). ``"slab"``: the kernel reads them as stored, each
+      work item one ``[tile_n, W]`` slab per packed half (``W`` its K-steps,
+      rounded up to 8) into shared memory with TMA, and each step takes its
+      column in registers; ``"transpose"`` (the default until a GPU run times
+      the slab): XLA transposes them to ``[K/G, N]`` per call (one more kernel
+      launch, about 2 us at K = N = 8192 on an H200) and the pipeline streams
+      one row per step, as for a ``"kn"`` weight.
+    unpack: W4A16 with ``nibbles="split"``: ``"ops"`` splits the bytes with
+      bitwise jnp operations and lets Mosaic GPU convert int8 -> bf16 (about 2.5
+      instructions per code in the lowered module); ``"ptx"`` converts both
+      nibbles of each 32-bit register with :data:`_ASM_SPLIT_I4_TO_BF16` (13
+      instructions per 8 codes, the true codes: no 1/16 factor), through
+      ``plgpu.inline_mgpu``. Interpreted, both run jnp (same numbers).
   """
 
   tile_n: int = 64
@@ -352,8 +428,17 @@ class HopperW4Tiles:
   wide_load: bool = True
   nibbles: Literal["split", "interleaved"] = "interleaved"
   compute_wgs: int = 2
+  nk_scales: Literal["slab", "transpose"] = "transpose"
+  unpack: Literal["ops", "ptx"] = "ops"
 
   def __post_init__(self):
+    if self.unpack not in ("ops", "ptx"):
+      raise ValueError(f"HopperW4Tiles.unpack={self.unpack!r}: use 'ops' or 'ptx'.")
+    if self.unpack == "ptx" and (self.nibbles != "split" or not self.wide_load):
+      raise ValueError("HopperW4Tiles(unpack='ptx') converts split nibbles from 32-bit loads: "
+                       "pass nibbles='split' and wide_load=True.")
+    if self.nk_scales not in ("slab", "transpose"):
+      raise ValueError(f"HopperW4Tiles.nk_scales={self.nk_scales!r}: use 'slab' or 'transpose'.")
     if self.compute_wgs not in (2, 3, 4):
       raise ValueError(f"HopperW4Tiles.compute_wgs={self.compute_wgs!r}: use 2, 3 or 4.")
     if self.nibbles not in ("split", "interleaved"):
@@ -386,22 +471,35 @@ class W4Plan:
   act_bytes: int = 2  # bf16 tokens (W4A16) or int8 (W4A8)
   split: bool = False  # HopperW4Tiles.nibbles == "split"
   wgs: int = 2  # compute warpgroups
+  slab: int = 0  # nk_scales="slab": columns W of each half's scale slab; 0: a row per step
+  scale_bytes: int = 4
+  ptx: bool = False  # HopperW4Tiles.unpack == "ptx" (W4A16; W4A8 ignores it)
 
   def smem_bytes(self) -> int:
-    """Pipeline buffers (weight codes, token tiles, scales) and the epilogue tiles."""
+    """Pipeline buffers (weight codes, token tiles, scales), the scale slabs and the
+    epilogue tiles."""
     cta_n = self.wgs * self.tile_n
     if self.split:  # one token tile per half, half as wide
       parts = 1
     else:
       parts = 2 if self.grouped else 1
     step = cta_n * self.tile_k // 2 + parts * self.tile_m * self.tile_k * self.act_bytes
-    step += 2 * cta_n * 4 if self.grouped else 0  # scale rows, f32 at most
-    return self.stages * step + self.wgs * self.tile_n * self.tile_m * 4
+    if self.grouped and not self.slab:
+      step += 2 * cta_n * self.scale_bytes  # one scale row per half
+    slabs = 2 * cta_n * self.slab * self.scale_bytes
+    return self.stages * step + slabs + self.wgs * self.tile_n * self.tile_m * 4
 
 
 def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
-            tiles: HopperW4Tiles, act_bytes: int = 2) -> W4Plan:
-  """Resolve ``tiles`` for the problem, or raise a ``ValueError`` naming the misfit."""
+            tiles: HopperW4Tiles, act_bytes: int = 2, weight_layout: str = "kn",
+            scale_bytes: int = 4) -> W4Plan:
+  """Resolve ``tiles`` for the problem, or raise a ``ValueError`` naming the misfit.
+
+  A grouped ``"nk"`` weight reads its scales as stored (``nk_scales="slab"``) when
+  the slab, ``W = 8 * ceil(steps / 8)`` columns for a work item's ``steps``
+  K-steps, is no wider than the weight's ``K/G`` groups and a row of scales is a
+  whole number of 16 bytes (TMA's stride unit); otherwise XLA transposes them.
+  """
   if k % 2:
     raise ValueError(f"{name}: K={k} must be even (two int4 codes per byte).")
   if group is not None and ((k // 2) % group or group % 32 or group > 128):
@@ -429,9 +527,14 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
   if steps % split:
     raise ValueError(f"{name}: split_k={split} does not divide the {steps} K-steps "
                      f"(K={k}, tile_k={tile_k}).")
+  slab = 0
+  if group is not None and weight_layout == "nk" and tiles.nk_scales == "slab":
+    slab = -(-(steps // split) // 8) * 8  # 16 bytes at least: TMA's narrowest box row
+    # TMA also needs the slab inside the array and a row stride of whole 16 bytes.
+    slab = slab if slab <= k // group and (k // group * scale_bytes) % 16 == 0 else 0
   plan = W4Plan(tiles.tile_n, tile_m, tile_k, split, tiles.max_concurrent_steps or 4, num_sms,
                 group is not None, tiles.wide_load, act_bytes, tiles.nibbles == "split",
-                tiles.compute_wgs)
+                tiles.compute_wgs, slab, scale_bytes, tiles.unpack == "ptx" and act_bytes == 2)
   if tiles.max_concurrent_steps is None:
     while plan.stages > 2 and plan.smem_bytes() > SMEM_BYTES:
       plan = dataclasses.replace(plan, stages=plan.stages - 1)
@@ -453,7 +556,12 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   f32 by the weight's own group scales ``ws [K/G, N]`` (bf16 or f32; step ``t``
   takes row ``t`` for the lo half and row ``t + G'``, ``G' = K/(2G)``, for the
   hi half: no copy). Per-channel (``ws`` None): accumulators over all of K; the
-  caller applies the scale.
+  caller applies the scale. ``plan.slab`` (``HopperW4Tiles.nk_scales="slab"``):
+  ``ws`` is ``[N, K/G]``, the scales of a K-major weight as stored; each work
+  item loads a ``[tile_n, W]`` slab of them per half (columns ``start_h`` to
+  ``start_h + W``, clamped to the array) and step ``t`` selects its column
+  ``h G' + s steps + t - start_h`` in registers (a masked row sum: no
+  strided shared-memory read, which Mosaic GPU's layout inference refuses).
 
   ``plan.split`` (``HopperW4Tiles.nibbles="split"``): ``w4`` is the bytes, int8
   ``[N, K/2]``; each step loads them once and splits them in registers into
@@ -487,6 +595,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
   p = plan
   n = w4.shape[0]
+  s_dtype = ws.dtype if ws is not None else jnp.float32
   k_total = xs[0].shape[1 if interpret else 2]
   mt = xs[0].shape[0]
   tn, tm, tk, cta_n = p.tile_n, p.tile_m, p.tile_k, p.wgs * p.tile_n
@@ -497,8 +606,12 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   # Along K per step: tokens and weight columns (split: bytes, tk / 2 of each half).
   tx = tw = tk // 2 if p.split else tk
   w_bits = 8 if p.split else 4
-  # Split: the partial sums of each half times these are true (16 * hi; W4A8 16 * lo too).
-  factors = ((1 / 16 if act == jnp.int8 else 1.0), 1 / 16) if p.split else (1.0, 1.0)
+  # Split: the partial sums of each half times these are true (16 * hi; W4A8 16 * lo too;
+  # W4A16 through PTX: the codes themselves).
+  if not p.split or p.ptx:
+    factors = (1.0, 1.0)
+  else:
+    factors = ((1 / 16 if act == jnp.int8 else 1.0), 1 / 16)
   n_acc = 2 if p.split else 1  # per-channel accumulators
 
   smem = plgpu.SMEM
@@ -512,7 +625,8 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
                              memory_space=smem)
   n_x = 2 if p.split else len(xs)  # token operands per step
   specs = [x_spec] * n_x + [w_spec]
-  if p.grouped:  # the lo half's group row, then the hi half's
+  rows = p.grouped and not p.slab  # scales streamed a row per step
+  if rows:  # the lo half's group row, then the hi half's
     specs += [plgpu.BlockSpec((1, cta_n), lambda t: (t, 0), memory_space=smem)] * 2
 
   def kernel(*refs):
@@ -530,7 +644,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
       else:
         ops = [x_at(r, mi, pl.ds(s * span, span)) for r in x_gmem]
       ops.append(w_gmem.at[cn, pl.ds(s * steps * tw, steps * tw)])
-      if p.grouped:
+      if rows:
         g = s_gmem.shape[0] // 2  # groups per half: one per K-step
         ops += [s_gmem.at[pl.ds(s * steps, steps), cn], s_gmem.at[pl.ds(g + s * steps, steps), cn]]
       return ops
@@ -542,13 +656,19 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
     ignore = lambda *_, **__: None  # noqa: E731 (allocation sizes do not depend on the body)
 
+    slab_allocs = {}
+    if p.slab:  # per compute warpgroup: each half's [tn, W] scales, and their barrier
+      slab_allocs = dict(slab_smem=plgpu.SMEM((p.wgs, 2, tn, p.slab), s_dtype),
+                         slab_bar=plgpu.Barrier(num_arrivals=2, num_barriers=p.wgs))
+
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(*operands(0, 0, pl.ds(0, cta_n))),
         out_smem=plgpu.SMEM((p.wgs, tn, tm), jnp.float32,
                             transforms=() if interpret else _tiled(tm, 32)),
+        **slab_allocs,
         collective_axes="wg")
-    def _scope(allocs, out_smem):
+    def _scope(allocs, out_smem, slab_smem=None, slab_bar=None):
       wg = lax.axis_index("wg")
       wn = pl.ds(wg * tn, tn)
 
@@ -605,6 +725,16 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
               codes = w.astype(act)
             return [(lambda: codes, x) for x in x_refs]
 
+          if p.ptx:  # W4A16: both halves' codes in one pass over the registers
+            with jax.named_scope("unpack"):
+              if interpret:
+                codes = (lax.shift_right_arithmetic(lax.shift_left(w, jnp.int8(4)), jnp.int8(4)),
+                         lax.shift_right_arithmetic(w, jnp.int8(4)))
+                codes = [c.astype(act) for c in codes]
+              else:
+                codes = [plgpu.layout_cast(c, plgpu.Layout.WGMMA) for c in split_int4_bf16_ptx(w)]
+            return [(lambda c=c: c, x) for c, x in zip(codes, x_refs, strict=True)]
+
           def half(h):
             """Mosaic GPU does no arithmetic on 8-bit registers, only bitwise operations."""
             with jax.named_scope("unpack"):
@@ -627,15 +757,37 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
           plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[s, cn, pl.ds(mi * tm, tm)].at[wn])
 
         if p.grouped:
+          g_total = s_gmem.shape[1] if p.slab else 0
+          # Slab mode: the first column of each half's slab, kept inside the array.
+          starts = [jnp.minimum(h * g_total // 2 + s * steps, g_total - p.slab) for h in (0, 1)]
+
           def context(eval_pipeline):
+            if p.slab:  # this warpgroup's rows of both halves' scales, one TMA each
+              rows_n = pl.ds(ni * cta_n + wg * tn, tn)
+              for h in (0, 1):
+                plgpu.copy_gmem_to_smem(s_gmem.at[rows_n, pl.ds(starts[h], p.slab)],
+                                        slab_smem.at[wg, h], slab_bar.at[wg])
+              plgpu.barrier_wait(slab_bar.at[wg])
             store(eval_pipeline(jnp.zeros((tn, tm), jnp.float32)))
 
-          def body(_, *refs):
-            *x_refs, w_smem, s_lo, s_hi, y = refs
+          def step_scales(t, s_refs):
+            """Each half's f32 scales of step ``t`` times its factor, ``[tn]``."""
+            if not p.slab:
+              return [r[0, wn].astype(jnp.float32) * f for r, f in zip(s_refs, factors, strict=True)]
+            cols = lax.broadcasted_iota(jnp.int32, (tn, p.slab), 1)
+            out = []
+            for h in (0, 1):
+              col = h * g_total // 2 + s * steps + t - starts[h]
+              sl = slab_smem[wg, h].astype(jnp.float32)
+              out.append(jnp.sum(jnp.where(cols == col, sl, 0.0), axis=1) * factors[h])
+            return out
+
+          def body(idx, *refs):
+            *x_refs, w_smem = refs[:n_x + 1]
+            s_refs, y = refs[n_x + 1:-1], refs[-1]
             parts = dots(pairs_of(x_refs, w_smem))
             with jax.named_scope("scale"):
-              for half, part in enumerate(parts):
-                sc = (s_lo, s_hi)[half][0, wn].astype(jnp.float32) * factors[half]
+              for part, sc in zip(parts, step_scales(idx[0], s_refs), strict=True):
                 y = y + part.astype(jnp.float32) * lax.broadcast_in_dim(sc, (tn, tm), (0,))
             return y
         else:  # one accumulator per half (split: their factors differ) for all of K
@@ -671,7 +823,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
 def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
               tiles: HopperW4Tiles, interpret: bool, name: str, kernel_name: str,
-              profile_dir: str | None = None) -> jax.Array:
+              weight_layout: str = "kn", profile_dir: str | None = None) -> jax.Array:
   """``sum_g ws[g, n] * sum_{k in g} x[m, k] q[k, n]`` in f32 ``[M, N]`` through
   :func:`w4_kernel`, from validated operands: ``x [M, K]`` bf16 (W4A16) or int8
   codes (W4A8), ``wq [K/2, N]`` packed, ``ws [K/G or 1, N]``.
@@ -681,12 +833,16 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
   (``"interleaved"``: its K order interleaves the halves, code ``2j`` row
   ``j``, ``2j + 1`` row ``K/2 + j``, so the tokens are spread over that order,
   per group-scaled half with zeros elsewhere, or both halves at once); the
-  tokens padded to the token tile; the group scales as stored. Adds the
+  tokens padded to the token tile; the group scales as ``[K/G, N]``, or for a
+  weight stored ``"nk"`` (``weight_layout``) in slab mode as stored, ``ws.T``
+  ``[N, K/G]`` (under ``jit`` that transpose cancels the one that gave
+  ``[K/G, N]``: no copy). Adds the
   K-splits, transposes back and applies a per-channel scale in f32: one small
   XLA fusion over ``[N, M]``.
   """
   (m, k), n = x.shape, wq.shape[1]
-  plan = plan_w4(name, m, k, n, group, tiles, act_bytes=jnp.dtype(x.dtype).itemsize)
+  plan = plan_w4(name, m, k, n, group, tiles, act_bytes=jnp.dtype(x.dtype).itemsize,
+                 weight_layout=weight_layout, scale_bytes=jnp.dtype(ws.dtype).itemsize)
   tm, h = plan.tile_m, k // 2
   mp = -(-m // tm) * tm
   x = jnp.pad(x, ((0, mp - m), (0, 0)))
@@ -703,7 +859,8 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
     zero = jnp.zeros_like(lo)
     xs = (spread(lo, hi),) if group is None else (spread(lo, zero), spread(zero, hi))
     w = lax.bitcast_convert_type(wq.T, jnp.int4).reshape(n, k)
-  out = w4_kernel(xs, w, None if group is None else ws, plan=plan, interpret=interpret,
+  s = None if group is None else (ws.T if plan.slab else ws)
+  out = w4_kernel(xs, w, s, plan=plan, interpret=interpret,
                   name=kernel_name, profile_dir=profile_dir)
   y = out.sum(axis=0).T[:m]
   return y * ws.astype(jnp.float32) if group is None else y
@@ -739,7 +896,8 @@ def auto_tiles(kernel: str, m: int, k: int, n: int, group: int | None,
       if kernel == "w8a8":
         check_fit(kernel, k, n, tiles, out_dtype)
       else:
-        plan_w4(kernel, m, k, n, group, tiles, act_bytes=1 if kernel == "w4a8" else 2)
+        plan_w4(kernel, m, k, n, group, tiles, act_bytes=1 if kernel == "w4a8" else 2,
+                weight_layout=weight_layout)
     except ValueError:
       return None
     return tiles

@@ -58,7 +58,7 @@ def w4a16_matmul(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
   if backend in ("mosaic_gpu", "mosaic_gpu_interpret"):
     return _hopper(x, wq, ws, group, out_dtype=out_dtype or x.dtype,
                    tiles=block_sizes or HopperW4Tiles(),
-                   interpret=backend == "mosaic_gpu_interpret")
+                   interpret=backend == "mosaic_gpu_interpret", weight_layout=weight_layout)
   bs = _pallas.resolve_block_sizes("w4a16", backend, m, k, n, block_sizes, weight_layout)
   _pallas.check_block_fit("w4a16_matmul", k, n, True, group, bs, backend)
   return _pallas.run_matmul(x, None, wq, ws, k=k, n=n, packed=True, group=group,
@@ -66,7 +66,8 @@ def w4a16_matmul(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
                             backend=backend, name="lowbit_w4a16")
 
 
-def _hopper(x, wq, ws, group, *, out_dtype, tiles: HopperW4Tiles, interpret: bool) -> jax.Array:
+def _hopper(x, wq, ws, group, *, out_dtype, tiles: HopperW4Tiles, interpret: bool,
+            weight_layout: str) -> jax.Array:
   """The Mosaic GPU kernel (:func:`lowbit.kernels._mosaic_gpu.w4_matmul`) on validated
   operands; it multiplies in bf16, so x must be bf16 (no silent rounding of f32)."""
   name = "w4a16_matmul(backend='mosaic_gpu')"
@@ -74,7 +75,7 @@ def _hopper(x, wq, ws, group, *, out_dtype, tiles: HopperW4Tiles, interpret: boo
     raise ValueError(f"{name}: x is {x.dtype}; the kernel multiplies in bf16 (the int4 codes "
                      "become bf16 for wgmma). Cast x to bfloat16 or use backend='gpu'.")
   y = _mosaic_gpu.w4_matmul(x, wq, ws, group, tiles=tiles, interpret=interpret, name=name,
-                            kernel_name="lowbit_w4a16_hopper")
+                            kernel_name="lowbit_w4a16_hopper", weight_layout=weight_layout)
   return y.astype(out_dtype)
 
 

@@ -102,6 +102,8 @@ HOPPER_W4_TILES = {
     "split-n128-byteload": K.HopperW4Tiles(nibbles="split", tile_n=128, tile_m=16, split_k=2,
                                            num_sms=16, wide_load=False),
     "split-4wg": K.HopperW4Tiles(nibbles="split", compute_wgs=4),
+    "split-ptx-slab": K.HopperW4Tiles(nibbles="split", unpack="ptx", nk_scales="slab"),
+    "scale-slab": K.HopperW4Tiles(nk_scales="slab"),  # grouped: the scales as stored
 }
 
 

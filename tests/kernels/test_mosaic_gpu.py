@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from lowbit.kernels import HopperTiles, w8a8
+from lowbit.kernels import _mosaic_gpu as mg
 
 from lowbit import kernels as K
 from lowbit.quant import QuantParams, QuantSpec, quantize
@@ -157,11 +158,18 @@ W4_CASES = [
     (20, 1024, 256, 128, dict(nibbles="split", tile_m=16, split_k=2), "kn"),  # bf16 scales
     (9, 512, 256, None, dict(nibbles="split", wide_load=False), "nk"),
     (4, 256, 256, 32, dict(nibbles="split", compute_wgs=4), "nk"),  # 4 compute warpgroups
+    # unpack="ptx": both nibbles of a register in one PTX sequence (interpreted: jnp), the
+    # true codes (no 1/16 factor); grouped, the nk scales read as a slab, and per-channel
+    (5, 512, 256, 64, dict(nibbles="split", unpack="ptx", nk_scales="slab"), "nk"),
+    (9, 512, 256, None, dict(nibbles="split", unpack="ptx", tile_n=128, num_sms=2), "kn"),
 ]
 
 
 def case_id(c) -> str:
-  return f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}-{c[5]}" + ("-split" if c[4].get("nibbles") == "split" else "")
+  kw = c[4]
+  return (f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}-{c[5]}" + ("-split" if kw.get("nibbles") == "split" else "")
+          + ("-ptx" if kw.get("unpack") == "ptx" else "")
+          + ("-slab" if kw.get("nk_scales") == "slab" else ""))
 
 
 @pytest.mark.parametrize("m,k,n,group,kw,layout", W4_CASES, ids=[case_id(c) for c in W4_CASES])
@@ -200,6 +208,9 @@ W4A8_CASES = [
     (20, 1024, 256, None, dict(tile_m=16, split_k=2), "kn"),
     (5, 512, 256, 64, dict(nibbles="split"), "kn"),
     (20, 1024, 256, None, dict(nibbles="split", tile_m=16, split_k=2), "nk"),
+    # an "nk" weight's group scales read as stored, a slab per work item (default: XLA
+    # transposes them, a row per step)
+    (20, 1024, 256, 128, dict(tile_m=16, split_k=2, nk_scales="slab"), "nk"),
 ]
 
 
@@ -234,6 +245,28 @@ def test_w4a8_int32_group_sums_are_exact(nibbles):
   np.testing.assert_array_equal(np.asarray(out), (xc @ wc).astype(np.float32))
 
 
+def test_nk_scales_are_read_as_a_slab_where_tma_can():
+  """``plan_w4`` with ``nk_scales="slab"``: a grouped "nk" weight's scales as stored,
+  ``W`` = the work item's K-steps
+  rounded up to 8, unless the slab would pass the array's end or a row of scales is not
+  whole 16 bytes; per-channel, "kn" and ``nk_scales="transpose"`` stream rows."""
+  T = K.HopperW4Tiles
+
+  def slab(k, group, layout="nk", scale_bytes=4, **kw):
+    kw = {"nk_scales": "slab", **kw}
+    return mg.plan_w4("t", 1, k, 8192, group, T(tile_n=128, num_sms=132, **kw), act_bytes=1,
+                      weight_layout=layout, scale_bytes=scale_bytes).slab
+
+  assert slab(8192, 128) == 8  # 32 K-steps, split 4 over 132 SMs: 8 per work item
+  assert slab(8192, 128, split_k=2) == 16 and slab(8192, 128, split_k=8) == 8  # 4 -> 8
+  assert slab(8192, 128, layout="kn") == 0 and slab(8192, None) == 0
+  assert slab(8192, 128, nk_scales="transpose") == 0
+  assert slab(1024, 128, split_k=1) == 8  # 4 steps: W = 8, the whole K/G = 8
+  assert slab(512, 128, split_k=1) == 0  # K/G = 4 < 8
+  assert slab(1536, 128, split_k=1, scale_bytes=2) == 0  # rows of 12 bf16 = 24 bytes
+  assert slab(1536, 128, split_k=1) == 8  # rows of 12 f32 = 48 bytes
+
+
 def test_w4a16_errors_name_the_problem():
   x, wq = w4_operands(4, 512, 256, 128, seed=5)
   with pytest.raises(ValueError, match="Cast x to bfloat16"):
@@ -263,6 +296,10 @@ def test_w4a16_errors_name_the_problem():
     K.HopperW4Tiles(compute_wgs=1)
   with pytest.raises(ValueError, match="use 'split' or 'interleaved'"):
     K.HopperW4Tiles(nibbles="packed")
+  with pytest.raises(ValueError, match="pass nibbles='split' and wide_load=True"):
+    K.HopperW4Tiles(unpack="ptx")
+  with pytest.raises(ValueError, match="use 'slab' or 'transpose'"):
+    K.HopperW4Tiles(nk_scales="rows")
 
 
 # --- Default dispatch: the Mosaic GPU kernels where the GPU runs put them ahead
@@ -290,8 +327,9 @@ def test_wrappers_take_the_auto_tiles_only_without_backend_or_tiles(monkeypatch)
   from lowbit.kernels import _mosaic_gpu
   calls = []
 
-  def spy(x, wq, ws, group, *, tiles, interpret, name, kernel_name):
+  def spy(x, wq, ws, group, *, tiles, interpret, name, kernel_name, weight_layout):
     calls.append(tiles)
+    assert weight_layout == "nk"
     return jnp.zeros((x.shape[0], wq.shape[1]), jnp.float32)
   monkeypatch.setattr(_mosaic_gpu, "w4_matmul", spy)
   monkeypatch.setattr(_mosaic_gpu, "is_hopper", lambda: True)

@@ -12,7 +12,7 @@ small integer).
 
 import ml_dtypes
 import numpy as np
-from lowbit.kernels import _pallas
+from lowbit.kernels import _mosaic_gpu, _pallas
 
 U32 = np.uint32
 
@@ -101,6 +101,16 @@ def test_int4_to_bf16_asm_gives_the_signed_nibbles():
   for asm, high in ((_pallas._ASM_I4_TO_BF16_LO, False), (_pallas._ASM_I4_TO_BF16_HI, True)):
     out = run_ptx(asm, {"$2": words})
     got = np.stack([*_bf16x2_to_f32(out["$0"]), *_bf16x2_to_f32(out["$1"])], -1)
+    np.testing.assert_array_equal(got, nibbles(words, high))
+
+
+def test_split_int4_to_bf16_asm_gives_both_nibbles():
+  """The Mosaic GPU kernel's one-pass sequence (``HopperW4Tiles(unpack="ptx")``): $0, $1
+  the low nibbles of bytes (0, 1) and (2, 3), $2, $3 the high ones."""
+  words = all_byte_pairs()
+  out = run_ptx(_mosaic_gpu._ASM_SPLIT_I4_TO_BF16, {"$4": words})
+  for regs, high in ((("$0", "$1"), False), (("$2", "$3"), True)):
+    got = np.stack([*_bf16x2_to_f32(out[regs[0]]), *_bf16x2_to_f32(out[regs[1]])], -1)
     np.testing.assert_array_equal(got, nibbles(words, high))
 
 
