@@ -243,21 +243,22 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
   T = HopperW4Tiles
   S = functools.partial(T, nibbles="split")
   # nk_scales="slab": the scales read as stored, no per-call transpose (side by side with
-  # the default); unpack="ptx": W4A16's one-pass PTX conversion (W4A8 ignores it).
+  # the default); unpack="ptx": split nibbles converted by inline PTX from 32-bit loads
+  # (W4A16: no shuffle, tokens reordered per call).
+  P = functools.partial(S, unpack="ptx")
   if m > 64:  # W4A8's M = 256 target: MMA-bound, token tiles of 64 to 128
     if kname != "w4a8":
       return []
-    return [S(tile_m=128), S(tile_m=128, nk_scales="slab"), S(tile_m=128, split_k=2),
-            S(compute_wgs=4), S(compute_wgs=4, split_k=2)]
+    return [S(tile_m=128), S(tile_m=128, nk_scales="slab"), P(tile_m=128),
+            P(tile_m=128, nk_scales="slab"), S(tile_m=128, split_k=2), S(compute_wgs=4),
+            S(compute_wgs=4, split_k=2)]
   # runs 5-7: the default and 128-row tiles tie or win; byte loads and split-K 1 or 4 lose
-  out = [T(), T(tile_n=128), T(tile_n=128, nk_scales="slab"), S(tile_n=128),
-         S(tile_n=128, nk_scales="slab"), T(compute_wgs=4), S(compute_wgs=4),
-         S(compute_wgs=4, wide_load=False), S(compute_wgs=4, max_concurrent_steps=5),
-         S(compute_wgs=4, tile_n=128), T(compute_wgs=4, tile_n=128)]
-  if kname == "w4a16":
-    out += [S(unpack="ptx"), S(tile_n=128, unpack="ptx"), S(compute_wgs=4, unpack="ptx"),
-            S(tile_n=128, unpack="ptx", nk_scales="slab")]
-  return out
+  return [T(), T(tile_n=128), T(tile_n=128, nk_scales="slab"), S(tile_n=128),
+          S(tile_n=128, nk_scales="slab"), T(compute_wgs=4), S(compute_wgs=4),
+          S(compute_wgs=4, wide_load=False), S(compute_wgs=4, max_concurrent_steps=5),
+          S(compute_wgs=4, tile_n=128), T(compute_wgs=4, tile_n=128),
+          P(), P(tile_n=128), P(compute_wgs=4), P(tile_n=128, nk_scales="slab"),
+          P(compute_wgs=4, nk_scales="slab")]
 
 
 def hopper_fn(tiles, interpret: bool, weight_layout: str = "kn", kname: str = "w4a16"):

@@ -328,38 +328,87 @@ fma.rn.bf16x2 $3, $3, sbone, sboff;
 }"""
 
 
-def split_int4_bf16_ptx(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(lo, hi)`` bf16 codes of the packed bytes ``w`` (int8 ``[rows, cols]`` in
-  ``plgpu.Layout.WGMMA_UPCAST_2X``: 4 bytes per 32-bit register), each in the
-  same layout, through :data:`_ASM_SPLIT_I4_TO_BF16` once per register (inside
-  a Mosaic GPU kernel only: ``plgpu.inline_mgpu``)."""
+def fragment_order(k: int) -> jax.Array:
+  """``sigma``: the K order in which :func:`split_int4_ptx`'s bf16 registers feed ``wgmma``.
+
+  A thread's 32-bit shared-memory load of the packed bytes (``WGMMA_LAYOUT_8BIT``:
+  lane ``4 i + c`` holds bytes ``4c .. 4c + 3`` of each 16-byte block of its
+  rows) converts to two bf16 pairs that ``WGMMA_LAYOUT`` places at columns
+  ``2c, 2c + 1`` and ``2c + 8, 2c + 9`` of the block. Declaring them so (no
+  shuffle to restore the natural order) makes ``wgmma``'s column ``16 b + j``
+  hold code ``16 b + sigma(j)``, ``sigma(j) = 4 ((j mod 8) div 2) + 2 (j div 8)
+  + j mod 2``; the tokens are reordered the same way (``x[:, fragment_order(K)]``,
+  one small XLA gather per call), which leaves every dot product unchanged.
+  Returns int32 ``[k]``, ``k`` a multiple of 16.
+  """
+  j = jnp.arange(k) % 16
+  return (jnp.arange(k) - j) + 4 * ((j % 8) // 2) + 2 * (j // 8) + j % 2
+
+
+def bf16_register_index(idx: tuple[int, ...], pair: int) -> tuple[int, ...]:
+  """Where :func:`split_int4_ptx` puts bf16 pair ``pair`` (0: bytes ``4c, 4c + 1``; 1:
+  ``4c + 2, 4c + 3``) of the ``WGMMA_LAYOUT_8BIT`` register ``idx``: the same
+  register of ``WGMMA_LAYOUT``, in its 8-column block ``2 b + pair`` for the
+  register's 16-byte block ``b`` (register index 1 in both layouts)."""
+  return (idx[0], 2 * idx[1] + pair, *idx[2:])
+
+
+def split_int4_ptx(w: jax.Array, act) -> tuple[jax.Array, jax.Array]:
+  """The codes of both packed halves of the bytes ``w`` (int8 ``[rows, cols]`` in
+  ``plgpu.Layout.WGMMA_LAYOUT_8BIT``), ready for ``wgmma`` with no shuffle (inside a
+  Mosaic GPU kernel only: ``plgpu.inline_mgpu``).
+
+  ``act`` bf16 (W4A16): ``(lo, hi)`` bf16 ``[rows, cols]`` in ``WGMMA_LAYOUT``,
+  one :data:`_ASM_SPLIT_I4_TO_BF16` per 32-bit register, its four bf16 pairs
+  placed in :func:`fragment_order` (the tokens must be reordered to match).
+  ``act`` int8 (W4A8): ``(16 lo, 16 hi)`` int8 in ``WGMMA_LAYOUT_8BIT`` itself,
+  the natural order: ``(q << 4) & 0xF0F0F0F0`` and ``q & 0xF0F0F0F0``
+  (lowbit.kernels._pallas' ``_ASM_I4_TO_I8X16_*``), 3 instructions per 8 codes.
+  """
   import jax.experimental.pallas.mosaic_gpu as plgpu
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import llvm
   from jax.experimental.mosaic import gpu as mgpu
-  layout = plgpu.Layout.WGMMA_UPCAST_2X
-  out = plgpu.ShapeDtypeStruct(w.shape, jnp.bfloat16, layout)
 
-  @plgpu.inline_mgpu(arg_types=(layout,), return_type=(out, out))
-  def convert(_, fa):
+  from lowbit.kernels import _pallas
+  src = plgpu.Layout.WGMMA_8BIT
+  if jnp.dtype(act) == jnp.int8:
+    out = plgpu.ShapeDtypeStruct(w.shape, jnp.int8, src)
+
+    @plgpu.inline_mgpu(arg_types=(src,), return_type=(out, out))
+    def convert8(_, fa):
+      i32 = ir.IntegerType.get_signless(32)
+      halves = (np.empty_like(fa.registers), np.empty_like(fa.registers))
+      for idx, reg in np.ndenumerate(fa.registers):
+        word = mgpu.utils.bitcast(reg, i32)
+        for dst, asm in zip(halves, (_pallas._ASM_I4_TO_I8X16_LO, _pallas._ASM_I4_TO_I8X16_HI),
+                            strict=True):
+          dst[idx] = mgpu.utils.bitcast(llvm.inline_asm(i32, [word], asm, "=r,r"), reg.type)
+      return tuple(mgpu.FragmentedArray(_registers=r, _layout=fa.layout, _is_signed=True)
+                   for r in halves)
+    return convert8(w)
+
+  dst_layout = plgpu.Layout.WGMMA
+  out = plgpu.ShapeDtypeStruct(w.shape, jnp.bfloat16, dst_layout)
+
+  @plgpu.inline_mgpu(arg_types=(src,), return_type=(out, out))
+  def convert16(_, fa):
     i32 = ir.IntegerType.get_signless(32)
-    bf16x4 = ir.VectorType.get((4,), ir.BF16Type.get())
-    i32x2 = ir.VectorType.get((2,), i32)
+    bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
     result = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>")
-    lo, hi = np.empty_like(fa.registers), np.empty_like(fa.registers)
+    shape = list(fa.registers.shape)  # twice the column blocks, half as wide
+    shape[1] *= 2
+    lo, hi = np.empty(shape, object), np.empty(shape, object)
     for idx, reg in np.ndenumerate(fa.registers):
       word = mgpu.utils.bitcast(reg, i32)
       r = llvm.inline_asm(result, [word], _ASM_SPLIT_I4_TO_BF16, "=r,=r,=r,=r,r")
-      v = [llvm.extractvalue(i32, r, [j]) for j in range(4)]
-      for dst, (a, b) in ((lo, v[:2]), (hi, v[2:])):
-        pair = llvm.insertelement(llvm.insertelement(llvm.mlir_undef(i32x2), a,
-                                                     mgpu.utils.c(0, i32)), b, mgpu.utils.c(1, i32))
-        dst[idx] = mgpu.utils.bitcast(pair, bf16x4)
-    return tuple(mgpu.FragmentedArray(_registers=regs, _layout=fa.layout, _is_signed=None)
-                 for regs in (lo, hi))
-
-  return convert(w)
-
+      v = [mgpu.utils.bitcast(llvm.extractvalue(i32, r, [j]), bf16x2) for j in range(4)]
+      for dst, pairs in ((lo, v[:2]), (hi, v[2:])):
+        for j in (0, 1):
+          dst[bf16_register_index(idx, j)] = pairs[j]
+    return tuple(mgpu.FragmentedArray(_registers=r, _layout=dst_layout.to_mgpu(), _is_signed=None)
+                 for r in (lo, hi))
+  return convert16(w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,12 +460,16 @@ class HopperW4Tiles:
       the slab): XLA transposes them to ``[K/G, N]`` per call (one more kernel
       launch, about 2 us at K = N = 8192 on an H200) and the pipeline streams
       one row per step, as for a ``"kn"`` weight.
-    unpack: W4A16 with ``nibbles="split"``: ``"ops"`` splits the bytes with
-      bitwise jnp operations and lets Mosaic GPU convert int8 -> bf16 (about 2.5
-      instructions per code in the lowered module); ``"ptx"`` converts both
-      nibbles of each 32-bit register with :data:`_ASM_SPLIT_I4_TO_BF16` (13
-      instructions per 8 codes, the true codes: no 1/16 factor), through
-      ``plgpu.inline_mgpu``. Interpreted, both run jnp (same numbers).
+    unpack: with ``nibbles="split"``: ``"ops"`` splits the bytes with bitwise
+      jnp operations and lets Mosaic GPU convert int8 -> bf16 and lay the result
+      out for ``wgmma`` (W4A16, in the lowered module per step and thread at
+      ``tile_n=128``: ~670 instructions and 64 warp shuffles); ``"ptx"`` loads
+      the bytes in the 8-bit ``wgmma`` operand layout (32-bit loads) and
+      converts each register with inline PTX (:func:`split_int4_ptx`): W4A16
+      13 instructions per 8 codes, the true codes (no 1/16 factor), no
+      shuffle, the tokens reordered per call to the registers' K order
+      (:func:`fragment_order`); W4A8 3 instructions per 8 codes. Interpreted,
+      both run jnp in the natural order (same numbers).
   """
 
   tile_n: int = 64
@@ -473,7 +526,7 @@ class W4Plan:
   wgs: int = 2  # compute warpgroups
   slab: int = 0  # nk_scales="slab": columns W of each half's scale slab; 0: a row per step
   scale_bytes: int = 4
-  ptx: bool = False  # HopperW4Tiles.unpack == "ptx" (W4A16; W4A8 ignores it)
+  ptx: bool = False  # HopperW4Tiles.unpack == "ptx"
 
   def smem_bytes(self) -> int:
     """Pipeline buffers (weight codes, token tiles, scales), the scale slabs and the
@@ -534,7 +587,7 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
     slab = slab if slab <= k // group and (k // group * scale_bytes) % 16 == 0 else 0
   plan = W4Plan(tiles.tile_n, tile_m, tile_k, split, tiles.max_concurrent_steps or 4, num_sms,
                 group is not None, tiles.wide_load, act_bytes, tiles.nibbles == "split",
-                tiles.compute_wgs, slab, scale_bytes, tiles.unpack == "ptx" and act_bytes == 2)
+                tiles.compute_wgs, slab, scale_bytes, tiles.unpack == "ptx")
   if tiles.max_concurrent_steps is None:
     while plan.stages > 2 and plan.smem_bytes() > SMEM_BYTES:
       plan = dataclasses.replace(plan, stages=plan.stages - 1)
@@ -608,7 +661,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   w_bits = 8 if p.split else 4
   # Split: the partial sums of each half times these are true (16 * hi; W4A8 16 * lo too;
   # W4A16 through PTX: the codes themselves).
-  if not p.split or p.ptx:
+  if not p.split or (p.ptx and act == jnp.bfloat16):
     factors = (1.0, 1.0)
   else:
     factors = ((1 / 16 if act == jnp.int8 else 1.0), 1 / 16)
@@ -712,7 +765,9 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
           with jax.named_scope("load"):
             w = w_smem[wn, :]
             if wide and p.split:  # 4 bytes per thread and load: the layout that upcasts
-              w = plgpu.layout_cast(w, plgpu.Layout.WGMMA_UPCAST_2X if act == jnp.bfloat16
+              # (ptx: the 8-bit wgmma operand's own layout, whatever the tokens)
+              bf16_ops = act == jnp.bfloat16 and not p.ptx
+              w = plgpu.layout_cast(w, plgpu.Layout.WGMMA_UPCAST_2X if bf16_ops
                                     else plgpu.Layout.WGMMA_8BIT)
             elif wide and act == jnp.bfloat16:
               # int8 tokens: inference's layout already reads 16 bits a time; Mosaic has no
@@ -725,15 +780,15 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
               codes = w.astype(act)
             return [(lambda: codes, x) for x in x_refs]
 
-          if p.ptx:  # W4A16: both halves' codes in one pass over the registers
+          if p.ptx and not interpret:  # both halves in one pass over the registers, no shuffle
             with jax.named_scope("unpack"):
-              if interpret:
-                codes = (lax.shift_right_arithmetic(lax.shift_left(w, jnp.int8(4)), jnp.int8(4)),
-                         lax.shift_right_arithmetic(w, jnp.int8(4)))
-                codes = [c.astype(act) for c in codes]
-              else:
-                codes = [plgpu.layout_cast(c, plgpu.Layout.WGMMA) for c in split_int4_bf16_ptx(w)]
+              codes = split_int4_ptx(w, act)
             return [(lambda c=c: c, x) for c, x in zip(codes, x_refs, strict=True)]
+          if p.ptx and act == jnp.bfloat16:  # interpreted: the same codes (natural order)
+            with jax.named_scope("unpack"):
+              codes = (lax.shift_right_arithmetic(lax.shift_left(w, jnp.int8(4)), jnp.int8(4)),
+                       lax.shift_right_arithmetic(w, jnp.int8(4)))
+            return [(lambda c=c: c.astype(act), x) for c, x in zip(codes, x_refs, strict=True)]
 
           def half(h):
             """Mosaic GPU does no arithmetic on 8-bit registers, only bitwise operations."""
@@ -852,6 +907,8 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
     return a.transpose(0, 2, 1) if interpret else a
 
   if plan.split:
+    if plan.ptx and not interpret and x.dtype == jnp.bfloat16:  # the codes' register order
+      x = jnp.take(x, fragment_order(k), axis=1)
     xs, w = (tiled(x),), lax.bitcast_convert_type(wq.T, jnp.int8)
   else:
     lo, hi = x[:, :h], x[:, h:]

@@ -371,3 +371,57 @@ def test_profile_summary_of_a_trace():
   assert abs(s["regions"]["unpack"]["share"] - 20.0 / 38.0) < 1e-12
   with pytest.raises(ValueError, match="unbalanced"):
     mod.summarize({"traceEvents": region("mma", 0.0, 1.0, 1)[:1]})
+
+
+# --- unpack="ptx": the registers' K order, checked against Mosaic GPU's own layouts
+
+
+def _positions(layout, shape):
+  """``[tiled shape]`` array of the logical (row-major) positions that ``layout``'s
+  tiling gives each tiled index, built from the layout's own tiles."""
+  pos = np.arange(np.prod(shape)).reshape(shape)
+  for tile in layout.tiling.tiles:
+    lead, n = pos.shape[:-len(tile)], len(tile)
+    pos = pos.reshape(lead + sum(((d // t, t) for d, t in zip(pos.shape[-n:], tile, strict=True)), ()))
+    k = len(lead)
+    pos = pos.transpose(list(range(k)) + [k + 2 * i for i in range(n)] + [k + 2 * i + 1 for i in range(n)])
+  assert pos.shape == tuple(layout.tiling.tile_shape(shape))
+  return pos
+
+
+def _thread_registers(layout, shape):
+  """``{(warp, lanes...): {register index: logical positions of its vector}}``."""
+  pos = _positions(layout, shape)
+  nd = pos.ndim
+  warp, lanes, vec = [d % nd for d in layout.warp_dims], [d % nd for d in layout.lane_dims], layout.vector_dim % nd
+  out = {}
+  for full in np.ndindex(pos.shape):
+    if full[vec]:
+      continue
+    thread = (tuple(full[d] for d in warp), tuple(full[d] for d in lanes))
+    reg = tuple(0 if d in (*warp, *lanes, vec) else v for d, v in enumerate(full))
+    out.setdefault(thread, {})[reg] = [pos[full[:vec] + (v,) + full[vec + 1:]] for v in range(pos.shape[vec])]
+  return out
+
+
+def test_ptx_register_order_is_fragment_order():
+  """Each thread's 4 bytes of a ``WGMMA_LAYOUT_8BIT`` register, split into two bf16 pairs
+  placed at :func:`bf16_register_index` of ``WGMMA_LAYOUT``, put code ``16 b + sigma(j)``
+  in wgmma's column ``16 b + j``: sigma is :func:`fragment_order`, the tokens' reorder."""
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  rows, cols = 128, 64
+  src, dst = _thread_registers(fa.WGMMA_LAYOUT_8BIT, (rows, cols)), _thread_registers(fa.WGMMA_LAYOUT, (rows, cols))
+  assert src.keys() == dst.keys() and len(src) == 128  # the same 128 threads
+  sigma = np.asarray(mg.fragment_order(cols))
+  assert sorted(sigma[:16]) == list(range(16)) and sigma[16] == 16  # a permutation per block
+  seen = 0
+  for thread, regs in src.items():
+    for idx, byte_pos in regs.items():
+      assert len(byte_pos) == 4
+      for pair in (0, 1):
+        col_pos = dst[thread][mg.bf16_register_index(idx, pair)]
+        for p_byte, p_col in zip(byte_pos[2 * pair:2 * pair + 2], col_pos, strict=True):
+          assert p_byte // cols == p_col // cols  # same weight row
+          assert sigma[p_col % cols] == p_byte % cols  # column j holds code sigma(j)
+          seen += 1
+  assert seen == rows * cols  # every code placed once
