@@ -369,7 +369,6 @@ def split_int4_ptx(w: jax.Array, act) -> tuple[jax.Array, jax.Array]:
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import llvm
   from jax.experimental.mosaic import gpu as mgpu
-
   from lowbit.kernels import _pallas
   src = plgpu.Layout.WGMMA_8BIT
   if jnp.dtype(act) == jnp.int8:

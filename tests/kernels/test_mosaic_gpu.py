@@ -393,7 +393,8 @@ def _thread_registers(layout, shape):
   """``{(warp, lanes...): {register index: logical positions of its vector}}``."""
   pos = _positions(layout, shape)
   nd = pos.ndim
-  warp, lanes, vec = [d % nd for d in layout.warp_dims], [d % nd for d in layout.lane_dims], layout.vector_dim % nd
+  warp, lanes = [d % nd for d in layout.warp_dims], [d % nd for d in layout.lane_dims]
+  vec = layout.vector_dim % nd
   out = {}
   for full in np.ndindex(pos.shape):
     if full[vec]:
@@ -410,7 +411,8 @@ def test_ptx_register_order_is_fragment_order():
   in wgmma's column ``16 b + j``: sigma is :func:`fragment_order`, the tokens' reorder."""
   from jax.experimental.mosaic.gpu import fragmented_array as fa
   rows, cols = 128, 64
-  src, dst = _thread_registers(fa.WGMMA_LAYOUT_8BIT, (rows, cols)), _thread_registers(fa.WGMMA_LAYOUT, (rows, cols))
+  src = _thread_registers(fa.WGMMA_LAYOUT_8BIT, (rows, cols))
+  dst = _thread_registers(fa.WGMMA_LAYOUT, (rows, cols))
   assert src.keys() == dst.keys() and len(src) == 128  # the same 128 threads
   sigma = np.asarray(mg.fragment_order(cols))
   assert sorted(sigma[:16]) == list(range(16)) and sigma[16] == 16  # a permutation per block
