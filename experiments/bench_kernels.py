@@ -249,16 +249,19 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
   if m > 64:  # W4A8's M = 256 target: MMA-bound, token tiles of 64 to 128
     if kname != "w4a8":
       return []
+    # int_sums="magic": the group sums to f32 at full rate (cvt.rn.f32.s32 is 1/8 rate)
+    Q = functools.partial(P, int_sums="magic")
     return [S(tile_m=128), S(tile_m=128, nk_scales="slab"), P(tile_m=128),
-            P(tile_m=128, nk_scales="slab"), S(tile_m=128, split_k=2), S(compute_wgs=4),
-            S(compute_wgs=4, split_k=2)]
+            Q(tile_m=128), Q(tile_m=128, nk_scales="slab"), Q(tile_m=64),
+            Q(tile_m=128, split_k=2), S(tile_m=128, split_k=2), S(compute_wgs=4)]
   # runs 5-7: the default and 128-row tiles tie or win; byte loads and split-K 1 or 4 lose
   return [T(), T(tile_n=128), T(tile_n=128, nk_scales="slab"), S(tile_n=128),
           S(tile_n=128, nk_scales="slab"), T(compute_wgs=4), S(compute_wgs=4),
           S(compute_wgs=4, wide_load=False), S(compute_wgs=4, max_concurrent_steps=5),
           S(compute_wgs=4, tile_n=128), T(compute_wgs=4, tile_n=128),
           P(), P(tile_n=128), P(compute_wgs=4), P(tile_n=128, nk_scales="slab"),
-          P(compute_wgs=4, nk_scales="slab")]
+          P(compute_wgs=4, nk_scales="slab")] + (
+              [P(tile_n=128, nk_scales="slab", int_sums="magic")] if kname == "w4a8" else [])
 
 
 def hopper_fn(tiles, interpret: bool, weight_layout: str = "kn", kname: str = "w4a16"):

@@ -2,7 +2,8 @@
 
     python experiments/profile_w4.py --out /tmp/prof     # on a Hopper GPU (sm_90)
 
-Runs ``lowbit.kernels._mosaic_gpu.w4_matmul`` at M = 1, K = N = 8192, group 128
+Runs ``lowbit.kernels._mosaic_gpu.w4_matmul`` at M = 1 (``--m 256``: W4A8's tiles for
+its M = 256 target), K = N = 8192, group 128
 with ``profile_dir`` set: the kernel records its named regions per compute
 warpgroup with the SM's clock (``load``: codes from shared memory; ``unpack``:
 into wgmma's registers; ``issue`` and ``wait``: the wgmmas; ``scale``: the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import json
 import os
@@ -86,11 +88,15 @@ def main(argv=None) -> int:
   x = jax.random.normal(jax.random.fold_in(key, 1), (args.m, k), jnp.float32)
   xq = quantize(x, QuantSpec(bits=8, channel_axes=(0,)))
   acts = {"w4a16": x.astype(jnp.bfloat16), "w4a8": xq.qvalue}
-  configs = [("w4a16", K.HopperW4Tiles()), ("w4a16", K.HopperW4Tiles(tile_n=128)),
-             ("w4a16", K.HopperW4Tiles(nibbles="split", tile_n=128)),
-             ("w4a16", K.HopperW4Tiles(nibbles="split", tile_n=128, unpack="ptx")),
-             ("w4a16", K.HopperW4Tiles(nibbles="split", compute_wgs=4)),
-             ("w4a8", K.HopperW4Tiles(tile_n=128)), ("w4a8", K.HopperW4Tiles(nibbles="split"))]
+  T, S = K.HopperW4Tiles, functools.partial(K.HopperW4Tiles, nibbles="split")
+  if args.m > 64:  # W4A8's M = 256 target: the int32 -> f32 group sums, the MMA waits
+    configs = [("w4a8", S(tile_m=128)), ("w4a8", S(tile_m=128, unpack="ptx")),
+               ("w4a8", S(tile_m=128, unpack="ptx", int_sums="magic"))]
+  else:
+    configs = [("w4a16", T()), ("w4a16", T(tile_n=128)), ("w4a16", S(tile_n=128)),
+               ("w4a16", S(tile_n=128, unpack="ptx")), ("w4a16", S(compute_wgs=4)),
+               ("w4a16", S(compute_wgs=4, unpack="ptx")),
+               ("w4a8", T(tile_n=128)), ("w4a8", S()), ("w4a8", S(tile_n=128, unpack="ptx"))]
   out = {}
   for kname, tiles in configs:
     label = f"{kname} {tiles}"

@@ -469,6 +469,15 @@ class HopperW4Tiles:
       shuffle, the tokens reordered per call to the registers' K order
       (:func:`fragment_order`); W4A8 3 instructions per 8 codes. Interpreted,
       both run jnp in the natural order (same numbers).
+    int_sums: W4A8 with grouped weights: how each step's int32 group sums
+      become f32 before their scale. ``"cvt"``: ``cvt.rn.f32.s32``, which Hopper
+      runs at 16 per clock and SM, an eighth of the f32 rate: at M = 256 with
+      128-token tiles a step's two ``[tile_n, 128]`` conversions take longer
+      than its MMAs (1024 vs 512 clocks per warpgroup, counted from the
+      instruction rates). ``"magic"``: an integer add of ``0x4B400000``, a
+      bitcast and an f32 subtract of ``1.5 * 2**23`` (full-rate operations),
+      exact for ``|sum| < 2**22``; the kernel's group sums are below ``2**21``
+      (at most 128 codes of ``|16 c| <= 128`` times ``|x| <= 128``).
   """
 
   tile_n: int = 64
@@ -482,8 +491,11 @@ class HopperW4Tiles:
   compute_wgs: int = 2
   nk_scales: Literal["slab", "transpose"] = "transpose"
   unpack: Literal["ops", "ptx"] = "ops"
+  int_sums: Literal["cvt", "magic"] = "cvt"
 
   def __post_init__(self):
+    if self.int_sums not in ("cvt", "magic"):
+      raise ValueError(f"HopperW4Tiles.int_sums={self.int_sums!r}: use 'cvt' or 'magic'.")
     if self.unpack not in ("ops", "ptx"):
       raise ValueError(f"HopperW4Tiles.unpack={self.unpack!r}: use 'ops' or 'ptx'.")
     if self.unpack == "ptx" and (self.nibbles != "split" or not self.wide_load):
@@ -526,6 +538,7 @@ class W4Plan:
   slab: int = 0  # nk_scales="slab": columns W of each half's scale slab; 0: a row per step
   scale_bytes: int = 4
   ptx: bool = False  # HopperW4Tiles.unpack == "ptx"
+  magic: bool = False  # HopperW4Tiles.int_sums == "magic"
 
   def smem_bytes(self) -> int:
     """Pipeline buffers (weight codes, token tiles, scales), the scale slabs and the
@@ -586,7 +599,8 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
     slab = slab if slab <= k // group and (k // group * scale_bytes) % 16 == 0 else 0
   plan = W4Plan(tiles.tile_n, tile_m, tile_k, split, tiles.max_concurrent_steps or 4, num_sms,
                 group is not None, tiles.wide_load, act_bytes, tiles.nibbles == "split",
-                tiles.compute_wgs, slab, scale_bytes, tiles.unpack == "ptx")
+                tiles.compute_wgs, slab, scale_bytes, tiles.unpack == "ptx",
+                tiles.int_sums == "magic")
   if tiles.max_concurrent_steps is None:
     while plan.stages > 2 and plan.smem_bytes() > SMEM_BYTES:
       plan = dataclasses.replace(plan, stages=plan.stages - 1)
@@ -810,6 +824,13 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[s, cn, pl.ds(mi * tm, tm)].at[wn])
 
+        def group_sum_f32(part):
+          """A step's group sums in f32 (int32 ones exactly: see ``HopperW4Tiles.int_sums``)."""
+          if part.dtype != jnp.int32 or not p.magic:
+            return part.astype(jnp.float32)
+          biased = lax.bitcast_convert_type(part + jnp.int32(0x4B400000), jnp.float32)
+          return biased - jnp.float32(1.5 * 2**23)
+
         if p.grouped:
           g_total = s_gmem.shape[1] if p.slab else 0
           # Slab mode: the first column of each half's slab, kept inside the array.
@@ -842,7 +863,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             parts = dots(pairs_of(x_refs, w_smem))
             with jax.named_scope("scale"):
               for part, sc in zip(parts, step_scales(idx[0], s_refs), strict=True):
-                y = y + part.astype(jnp.float32) * lax.broadcast_in_dim(sc, (tn, tm), (0,))
+                y = y + group_sum_f32(part) * lax.broadcast_in_dim(sc, (tn, tm), (0,))
             return y
         else:  # one accumulator per half (split: their factors differ) for all of K
           def finish(accs):

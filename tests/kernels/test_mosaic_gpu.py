@@ -16,7 +16,7 @@ from lowbit.kernels import HopperTiles, w8a8
 from lowbit.kernels import _mosaic_gpu as mg
 
 from lowbit import kernels as K
-from lowbit.quant import QuantParams, QuantSpec, quantize
+from lowbit.quant import QuantParams, QuantSpec, dequantize, quantize
 
 ON_GPU = os.environ.get("LOWBIT_TEST_BACKEND", "interpret") == "gpu"
 BACKEND = "mosaic_gpu" if ON_GPU else "mosaic_gpu_interpret"
@@ -228,8 +228,9 @@ def test_w4a8_matches_reference_and_float64(m, k, n, group, kw, layout):
   assert rel(out, oracle64) < 1e-5
 
 
-@pytest.mark.parametrize("nibbles", ["interleaved", "split"])
-def test_w4a8_int32_group_sums_are_exact(nibbles):
+@pytest.mark.parametrize("nibbles,int_sums", [("interleaved", "cvt"), ("split", "cvt"),
+                                              ("split", "magic")])
+def test_w4a8_int32_group_sums_are_exact(nibbles, int_sums):
   """Unit scales: every group's int32 sum (and their f32 total, < 2^24) is the integer
   product itself (split: sums of 16 * codes, times 1/16 exactly)."""
   m, k, n = 9, 512, 128
@@ -241,7 +242,26 @@ def test_w4a8_int32_group_sums_are_exact(nibbles):
                 QuantSpec(bits=4, channel_axes=(1,), group_size=64, pack=True),
                 params=QuantParams(jnp.ones((k // 64, n), jnp.float32)))
   out = K.w4a8_matmul(xa, wq, out_dtype=jnp.float32, backend=BACKEND,
-                      block_sizes=w4_tiles(nibbles=nibbles))
+                      block_sizes=w4_tiles(nibbles=nibbles, int_sums=int_sums))
+  np.testing.assert_array_equal(np.asarray(out), (xc @ wc).astype(np.float32))
+
+
+def test_w4a8_magic_int_sums_are_exact_at_the_largest_group_sums():
+  """``int_sums="magic"`` at the largest group sums the quantizers make: groups of 128
+  codes -7 (split: 16 * -7 each; symmetric int4 is [-7, 7]) against tokens +-127: sums of
+  +-1820672 (the bound's 2^22 allows codes -8 too), converted exactly."""
+  m, k, n = 3, 512, 128
+  xc = np.stack([np.full(k, 127), np.full(k, -127), np.resize([127, -127], k)])
+  wc = np.full((k, n), -7)
+  xa = quantize(jnp.asarray(xc, jnp.float32), QuantSpec(bits=8, channel_axes=(0,)),
+                params=QuantParams(jnp.ones((m, 1), jnp.float32)))
+  wq = quantize(jnp.asarray(wc, jnp.float32),
+                QuantSpec(bits=4, channel_axes=(1,), group_size=128, pack=True),
+                params=QuantParams(jnp.ones((k // 128, n), jnp.float32)))
+  assert np.asarray(xa.qvalue).min() == -127 and np.asarray(xa.qvalue).max() == 127
+  np.testing.assert_array_equal(np.asarray(dequantize(wq)), wc)
+  out = K.w4a8_matmul(xa, wq, out_dtype=jnp.float32, backend=BACKEND,
+                      block_sizes=w4_tiles(nibbles="split", int_sums="magic"))
   np.testing.assert_array_equal(np.asarray(out), (xc @ wc).astype(np.float32))
 
 
@@ -300,6 +320,8 @@ def test_w4a16_errors_name_the_problem():
     K.HopperW4Tiles(unpack="ptx")
   with pytest.raises(ValueError, match="use 'slab' or 'transpose'"):
     K.HopperW4Tiles(nk_scales="rows")
+  with pytest.raises(ValueError, match="use 'cvt' or 'magic'"):
+    K.HopperW4Tiles(int_sums="round")
 
 
 # --- Default dispatch: the Mosaic GPU kernels where the GPU runs put them ahead
