@@ -353,6 +353,14 @@ def bf16_register_index(idx: tuple[int, ...], pair: int) -> tuple[int, ...]:
   return (idx[0], 2 * idx[1] + pair, *idx[2:])
 
 
+def reorder_tokens(x: jax.Array) -> jax.Array:
+  """``x[:, fragment_order(K)]`` as a reshape and a transpose (XLA fuses it with the
+  token tile's padding: no extra kernel): ``x [M, K]``, ``K`` a multiple of 16, each
+  16-column block's position ``4c + 2a + b`` moved to ``8a + 2c + b``."""
+  m, k = x.shape
+  return x.reshape(m, k // 16, 4, 2, 2).transpose(0, 1, 3, 2, 4).reshape(m, k)
+
+
 def split_int4_ptx(w: jax.Array, act) -> tuple[jax.Array, jax.Array]:
   """The codes of both packed halves of the bytes ``w`` (int8 ``[rows, cols]`` in
   ``plgpu.Layout.WGMMA_LAYOUT_8BIT``), ready for ``wgmma`` with no shuffle (inside a
@@ -928,7 +936,7 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
 
   if plan.split:
     if plan.ptx and not interpret and x.dtype == jnp.bfloat16:  # the codes' register order
-      x = jnp.take(x, fragment_order(k), axis=1)
+      x = reorder_tokens(x)
     xs, w = (tiled(x),), lax.bitcast_convert_type(wq.T, jnp.int8)
   else:
     lo, hi = x[:, :h], x[:, h:]

@@ -449,3 +449,5 @@ def test_ptx_register_order_is_fragment_order():
           assert sigma[p_col % cols] == p_byte % cols  # column j holds code sigma(j)
           seen += 1
   assert seen == rows * cols  # every code placed once
+  x = np.arange(3 * 64).reshape(3, 64)
+  np.testing.assert_array_equal(np.asarray(mg.reorder_tokens(jnp.asarray(x))), x[:, sigma])
