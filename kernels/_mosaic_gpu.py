@@ -338,7 +338,7 @@ def fragment_order(k: int) -> jax.Array:
   shuffle to restore the natural order) makes ``wgmma``'s column ``16 b + j``
   hold code ``16 b + sigma(j)``, ``sigma(j) = 4 ((j mod 8) div 2) + 2 (j div 8)
   + j mod 2``; the tokens are reordered the same way (``x[:, fragment_order(K)]``,
-  one small XLA gather per call), which leaves every dot product unchanged.
+  :func:`reorder_tokens`), which leaves every dot product unchanged.
   Returns int32 ``[k]``, ``k`` a multiple of 16.
   """
   j = jnp.arange(k) % 16
@@ -484,8 +484,8 @@ class HopperW4Tiles:
       than its MMAs (1024 vs 512 clocks per warpgroup, counted from the
       instruction rates). ``"magic"``: an integer add of ``0x4B400000``, a
       bitcast and an f32 subtract of ``1.5 * 2**23`` (full-rate operations),
-      exact for ``|sum| < 2**22``; the kernel's group sums are below ``2**21``
-      (at most 128 codes of ``|16 c| <= 128`` times ``|x| <= 128``).
+      exact for ``|sum| < 2**22``; the kernel's group sums are at most ``2**21``
+      (128 codes of ``|16 c| <= 128`` times ``|x| <= 128``).
   """
 
   tile_n: int = 64
@@ -780,8 +780,10 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
           """``[(A operand thunk, token tile)]`` of one step: this warpgroup's weight rows
           in wgmma's register layout, in the tokens' dtype. Interleaved: the int4 codes
           converted once, against each token tile; split: each half's codes (times 16
-          where ``factors`` has 1/16) converted when its wgmma is issued.
-          ``HopperW4Tiles.wide_load``: 32-bit shared-memory loads, then a relayout."""
+          where ``factors`` has 1/16) converted when its wgmma is issued, or with
+          ``unpack="ptx"`` both at once (:func:`split_int4_ptx`).
+          ``HopperW4Tiles.wide_load``: 32-bit shared-memory loads, then a relayout
+          (none for ``"ptx"``)."""
           wide = p.wide_load and not interpret
           with jax.named_scope("load"):
             w = w_smem[wn, :]
