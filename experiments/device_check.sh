@@ -34,8 +34,9 @@ if ! grep -qE "[0-9]+ passed" "$LOG"; then
   HOPPER_FLAG="--no-hopper"
 else
   OFF=
-  # (nibbles="split" cases, ids ending in split, are only swept: they do not gate the rows)
-  grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -v "split" \
+  # (opt-in variants, ids naming split, slab, ptx or magic, are only swept: they do not
+  # gate the default rows)
+  grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -vE "split|slab|ptx|magic" \
     | grep -qE "w4a16|w4a8|hopper_w4" && OFF="$OFF w4a16 w4a8"
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -vE "w4a16|w4a8|hopper_w4" | grep -q . \
     && OFF="$OFF w8a8"

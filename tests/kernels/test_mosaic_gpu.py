@@ -246,7 +246,7 @@ def test_w4a8_int32_group_sums_are_exact(nibbles, int_sums):
   np.testing.assert_array_equal(np.asarray(out), (xc @ wc).astype(np.float32))
 
 
-def test_w4a8_magic_int_sums_are_exact_at_the_largest_group_sums():
+def test_w4a8_split_magic_int_sums_are_exact_at_the_largest_group_sums():
   """``int_sums="magic"`` at the largest group sums the quantizers make: groups of 128
   codes -7 (split: 16 * -7 each; symmetric int4 is [-7, 7]) against tokens +-127: sums of
   +-1820672 (the bound's 2^22 allows codes -8 too), converted exactly."""
