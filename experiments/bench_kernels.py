@@ -312,6 +312,9 @@ def main(argv=None):
   ap.add_argument("--no-hopper", nargs="*", choices=["w8a8", "w4a16", "w4a8"],
                   help="leave out the Mosaic GPU kernels named, or all of them with no name "
                        "(e.g. when their tests failed)")
+  ap.add_argument("--skip-tiles", nargs="*", default=[],
+                  help="leave out sweep candidates whose repr contains any of these strings "
+                       "(e.g. \"nk_scales='slab'\" when that variant's compiled tests failed)")
   ap.add_argument("--deadline", type=float, default=1e9,
                   help="seconds; no new point starts after this (the JSON so far is kept)")
   ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2))
@@ -408,6 +411,8 @@ def main(argv=None):
           if f"{kname}_hopper" in args.sweep_kernels and hopper[kname] and (
               m <= 16 or not hopper_interp):
             for tiles in hopper_w4_candidates(m, kname):
+              if any(t in repr(tiles) for t in args.skip_tiles):
+                continue
               jobs.append(((kname, tiles), hopper_fn(tiles, hopper_interp, "nk", kname),
                            (xs[ak], ws["int4_nk"])))
       t0 = time.perf_counter()
