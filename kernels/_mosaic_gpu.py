@@ -402,14 +402,14 @@ def split_int4_ptx(w: jax.Array, act) -> tuple[jax.Array, jax.Array]:
   def convert16(_, fa):
     i32 = ir.IntegerType.get_signless(32)
     bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
-    result = ir.Type.parse("!llvm.struct<(i32, i32, i32, i32)>")
+    result = llvm.StructType.get_literal([i32] * 4)
     shape = list(fa.registers.shape)  # twice the column blocks, half as wide
     shape[1] *= 2
     lo, hi = np.empty(shape, object), np.empty(shape, object)
     for idx, reg in np.ndenumerate(fa.registers):
       word = mgpu.utils.bitcast(reg, i32)
       r = llvm.inline_asm(result, [word], _ASM_SPLIT_I4_TO_BF16, "=r,=r,=r,=r,r")
-      v = [mgpu.utils.bitcast(llvm.extractvalue(i32, r, [j]), bf16x2) for j in range(4)]
+      v = [mgpu.utils.bitcast(llvm.extractvalue(i32, r, (j,)), bf16x2) for j in range(4)]
       for dst, pairs in ((lo, v[:2]), (hi, v[2:])):
         for j in (0, 1):
           dst[bf16_register_index(idx, j)] = pairs[j]
