@@ -117,3 +117,33 @@ def test_int4_kernels_lower_for_cuda_through_mosaic_gpu(tiles, name):
   txt = lower(fn, x, w4.transpose(), "mosaic_gpu", "cuda", tiles, weight_layout="nk")
   assert f"lowbit_{name.split('-')[0]}_hopper" in txt and "mosaic_gpu" in txt
 
+
+
+def _lowered_ops():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parents[2] / "experiments" / "lowered_ops.py"
+  spec = importlib.util.spec_from_file_location("lowered_ops", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_ptx_unpack_lowers_without_shuffles():
+  """``HopperW4Tiles(unpack="ptx")`` keeps what it is for, in the module Mosaic GPU lowers
+  to (experiments/lowered_ops.py): a step of one thread at ``tile_n=128`` converts its
+  128 bytes in 32 one-pass PTX blocks from 32-bit loads, with no warp shuffle or select
+  to lay them out for wgmma; the "ops" unpack of the same tiles needs both."""
+  lo = _lowered_ops()
+  counts = {}
+  for unpack in ("ops", "ptx"):
+    [text] = lo.lower_kernel("w4a16", f'nibbles="split", tile_n=128, unpack="{unpack}"',
+                             m=1, kn=1024, group=128)
+    counts[unpack] = lo.count_ops(text)
+  ptx, ops = counts["ptx"], counts["ops"]
+  [block] = [k for k in ptx["inline_ptx"] if k.startswith("xor.b32")]
+  assert ptx["inline_ptx"][block] == 32 and block.startswith("xor.b32 ... (13 instructions")
+  assert ptx["loads"]["vector<4xi8>"] == 32
+  assert not any(k.startswith("select") for k in ptx["arith_vector"])
+  assert ptx["other"]["nvvm.shfl.sync"] < ops["other"]["nvvm.shfl.sync"] - 32
+  assert ops["arith_vector"]["select vector<2xbf16>"] > 0
