@@ -265,7 +265,7 @@ def test_w4a8_split_magic_int_sums_are_exact_at_the_largest_group_sums():
   np.testing.assert_array_equal(np.asarray(out), (xc @ wc).astype(np.float32))
 
 
-def test_nk_scales_are_read_as_a_slab_where_tma_can():
+def test_hopper_w4_nk_scales_slab_where_tma_can_take_it():
   """``plan_w4`` with ``nk_scales="slab"``: a grouped "nk" weight's scales as stored,
   ``W`` = the work item's K-steps
   rounded up to 8, unless the slab would pass the array's end or a row of scales is not
@@ -427,7 +427,7 @@ def _thread_registers(layout, shape):
   return out
 
 
-def test_ptx_register_order_is_fragment_order():
+def test_hopper_w4_split_register_order_matches_the_token_reorder():
   """Each thread's 4 bytes of a ``WGMMA_LAYOUT_8BIT`` register, split into two bf16 pairs
   placed at :func:`bf16_register_index` of ``WGMMA_LAYOUT``, put code ``16 b + sigma(j)``
   in wgmma's column ``16 b + j``: sigma is :func:`fragment_order`, the tokens' reorder."""
