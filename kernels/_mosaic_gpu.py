@@ -300,32 +300,11 @@ def w8a8_kernel(xq: jax.Array, xs: jax.Array, w: jax.Array, ws: jax.Array, *,
 # W4A16 / W4A8: the int4 weight as wgmma's A operand, from registers (decode)
 # ---------------------------------------------------------------------------------------
 
-# Both nibbles of 4 packed bytes -> bf16 in 13 instructions (the sequence of
-# lowbit.kernels._pallas._ASM_I4_TO_BF16, its prmt and xor shared by the halves):
-# flip each nibble to offset binary (u = s + 8), move the nibbles of bytes (0, 1)
-# and (2, 3) into the two 16-bit halves of a word, put u in the mantissa of the
-# bf16 128.0 (0x4300 | u = 128 + u, exact) and subtract 136 with one bf16x2 FMA;
-# the high nibbles the same after a 4-bit shift. $4: the bytes; $0, $1: the low
-# nibbles of bytes (0, 1), (2, 3); $2, $3: the high nibbles.
-_ASM_SPLIT_I4_TO_BF16 = """{
-.reg .b32 sbt, sba, sbb, sbha, sbhb, sbz, sbone, sboff;
-mov.b32 sbz, 0;
-mov.b32 sbone, 0x3F803F80;
-mov.b32 sboff, 0xC308C308;
-xor.b32 sbt, $4, 0x88888888;
-prmt.b32 sba, sbt, sbz, 0x4140;
-prmt.b32 sbb, sbt, sbz, 0x4342;
-shr.b32 sbha, sba, 4;
-shr.b32 sbhb, sbb, 4;
-lop3.b32 $0, sba, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 $1, sbb, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 $2, sbha, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 $3, sbhb, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 $0, $0, sbone, sboff;
-fma.rn.bf16x2 $1, $1, sbone, sboff;
-fma.rn.bf16x2 $2, $2, sbone, sboff;
-fma.rn.bf16x2 $3, $3, sbone, sboff;
-}"""
+def _asm_split_i4_to_bf16() -> str:
+  """Both nibbles of 4 packed bytes -> bf16 in one PTX sequence:
+  :func:`lowbit.kernels._pallas.i4_to_bf16_asm` ``("both")``."""
+  from lowbit.kernels import _pallas
+  return _pallas.i4_to_bf16_asm("both")
 
 
 def fragment_order(k: int) -> jax.Array:
@@ -367,7 +346,7 @@ def split_int4_ptx(w: jax.Array, act) -> tuple[jax.Array, jax.Array]:
   Mosaic GPU kernel only: ``plgpu.inline_mgpu``).
 
   ``act`` bf16 (W4A16): ``(lo, hi)`` bf16 ``[rows, cols]`` in ``WGMMA_LAYOUT``,
-  one :data:`_ASM_SPLIT_I4_TO_BF16` per 32-bit register, its four bf16 pairs
+  one :func:`_asm_split_i4_to_bf16` per 32-bit register, its four bf16 pairs
   placed in :func:`fragment_order` (the tokens must be reordered to match).
   ``act`` int8 (W4A8): ``(16 lo, 16 hi)`` int8 in ``WGMMA_LAYOUT_8BIT`` itself,
   the natural order: ``(q << 4) & 0xF0F0F0F0`` and ``q & 0xF0F0F0F0``
@@ -403,12 +382,13 @@ def split_int4_ptx(w: jax.Array, act) -> tuple[jax.Array, jax.Array]:
     i32 = ir.IntegerType.get_signless(32)
     bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
     result = llvm.StructType.get_literal([i32] * 4)
+    asm = _asm_split_i4_to_bf16()
     shape = list(fa.registers.shape)  # twice the column blocks, half as wide
     shape[1] *= 2
     lo, hi = np.empty(shape, object), np.empty(shape, object)
     for idx, reg in np.ndenumerate(fa.registers):
       word = mgpu.utils.bitcast(reg, i32)
-      r = llvm.inline_asm(result, [word], _ASM_SPLIT_I4_TO_BF16, "=r,=r,=r,=r,r")
+      r = llvm.inline_asm(result, [word], asm, "=r,=r,=r,=r,r")
       v = [mgpu.utils.bitcast(llvm.extractvalue(i32, r, (j,)), bf16x2) for j in range(4)]
       for dst, pairs in ((lo, v[:2]), (hi, v[2:])):
         for j in (0, 1):

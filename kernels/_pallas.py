@@ -167,25 +167,38 @@ def unpack_tile(p: jax.Array) -> tuple[jax.Array, jax.Array]:
 # the ALU rate on Hopper), 4 bytes per instance: flip each nibble to offset
 # binary (u = s + 8), move the nibbles of bytes (0, 1) and (2, 3) into the two
 # halves of a word, place u in the mantissa of the bf16 128.0 (0x4300 | u ==
-# 128 + u, exact), and subtract 136 with one bf16x2 FMA. One instance per
-# half (Pallas' inline assembly has a single result): $0, $1 hold the four
-# values of the low (first) or high (second) nibbles, $2 the four bytes.
-_ASM_I4_TO_BF16 = """{
-.reg .b32 lbt, lba, lbb, lbz, lbone, lboff;
-mov.b32 lbz, 0;
-mov.b32 lbone, 0x3F803F80;
-mov.b32 lboff, 0xC308C308;
-xor.b32 lbt, $2, 0x88888888;
-prmt.b32 lba, lbt, lbz, 0x4140;
-prmt.b32 lbb, lbt, lbz, 0x4342;
-%s
-lop3.b32 $0, lba, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 $1, lbb, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 $0, $0, lbone, lboff;
-fma.rn.bf16x2 $1, $1, lbone, lboff;
-}"""
-_ASM_I4_TO_BF16_LO = _ASM_I4_TO_BF16 % ""
-_ASM_I4_TO_BF16_HI = _ASM_I4_TO_BF16 % "shr.b32 lba, lba, 4;\nshr.b32 lbb, lbb, 4;"
+# 128 + u, exact), and subtract 136 with one bf16x2 FMA; the high nibbles the
+# same after a 4-bit shift.
+def i4_to_bf16_asm(halves: str) -> str:
+  """The PTX of that conversion for ``halves`` ``"lo"``, ``"hi"`` (one instance per half:
+  Pallas' Triton inline assembly has a single result; ``$0, $1`` the four values,
+  ``$2`` the four bytes) or ``"both"`` (the Mosaic GPU kernel: ``$0, $1`` the low
+  nibbles of bytes (0, 1), (2, 3), ``$2, $3`` the high ones, ``$4`` the bytes; the
+  ``xor`` and ``prmt`` shared, 13 instructions besides the constant moves)."""
+  src = "$4" if halves == "both" else "$2"
+
+  def tail(a, b, out0, out1):
+    return (f"lop3.b32 {out0}, {a}, 0x000F000F, 0x43004300, 0xEA;\n"
+            f"lop3.b32 {out1}, {b}, 0x000F000F, 0x43004300, 0xEA;\n"
+            f"fma.rn.bf16x2 {out0}, {out0}, lbone, lboff;\n"
+            f"fma.rn.bf16x2 {out1}, {out1}, lbone, lboff;\n")
+  code = ("{\n.reg .b32 lbt, lba, lbb, lbha, lbhb, lbz, lbone, lboff;\n"
+          "mov.b32 lbz, 0;\nmov.b32 lbone, 0x3F803F80;\nmov.b32 lboff, 0xC308C308;\n"
+          f"xor.b32 lbt, {src}, 0x88888888;\n"
+          "prmt.b32 lba, lbt, lbz, 0x4140;\nprmt.b32 lbb, lbt, lbz, 0x4342;\n")
+  if halves != "lo":
+    code += "shr.b32 lbha, lba, 4;\nshr.b32 lbhb, lbb, 4;\n"
+  if halves == "lo":
+    code += tail("lba", "lbb", "$0", "$1")
+  elif halves == "hi":
+    code += tail("lbha", "lbhb", "$0", "$1")
+  else:
+    code += tail("lba", "lbb", "$0", "$1") + tail("lbha", "lbhb", "$2", "$3")
+  return code + "}"
+
+
+_ASM_I4_TO_BF16_LO = i4_to_bf16_asm("lo")
+_ASM_I4_TO_BF16_HI = i4_to_bf16_asm("hi")
 
 # Packed int4 -> int8 * 16 in 1 or 2 instructions per 4 values: the low nibble
 # shifted into the high half of its byte, the high nibble masked in place; each
