@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import sys
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "kernels.md"
@@ -54,6 +55,44 @@ def _targets(rows) -> list[str]:
       out.append(f"| {label} | {m} | {r['speedup_vs_bf16']:.2f} | {r.get('bound', 0):.2f} | "
                  f"{goal} | {'yes' if r['speedup_vs_bf16'] >= goal else 'no'} |")
   return out
+
+
+#: The HopperW4Tiles fields whose values the variant table compares (their defaults first).
+W4_VARIANTS = {"nibbles": ("interleaved", "split"), "unpack": ("ops", "ptx"),
+               "nk_scales": ("transpose", "slab"), "int_sums": ("cvt", "magic")}
+
+
+def _w4_fields(block_sizes: str) -> dict[str, str] | None:
+  """The variant fields of a ``HopperW4Tiles(...)`` repr, defaults filled in; None for
+  other tiles."""
+  if not block_sizes.startswith("HopperW4Tiles("):
+    return None
+  got = dict(re.findall(r"(\w+)='(\w+)'", block_sizes))
+  return {f: got.get(f, vals[0]) for f, vals in W4_VARIANTS.items()}
+
+
+def _w4_variants(sweeps) -> list[str]:
+  """Per (M, kernel) and variant field: the best correct Mosaic GPU int4 candidate with the
+  field at its default and with the other value, and their ratio (the variant's speedup)."""
+  best = {}
+  for s in sweeps:
+    fields = _w4_fields(s["block_sizes"])
+    if fields is None or not s.get("correct", True):
+      continue
+    for f, v in fields.items():
+      key = (s["m"], s["kernel"], f, v)
+      if key not in best or s["us"] < best[key]["us"]:
+        best[key] = s
+  out = ["| M | kernel | field | best us at default | best us with variant | default / variant |",
+         "|---|---|---|---|---|---|"]
+  for (m, kernel, f, v), s in sorted(best.items()):
+    default = W4_VARIANTS[f][0]
+    if v == default or (m, kernel, f, default) not in best:
+      continue
+    d = best[(m, kernel, f, default)]
+    out.append(f"| {m} | {kernel} | {f}={v!r} | {d['us']:.1f} | {s['us']:.1f} | "
+               f"{d['us'] / s['us']:.2f} |")
+  return out if len(out) > 2 else []
 
 
 def render(paths: list[str]) -> str:
@@ -101,6 +140,11 @@ def render(paths: list[str]) -> str:
       for key, s in sorted(best.items()):
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {s['us']:.1f} | "
                    f"{s['speedup_vs_bf16']:.2f} | `{s['block_sizes']}` |")
+      variants = _w4_variants(d["sweeps"])
+      if variants:
+        out.append("\nMosaic GPU int4 variants, best candidate with each value (> 1: the "
+                   "variant is faster):\n")
+        out += variants
     out.append("")
   return "\n".join(out)
 

@@ -451,3 +451,27 @@ def test_hopper_w4_split_register_order_matches_the_token_reorder():
   assert seen == rows * cols  # every code placed once
   x = np.arange(3 * 64).reshape(3, 64)
   np.testing.assert_array_equal(np.asarray(mg.reorder_tokens(jnp.asarray(x))), x[:, sigma])
+
+
+def test_hopper_w4_split_variant_table_of_the_report():
+  """experiments/kernels_report.py: per variant field, the best correct candidate with the
+  default value against the best with the other value (fields a repr leaves out are the
+  defaults; other tiles and wrong outputs are ignored)."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parents[2] / "experiments" / "kernels_report.py"
+  spec = importlib.util.spec_from_file_location("kernels_report", path)
+  kr = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(kr)
+  T = K.HopperW4Tiles
+  cands = [(T(), 20.0, True), (T(nibbles="split"), 22.0, True),
+           (T(nibbles="split", unpack="ptx"), 16.0, True),
+           (T(nibbles="split", unpack="ptx", nk_scales="slab"), 8.0, False),  # wrong output
+           (T(nibbles="split", unpack="ptx", int_sums="magic"), 15.0, True)]
+  sweeps = [dict(m=1, kernel="w4a8", block_sizes=repr(t), us=us, correct=ok) for t, us, ok in cands]
+  sweeps.append(dict(m=1, kernel="w4a8", block_sizes="BlockSizes(bm=16)", us=1.0, correct=True))
+  rows = {r.split("|")[3].strip(): r for r in kr._w4_variants(sweeps)[2:]}
+  assert set(rows) == {"nibbles='split'", "unpack='ptx'", "int_sums='magic'"}  # no slab: wrong
+  assert "| 20.0 | 15.0 | 1.33 |" in rows["nibbles='split'"]
+  assert "| 20.0 | 15.0 | 1.33 |" in rows["unpack='ptx'"]  # default "ops": T() at 20.0
+  assert "| 16.0 | 15.0 | 1.07 |" in rows["int_sums='magic'"]
