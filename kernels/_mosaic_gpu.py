@@ -340,7 +340,7 @@ def reorder_tokens(x: jax.Array) -> jax.Array:
   return x.reshape(m, k // 16, 4, 2, 2).transpose(0, 1, 3, 2, 4).reshape(m, k)
 
 
-def split_int4_ptx(w: jax.Array, act) -> tuple[jax.Array, jax.Array]:
+def split_int4_ptx(w: jax.Array, act: jnp.dtype) -> tuple[jax.Array, jax.Array]:
   """The codes of both packed halves of the bytes ``w`` (int8 ``[rows, cols]`` in
   ``plgpu.Layout.WGMMA_LAYOUT_8BIT``), ready for ``wgmma`` with no shuffle (inside a
   Mosaic GPU kernel only: ``plgpu.inline_mgpu``).

@@ -169,12 +169,14 @@ def unpack_tile(p: jax.Array) -> tuple[jax.Array, jax.Array]:
 # halves of a word, place u in the mantissa of the bf16 128.0 (0x4300 | u ==
 # 128 + u, exact), and subtract 136 with one bf16x2 FMA; the high nibbles the
 # same after a 4-bit shift.
-def i4_to_bf16_asm(halves: str) -> str:
+def i4_to_bf16_asm(halves: Literal["lo", "hi", "both"]) -> str:
   """The PTX of that conversion for ``halves`` ``"lo"``, ``"hi"`` (one instance per half:
   Pallas' Triton inline assembly has a single result; ``$0, $1`` the four values,
   ``$2`` the four bytes) or ``"both"`` (the Mosaic GPU kernel: ``$0, $1`` the low
   nibbles of bytes (0, 1), (2, 3), ``$2, $3`` the high ones, ``$4`` the bytes; the
   ``xor`` and ``prmt`` shared, 13 instructions besides the constant moves)."""
+  if halves not in ("lo", "hi", "both"):
+    raise ValueError(f"i4_to_bf16_asm: halves={halves!r}; use 'lo', 'hi' or 'both'.")
   src = "$4" if halves == "both" else "$2"
 
   def tail(a, b, out0, out1):
