@@ -260,8 +260,13 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
           S(compute_wgs=4, wide_load=False), S(compute_wgs=4, max_concurrent_steps=5),
           S(compute_wgs=4, tile_n=128), T(compute_wgs=4, tile_n=128),
           P(), P(tile_n=128), P(compute_wgs=4), P(tile_n=128, nk_scales="slab"),
-          P(compute_wgs=4, nk_scales="slab")] + (
-              [P(tile_n=128, nk_scales="slab", int_sums="magic")] if kname == "w4a8" else [])
+          P(compute_wgs=4, nk_scales="slab"),
+          # pad_tokens=False: no XLA pad per call (TMA zero-fills the token tile)
+          P(tile_n=128, nk_scales="slab", pad_tokens=False),
+          P(compute_wgs=4, nk_scales="slab", pad_tokens=False)] + (
+              [P(tile_n=128, nk_scales="slab", int_sums="magic"),
+               P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False)]
+              if kname == "w4a8" else [])
 
 
 def hopper_fn(tiles, interpret: bool, weight_layout: str = "kn", kname: str = "w4a16"):

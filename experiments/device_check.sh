@@ -34,9 +34,9 @@ if ! grep -qE "[0-9]+ passed" "$LOG"; then
   HOPPER_FLAG="--no-hopper"
 else
   OFF=
-  # (opt-in variants, ids naming split, slab, ptx or magic, are only swept: they do not
-  # gate the default rows)
-  grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -vE "split|slab|ptx|magic" \
+  # (opt-in variants, ids naming split, slab, ptx, magic or unpadded, are only swept: they
+  # do not gate the default rows)
+  grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -vE "split|slab|ptx|magic|unpadded" \
     | grep -qE "w4a16|w4a8|hopper_w4" && OFF="$OFF w4a16 w4a8"
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -vE "w4a16|w4a8|hopper_w4" | grep -q . \
     && OFF="$OFF w8a8"
@@ -44,7 +44,8 @@ else
 fi
 # An opt-in variant whose compiled tests failed (or hung) is left out of the sweep.
 SKIP=
-for v in "slab:nk_scales='slab'" "ptx:unpack='ptx'" "magic:int_sums='magic'"; do
+for v in "slab:nk_scales='slab'" "ptx:unpack='ptx'" "magic:int_sums='magic'" \
+         "unpadded:pad_tokens=False"; do
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -q -- "${v%%:*}" && SKIP="$SKIP ${v#*:}"
 done
 SKIP_FLAG=${SKIP:+--skip-tiles$SKIP}

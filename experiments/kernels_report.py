@@ -59,7 +59,8 @@ def _targets(rows) -> list[str]:
 
 #: The HopperW4Tiles fields whose values the variant table compares (their defaults first).
 W4_VARIANTS = {"nibbles": ("interleaved", "split"), "unpack": ("ops", "ptx"),
-               "nk_scales": ("transpose", "slab"), "int_sums": ("cvt", "magic")}
+               "nk_scales": ("transpose", "slab"), "int_sums": ("cvt", "magic"),
+               "pad_tokens": ("True", "False")}
 
 
 def _w4_fields(block_sizes: str) -> dict[str, str] | None:
@@ -67,7 +68,7 @@ def _w4_fields(block_sizes: str) -> dict[str, str] | None:
   other tiles."""
   if not block_sizes.startswith("HopperW4Tiles("):
     return None
-  got = dict(re.findall(r"(\w+)='(\w+)'", block_sizes))
+  got = dict(re.findall(r"(\w+)='?(\w+)'?[,)]", block_sizes))
   return {f: got.get(f, vals[0]) for f, vals in W4_VARIANTS.items()}
 
 

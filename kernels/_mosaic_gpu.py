@@ -466,6 +466,12 @@ class HopperW4Tiles:
       bitcast and an f32 subtract of ``1.5 * 2**23`` (full-rate operations),
       exact for ``|sum| < 2**22``; the kernel's group sums are at most ``2**21``
       (128 codes of ``|16 c| <= 128`` times ``|x| <= 128``).
+    pad_tokens: ``False``, with ``nibbles="split"`` and fewer tokens than one
+      token tile (decode): the tokens go to the kernel as they are and TMA
+      fills the tile's rows past M with zeros (out-of-bounds reads are defined
+      for TMA and only reach output columns that are dropped), instead of an
+      XLA pad per call (a kernel launch of its own, ~1 us of device time at
+      decode). GPU only: interpreted, the tokens are padded either way.
   """
 
   tile_n: int = 64
@@ -480,6 +486,7 @@ class HopperW4Tiles:
   nk_scales: Literal["slab", "transpose"] = "transpose"
   unpack: Literal["ops", "ptx"] = "ops"
   int_sums: Literal["cvt", "magic"] = "cvt"
+  pad_tokens: bool = True
 
   def __post_init__(self):
     if self.int_sums not in ("cvt", "magic"):
@@ -637,7 +644,8 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   before its scale; the per-token scale is the caller's).
 
   Shapes: ``xs[p]`` bf16 or int8 ``[M/tile_m, tile_m, K]`` (``[M/tile_m, K, tile_m]``
-  when ``interpret``: the interpreter has no transposed operand in ``wgmma``).
+  when ``interpret``: the interpreter has no transposed operand in ``wgmma``), or
+  ``[1, M, K]`` with ``M < tile_m`` (``pad_tokens=False``: TMA zero-fills the rest).
   Returns f32 ``[split_k, N, M]``: the caller adds the splits and transposes.
   In interpret mode each ``wgmma`` is a ``jnp.dot`` of the same register and
   shared-memory operands (the interpreter's ``wgmma`` takes no register operand).
@@ -910,10 +918,13 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
                  weight_layout=weight_layout, scale_bytes=jnp.dtype(ws.dtype).itemsize)
   tm, h = plan.tile_m, k // 2
   mp = -(-m // tm) * tm
-  x = jnp.pad(x, ((0, mp - m), (0, 0)))
+  # HopperW4Tiles.pad_tokens=False: one partial token tile read as it is (TMA fills zeros).
+  unpadded = plan.split and not tiles.pad_tokens and m < tm and not interpret
+  if not unpadded:
+    x = jnp.pad(x, ((0, mp - m), (0, 0)))
 
   def tiled(a):  # [M, K] -> per token tile (K-major rows, or [K, tile_m] to interpret)
-    a = a.reshape(mp // tm, tm, k)
+    a = a.reshape(1, m, k) if unpadded else a.reshape(mp // tm, tm, k)
     return a.transpose(0, 2, 1) if interpret else a
 
   if plan.split:

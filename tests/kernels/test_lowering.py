@@ -104,6 +104,7 @@ HOPPER_W4_TILES = {
     "split-4wg": K.HopperW4Tiles(nibbles="split", compute_wgs=4),
     "split-ptx-slab": K.HopperW4Tiles(nibbles="split", unpack="ptx", nk_scales="slab"),
     "scale-slab": K.HopperW4Tiles(nk_scales="slab"),  # grouped: the scales as stored
+    "split-unpadded": K.HopperW4Tiles(nibbles="split", pad_tokens=False),  # M = 5 < 8
 }
 
 

@@ -161,6 +161,8 @@ W4_CASES = [
     # unpack="ptx": both nibbles of a register in one PTX sequence (interpreted: jnp), the
     # true codes (no 1/16 factor); grouped, the nk scales read as a slab, and per-channel
     (5, 512, 256, 64, dict(nibbles="split", unpack="ptx", nk_scales="slab"), "nk"),
+    # the tokens unpadded (on a GPU TMA zero-fills the tile; interpreted, padded anyway)
+    (3, 512, 256, 64, dict(nibbles="split", unpack="ptx", pad_tokens=False), "nk"),
     (9, 512, 256, None, dict(nibbles="split", unpack="ptx", tile_n=128, num_sms=2), "kn"),
 ]
 
@@ -169,7 +171,8 @@ def case_id(c) -> str:
   kw = c[4]
   return (f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}-{c[5]}" + ("-split" if kw.get("nibbles") == "split" else "")
           + ("-ptx" if kw.get("unpack") == "ptx" else "")
-          + ("-slab" if kw.get("nk_scales") == "slab" else ""))
+          + ("-slab" if kw.get("nk_scales") == "slab" else "")
+          + ("-unpadded" if kw.get("pad_tokens") is False else ""))
 
 
 @pytest.mark.parametrize("m,k,n,group,kw,layout", W4_CASES, ids=[case_id(c) for c in W4_CASES])
@@ -211,6 +214,7 @@ W4A8_CASES = [
     # an "nk" weight's group scales read as stored, a slab per work item (default: XLA
     # transposes them, a row per step)
     (20, 1024, 256, 128, dict(tile_m=16, split_k=2, nk_scales="slab"), "nk"),
+    (5, 512, 256, 64, dict(nibbles="split", pad_tokens=False), "nk"),  # tokens unpadded
 ]
 
 
