@@ -300,13 +300,6 @@ def w8a8_kernel(xq: jax.Array, xs: jax.Array, w: jax.Array, ws: jax.Array, *,
 # W4A16 / W4A8: the int4 weight as wgmma's A operand, from registers (decode)
 # ---------------------------------------------------------------------------------------
 
-def _asm_split_i4_to_bf16() -> str:
-  """Both nibbles of 4 packed bytes -> bf16 in one PTX sequence:
-  :func:`lowbit.kernels._pallas.i4_to_bf16_asm` ``("both")``."""
-  from lowbit.kernels import _pallas
-  return _pallas.i4_to_bf16_asm("both")
-
-
 def fragment_order(k: int) -> jax.Array:
   """``sigma``: the K order in which :func:`split_int4_ptx`'s bf16 registers feed ``wgmma``.
 
@@ -318,10 +311,9 @@ def fragment_order(k: int) -> jax.Array:
   hold code ``16 b + sigma(j)``, ``sigma(j) = 4 ((j mod 8) div 2) + 2 (j div 8)
   + j mod 2``; the tokens are reordered the same way (``x[:, fragment_order(K)]``,
   :func:`reorder_tokens`), which leaves every dot product unchanged.
-  Returns int32 ``[k]``, ``k`` a multiple of 16.
+  Returns int32 ``[k]``, ``k`` a multiple of 16: :func:`reorder_tokens` of ``0 .. k-1``.
   """
-  j = jnp.arange(k) % 16
-  return (jnp.arange(k) - j) + 4 * ((j % 8) // 2) + 2 * (j // 8) + j % 2
+  return reorder_tokens(jnp.arange(k, dtype=jnp.int32)[None])[0]
 
 
 def bf16_register_index(idx: tuple[int, ...], pair: int) -> tuple[int, ...]:
@@ -346,7 +338,7 @@ def split_int4_ptx(w: jax.Array, act: jnp.dtype) -> tuple[jax.Array, jax.Array]:
   Mosaic GPU kernel only: ``plgpu.inline_mgpu``).
 
   ``act`` bf16 (W4A16): ``(lo, hi)`` bf16 ``[rows, cols]`` in ``WGMMA_LAYOUT``,
-  one :func:`_asm_split_i4_to_bf16` per 32-bit register, its four bf16 pairs
+  one ``_pallas.i4_to_bf16_asm("both")`` per 32-bit register, its four bf16 pairs
   placed in :func:`fragment_order` (the tokens must be reordered to match).
   ``act`` int8 (W4A8): ``(16 lo, 16 hi)`` int8 in ``WGMMA_LAYOUT_8BIT`` itself,
   the natural order: ``(q << 4) & 0xF0F0F0F0`` and ``q & 0xF0F0F0F0``
@@ -382,7 +374,7 @@ def split_int4_ptx(w: jax.Array, act: jnp.dtype) -> tuple[jax.Array, jax.Array]:
     i32 = ir.IntegerType.get_signless(32)
     bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
     result = llvm.StructType.get_literal([i32] * 4)
-    asm = _asm_split_i4_to_bf16()
+    asm = _pallas.i4_to_bf16_asm("both")
     shape = list(fa.registers.shape)  # twice the column blocks, half as wide
     shape[1] *= 2
     lo, hi = np.empty(shape, object), np.empty(shape, object)
@@ -832,7 +824,8 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
         if p.grouped:
           g_total = s_gmem.shape[1] if p.slab else 0
           # Slab mode: the first column of each half's slab, kept inside the array.
-          starts = [jnp.minimum(h * g_total // 2 + s * steps, g_total - p.slab) for h in (0, 1)]
+          starts = ([jnp.minimum(h * g_total // 2 + s * steps, g_total - p.slab) for h in (0, 1)]
+                    if p.slab else None)
 
           def context(eval_pipeline):
             if p.slab:  # this warpgroup's rows of both halves' scales, one TMA each

@@ -12,7 +12,7 @@ small integer).
 
 import ml_dtypes
 import numpy as np
-from lowbit.kernels import _mosaic_gpu, _pallas
+from lowbit.kernels import _pallas
 
 U32 = np.uint32
 
@@ -108,7 +108,7 @@ def test_split_int4_to_bf16_asm_gives_both_nibbles():
   """The Mosaic GPU kernel's one-pass sequence (``HopperW4Tiles(unpack="ptx")``): $0, $1
   the low nibbles of bytes (0, 1) and (2, 3), $2, $3 the high ones."""
   words = all_byte_pairs()
-  out = run_ptx(_mosaic_gpu._asm_split_i4_to_bf16(), {"$4": words})
+  out = run_ptx(_pallas.i4_to_bf16_asm("both"), {"$4": words})
   for regs, high in ((("$0", "$1"), False), (("$2", "$3"), True)):
     got = np.stack([*_bf16x2_to_f32(out[regs[0]]), *_bf16x2_to_f32(out[regs[1]])], -1)
     np.testing.assert_array_equal(got, nibbles(words, high))
