@@ -445,7 +445,7 @@ class HopperW4Tiles:
       ``tile_n=128``: ~670 instructions and 64 warp shuffles); ``"ptx"`` loads
       the bytes in the 8-bit ``wgmma`` operand layout (32-bit loads) and
       converts each register with inline PTX (:func:`split_int4_ptx`): W4A16
-      13 instructions per 8 codes, the true codes (no 1/16 factor), no
+      12 instructions per 8 codes, the true codes (no 1/16 factor), no
       shuffle, the tokens reordered per call to the registers' K order
       (:func:`fragment_order`); W4A8 3 instructions per 8 codes. Interpreted,
       both run jnp in the natural order (same numbers).

@@ -164,30 +164,32 @@ def unpack_tile(p: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 # Packed int4 -> bf16 with no int->float conversion (those run at a quarter of
-# the ALU rate on Hopper), 4 bytes per instance: flip each nibble to offset
-# binary (u = s + 8), move the nibbles of bytes (0, 1) and (2, 3) into the two
-# halves of a word, place u in the mantissa of the bf16 128.0 (0x4300 | u ==
-# 128 + u, exact), and subtract 136 with one bf16x2 FMA; the high nibbles the
-# same after a 4-bit shift.
+# the ALU rate on Hopper), 4 bytes per instance: move bytes (0, 1) and (2, 3) into
+# the two halves of a word, then one lop3 per word computes (w & 0x000F000F) ^
+# 0x43084308, which flips the nibble s to offset binary (u = s + 8) and places it in
+# the mantissa of the bf16 128.0 (0x4300 | u == 128 + u, exact), and one bf16x2 FMA
+# subtracts 136; the high nibbles the same after a 4-bit shift.
 def i4_to_bf16_asm(halves: Literal["lo", "hi", "both"]) -> str:
   """The PTX of that conversion for ``halves`` ``"lo"``, ``"hi"`` (one instance per half:
   Pallas' Triton inline assembly has a single result; ``$0, $1`` the four values,
   ``$2`` the four bytes) or ``"both"`` (the Mosaic GPU kernel: ``$0, $1`` the low
   nibbles of bytes (0, 1), (2, 3), ``$2, $3`` the high ones, ``$4`` the bytes; the
-  ``xor`` and ``prmt`` shared, 13 instructions besides the constant moves)."""
+  ``prmt``s shared, 12 instructions besides the constant moves: 2 ``prmt``, 2 ``shr``,
+  4 ``lop3``, 4 ``fma``). "lo" is 6 instructions, "hi" 8."""
   if halves not in ("lo", "hi", "both"):
     raise ValueError(f"i4_to_bf16_asm: halves={halves!r}; use 'lo', 'hi' or 'both'.")
   src = "$4" if halves == "both" else "$2"
 
-  def tail(a, b, out0, out1):
-    return (f"lop3.b32 {out0}, {a}, 0x000F000F, 0x43004300, 0xEA;\n"
-            f"lop3.b32 {out1}, {b}, 0x000F000F, 0x43004300, 0xEA;\n"
+  def tail(a, b, out0, out1):  # lop3 0x6A: (a & b) ^ c
+    return (f"lop3.b32 {out0}, {a}, 0x000F000F, 0x43084308, 0x6A;\n"
+            f"lop3.b32 {out1}, {b}, 0x000F000F, 0x43084308, 0x6A;\n"
             f"fma.rn.bf16x2 {out0}, {out0}, lbone, lboff;\n"
             f"fma.rn.bf16x2 {out1}, {out1}, lbone, lboff;\n")
-  code = ("{\n.reg .b32 lbt, lba, lbb, lbha, lbhb, lbz, lbone, lboff;\n"
+  # The input is read only by the prmts, before any output is written: "=r" outputs may
+  # share the input's register.
+  code = ("{\n.reg .b32 lba, lbb, lbha, lbhb, lbz, lbone, lboff;\n"
           "mov.b32 lbz, 0;\nmov.b32 lbone, 0x3F803F80;\nmov.b32 lboff, 0xC308C308;\n"
-          f"xor.b32 lbt, {src}, 0x88888888;\n"
-          "prmt.b32 lba, lbt, lbz, 0x4140;\nprmt.b32 lbb, lbt, lbz, 0x4342;\n")
+          f"prmt.b32 lba, {src}, lbz, 0x4140;\nprmt.b32 lbb, {src}, lbz, 0x4342;\n")
   if halves != "lo":
     code += "shr.b32 lbha, lba, 4;\nshr.b32 lbhb, lbb, 4;\n"
   if halves == "lo":

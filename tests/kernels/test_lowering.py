@@ -142,8 +142,8 @@ def test_ptx_unpack_lowers_without_shuffles():
                              m=1, kn=1024, group=128)
     counts[unpack] = lo.count_ops(text)
   ptx, ops = counts["ptx"], counts["ops"]
-  [block] = [k for k in ptx["inline_ptx"] if k.startswith("xor.b32")]
-  assert ptx["inline_ptx"][block] == 32 and block.startswith("xor.b32 ... (13 instructions")
+  [block] = [k for k in ptx["inline_ptx"] if k.startswith("prmt.b32")]
+  assert ptx["inline_ptx"][block] == 32 and block.startswith("prmt.b32 ... (12 instructions")
   assert ptx["loads"]["vector<4xi8>"] == 32
   assert not any(k.startswith("select") for k in ptx["arith_vector"])
   assert ptx["other"]["nvvm.shfl.sync"] < ops["other"]["nvvm.shfl.sync"] - 32
