@@ -164,6 +164,9 @@ W4_CASES = [
     # the tokens unpadded (on a GPU TMA zero-fills the tile; interpreted, padded anyway)
     (3, 512, 256, 64, dict(nibbles="split", unpack="ptx", pad_tokens=False), "nk"),
     (9, 512, 256, None, dict(nibbles="split", unpack="ptx", tile_n=128, num_sms=2), "kn"),
+    # the sweep's decode candidates with 4 compute warpgroups: everything opt-in at once
+    (4, 512, 256, 64, dict(nibbles="split", unpack="ptx", compute_wgs=4, nk_scales="slab",
+                           pad_tokens=False), "nk"),
 ]
 
 
@@ -172,7 +175,9 @@ def case_id(c) -> str:
   return (f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}-{c[5]}" + ("-split" if kw.get("nibbles") == "split" else "")
           + ("-ptx" if kw.get("unpack") == "ptx" else "")
           + ("-slab" if kw.get("nk_scales") == "slab" else "")
-          + ("-unpadded" if kw.get("pad_tokens") is False else ""))
+          + ("-unpadded" if kw.get("pad_tokens") is False else "")
+          + ("-magic" if kw.get("int_sums") == "magic" else "")
+          + ("-wgs4" if kw.get("compute_wgs") == 4 else ""))
 
 
 @pytest.mark.parametrize("m,k,n,group,kw,layout", W4_CASES, ids=[case_id(c) for c in W4_CASES])
@@ -215,6 +220,12 @@ W4A8_CASES = [
     # transposes them, a row per step)
     (20, 1024, 256, 128, dict(tile_m=16, split_k=2, nk_scales="slab"), "nk"),
     (5, 512, 256, 64, dict(nibbles="split", pad_tokens=False), "nk"),  # tokens unpadded
+    # unpack="ptx" (16 lo, 16 hi by shl/and on whole registers; interpreted: jnp), with the
+    # group sums to f32 by the magic number, per-channel, and the M = 256 candidates' token tile
+    (5, 512, 256, 64, dict(nibbles="split", unpack="ptx", int_sums="magic", nk_scales="slab"),
+     "nk"),
+    (20, 1024, 256, None, dict(nibbles="split", unpack="ptx", tile_m=16, split_k=2), "kn"),
+    (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", int_sums="magic", tile_m=128), "nk"),
 ]
 
 
@@ -471,11 +482,14 @@ def test_hopper_w4_split_variant_table_of_the_report():
   cands = [(T(), 20.0, True), (T(nibbles="split"), 22.0, True),
            (T(nibbles="split", unpack="ptx"), 16.0, True),
            (T(nibbles="split", unpack="ptx", nk_scales="slab"), 8.0, False),  # wrong output
-           (T(nibbles="split", unpack="ptx", int_sums="magic"), 15.0, True)]
+           (T(nibbles="split", unpack="ptx", int_sums="magic"), 15.0, True),
+           (T(nibbles="split", unpack="ptx", compute_wgs=4), 12.0, True)]
   sweeps = [dict(m=1, kernel="w4a8", block_sizes=repr(t), us=us, correct=ok) for t, us, ok in cands]
   sweeps.append(dict(m=1, kernel="w4a8", block_sizes="BlockSizes(bm=16)", us=1.0, correct=True))
   rows = {r.split("|")[3].strip(): r for r in kr._w4_variants(sweeps)[2:]}
-  assert set(rows) == {"nibbles='split'", "unpack='ptx'", "int_sums='magic'"}  # no slab: wrong
-  assert "| 20.0 | 15.0 | 1.33 |" in rows["nibbles='split'"]
-  assert "| 20.0 | 15.0 | 1.33 |" in rows["unpack='ptx'"]  # default "ops": T() at 20.0
-  assert "| 16.0 | 15.0 | 1.07 |" in rows["int_sums='magic'"]
+  assert set(rows) == {"nibbles='split'", "unpack='ptx'", "int_sums='magic'",
+                       "compute_wgs='4'"}  # no slab: its one candidate is wrong
+  assert "| 20.0 | 12.0 | 1.67 |" in rows["nibbles='split'"]
+  assert "| 20.0 | 12.0 | 1.67 |" in rows["unpack='ptx'"]  # default "ops": T() at 20.0
+  assert "| 12.0 | 15.0 | 0.80 |" in rows["int_sums='magic'"]  # a variant can lose
+  assert "| 15.0 | 12.0 | 1.25 |" in rows["compute_wgs='4'"]
