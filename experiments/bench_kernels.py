@@ -246,6 +246,8 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
   # the default); unpack="ptx": split nibbles converted by inline PTX from 32-bit loads
   # (W4A16: no shuffle, tokens reordered per call).
   P = functools.partial(S, unpack="ptx")
+  # unpack="ptx_natural" (W4A16): 2-byte loads in the bf16 operand's layout, no token reorder
+  NAT = functools.partial(S, unpack="ptx_natural")
   if m > 64:  # W4A8's M = 256 target: MMA-bound, token tiles of 64 to 128
     if kname != "w4a8":
       return []
@@ -264,6 +266,9 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
           # pad_tokens=False: no XLA pad per call (TMA zero-fills the token tile)
           P(tile_n=128, nk_scales="slab", pad_tokens=False),
           P(compute_wgs=4, nk_scales="slab", pad_tokens=False)] + (
+              [NAT(tile_n=128, nk_scales="slab", pad_tokens=False),
+               NAT(compute_wgs=4, nk_scales="slab", pad_tokens=False)]
+              if kname == "w4a16" else []) + (
               [P(tile_n=128, nk_scales="slab", int_sums="magic"),
                P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False)]
               if kname == "w4a8" else [])

@@ -34,9 +34,10 @@ if ! grep -qE "[0-9]+ passed" "$LOG"; then
   HOPPER_FLAG="--no-hopper"
 else
   OFF=
-  # (opt-in variants, ids naming split, slab, ptx, magic, unpadded or wgs4, are only swept:
-  # they do not gate the default rows)
-  grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -vE "split|slab|ptx|magic|unpadded|wgs4" \
+  # (opt-in variants, ids naming split, slab, ptx, natural, magic, unpadded or wgs4, are only
+  # swept: they do not gate the default rows)
+  grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" \
+    | grep -vE "split|slab|ptx|natural|magic|unpadded|wgs4" \
     | grep -qE "w4a16|w4a8|hopper_w4" && OFF="$OFF w4a16 w4a8"
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -vE "w4a16|w4a8|hopper_w4" | grep -q . \
     && OFF="$OFF w8a8"
@@ -44,7 +45,8 @@ else
 fi
 # An opt-in variant whose compiled tests failed (or hung) is left out of the sweep.
 SKIP=
-for v in "slab:nk_scales='slab'" "ptx:unpack='ptx'" "magic:int_sums='magic'" \
+for v in "slab:nk_scales='slab'" "ptx:unpack='ptx'" "natural:unpack='ptx_natural'" \
+         "magic:int_sums='magic'" \
          "unpadded:pad_tokens=False" "wgs4:compute_wgs=4"; do
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -q -- "${v%%:*}" && SKIP="$SKIP ${v#*:}"
 done

@@ -332,16 +332,23 @@ def reorder_tokens(x: jax.Array) -> jax.Array:
   return x.reshape(m, k // 16, 4, 2, 2).transpose(0, 1, 3, 2, 4).reshape(m, k)
 
 
-def split_int4_ptx(w: jax.Array, act: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+def split_int4_ptx(w: jax.Array, act: jnp.dtype,
+                   natural: bool = False) -> tuple[jax.Array, jax.Array]:
   """The codes of both packed halves of the bytes ``w`` (int8 ``[rows, cols]`` in
-  ``plgpu.Layout.WGMMA_LAYOUT_8BIT``), ready for ``wgmma`` with no shuffle (inside a
-  Mosaic GPU kernel only: ``plgpu.inline_mgpu``).
+  ``plgpu.Layout.WGMMA_LAYOUT_8BIT``, or ``WGMMA_LAYOUT`` when ``natural``), ready
+  for ``wgmma`` with no shuffle (inside a Mosaic GPU kernel only:
+  ``plgpu.inline_mgpu``).
 
-  ``act`` bf16 (W4A16): ``(lo, hi)`` bf16 ``[rows, cols]`` in ``WGMMA_LAYOUT``,
-  one ``_pallas.i4_to_bf16_asm("both")`` per 32-bit register, its four bf16 pairs
-  placed in :func:`fragment_order` (the tokens must be reordered to match).
+  ``act`` bf16 (W4A16): ``(lo, hi)`` bf16 ``[rows, cols]`` in ``WGMMA_LAYOUT``.
+  Not ``natural``: one ``_pallas.i4_to_bf16_asm("both")`` per 32-bit register, its
+  four bf16 pairs placed in :func:`fragment_order` (the tokens must be reordered to
+  match). ``natural``: ``w`` already in the bf16 operand's own layout (a thread's
+  register holds the bytes of columns ``2c, 2c + 1`` or ``2c + 8, 2c + 9`` of a
+  16-column block: one 2 x 8-bit load), one ``_pallas.i4_pair_to_bf16_asm()`` per
+  register gives the lo and the hi bf16 pair at that same register: the codes in
+  their K order, the tokens as they are.
   ``act`` int8 (W4A8): ``(16 lo, 16 hi)`` int8 in ``WGMMA_LAYOUT_8BIT`` itself,
-  the natural order: ``(q << 4) & 0xF0F0F0F0`` and ``q & 0xF0F0F0F0``
+  the natural order either way: ``(q << 4) & 0xF0F0F0F0`` and ``q & 0xF0F0F0F0``
   (lowbit.kernels._pallas' ``_ASM_I4_TO_I8X16_*``), 3 instructions per 8 codes.
   """
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -368,11 +375,27 @@ def split_int4_ptx(w: jax.Array, act: jnp.dtype) -> tuple[jax.Array, jax.Array]:
 
   dst_layout = plgpu.Layout.WGMMA
   out = plgpu.ShapeDtypeStruct(w.shape, jnp.bfloat16, dst_layout)
+  bf16x2 = lambda: ir.VectorType.get((2,), ir.BF16Type.get())  # noqa: E731 (needs a context)
+
+  if natural:
+    @plgpu.inline_mgpu(arg_types=(dst_layout,), return_type=(out, out))
+    def convert_pairs(_, fa):
+      i16, i32 = (ir.IntegerType.get_signless(b) for b in (16, 32))
+      result = llvm.StructType.get_literal([i32] * 2)
+      asm = _pallas.i4_pair_to_bf16_asm()
+      lo, hi = np.empty_like(fa.registers), np.empty_like(fa.registers)
+      for idx, reg in np.ndenumerate(fa.registers):  # vector<2xi8>: bytes 2c, 2c + 1
+        b = [llvm.zext(i16, llvm.extractelement(reg, mgpu.utils.c(j, i32))) for j in (0, 1)]
+        r = llvm.inline_asm(result, b, asm, "=r,=r,h,h")
+        lo[idx], hi[idx] = (mgpu.utils.bitcast(llvm.extractvalue(i32, r, (j,)), bf16x2())
+                            for j in (0, 1))
+      return tuple(mgpu.FragmentedArray(_registers=r, _layout=dst_layout.to_mgpu(),
+                                        _is_signed=None) for r in (lo, hi))
+    return convert_pairs(w)
 
   @plgpu.inline_mgpu(arg_types=(src,), return_type=(out, out))
   def convert16(_, fa):
     i32 = ir.IntegerType.get_signless(32)
-    bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
     result = llvm.StructType.get_literal([i32] * 4)
     asm = _pallas.i4_to_bf16_asm("both")
     shape = list(fa.registers.shape)  # twice the column blocks, half as wide
@@ -381,7 +404,7 @@ def split_int4_ptx(w: jax.Array, act: jnp.dtype) -> tuple[jax.Array, jax.Array]:
     for idx, reg in np.ndenumerate(fa.registers):
       word = mgpu.utils.bitcast(reg, i32)
       r = llvm.inline_asm(result, [word], asm, "=r,=r,=r,=r,r")
-      v = [mgpu.utils.bitcast(llvm.extractvalue(i32, r, (j,)), bf16x2) for j in range(4)]
+      v = [mgpu.utils.bitcast(llvm.extractvalue(i32, r, (j,)), bf16x2()) for j in range(4)]
       for dst, pairs in ((lo, v[:2]), (hi, v[2:])):
         for j in (0, 1):
           dst[bf16_register_index(idx, j)] = pairs[j]
@@ -447,8 +470,14 @@ class HopperW4Tiles:
       converts each register with inline PTX (:func:`split_int4_ptx`): W4A16
       12 instructions per 8 codes, the true codes (no 1/16 factor), no
       shuffle, the tokens reordered per call to the registers' K order
-      (:func:`fragment_order`); W4A8 3 instructions per 8 codes. Interpreted,
-      both run jnp in the natural order (same numbers).
+      (:func:`fragment_order`; one more XLA op per call unless it fuses with
+      the op making ``x``); W4A8 3 instructions per 8 codes.
+      ``"ptx_natural"`` (W4A16; W4A8 takes it as ``"ptx"``): the bytes loaded 2 at
+      a time straight into the bf16 operand's layout, each pair converted by 6
+      PTX instructions into its lo and hi bf16 pairs at that same place: the K
+      order is the natural one, so the tokens go to the kernel as they are (with
+      ``pad_tokens=False`` no XLA op before the kernel), at twice the loads of
+      ``"ptx"``. Interpreted, all run jnp in the natural order (same numbers).
     int_sums: W4A8 with grouped weights: how each step's int32 group sums
       become f32 before their scale. ``"cvt"``: ``cvt.rn.f32.s32``, which Hopper
       runs at 16 per clock and SM, an eighth of the f32 rate: at M = 256 with
@@ -476,18 +505,19 @@ class HopperW4Tiles:
   nibbles: Literal["split", "interleaved"] = "interleaved"
   compute_wgs: int = 2
   nk_scales: Literal["slab", "transpose"] = "transpose"
-  unpack: Literal["ops", "ptx"] = "ops"
+  unpack: Literal["ops", "ptx", "ptx_natural"] = "ops"
   int_sums: Literal["cvt", "magic"] = "cvt"
   pad_tokens: bool = True
 
   def __post_init__(self):
     if self.int_sums not in ("cvt", "magic"):
       raise ValueError(f"HopperW4Tiles.int_sums={self.int_sums!r}: use 'cvt' or 'magic'.")
-    if self.unpack not in ("ops", "ptx"):
-      raise ValueError(f"HopperW4Tiles.unpack={self.unpack!r}: use 'ops' or 'ptx'.")
-    if self.unpack == "ptx" and (self.nibbles != "split" or not self.wide_load):
-      raise ValueError("HopperW4Tiles(unpack='ptx') converts split nibbles from 32-bit loads: "
-                       "pass nibbles='split' and wide_load=True.")
+    if self.unpack not in ("ops", "ptx", "ptx_natural"):
+      raise ValueError(f"HopperW4Tiles.unpack={self.unpack!r}: use 'ops', 'ptx' or "
+                       "'ptx_natural'.")
+    if self.unpack != "ops" and (self.nibbles != "split" or not self.wide_load):
+      raise ValueError(f"HopperW4Tiles(unpack={self.unpack!r}) converts split nibbles from "
+                       "vector loads: pass nibbles='split' and wide_load=True.")
     if self.nk_scales not in ("slab", "transpose"):
       raise ValueError(f"HopperW4Tiles.nk_scales={self.nk_scales!r}: use 'slab' or 'transpose'.")
     if self.compute_wgs not in (2, 3, 4):
@@ -524,7 +554,8 @@ class W4Plan:
   wgs: int = 2  # compute warpgroups
   slab: int = 0  # nk_scales="slab": columns W of each half's scale slab; 0: a row per step
   scale_bytes: int = 4
-  ptx: bool = False  # HopperW4Tiles.unpack == "ptx"
+  ptx: bool = False  # HopperW4Tiles.unpack "ptx" or "ptx_natural"
+  natural: bool = False  # HopperW4Tiles.unpack == "ptx_natural" (W4A16: no token reorder)
   magic: bool = False  # HopperW4Tiles.int_sums == "magic"
 
   def smem_bytes(self) -> int:
@@ -586,8 +617,8 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
     slab = slab if slab <= k // group and (k // group * scale_bytes) % 16 == 0 else 0
   plan = W4Plan(tiles.tile_n, tile_m, tile_k, split, tiles.max_concurrent_steps or 4, num_sms,
                 group is not None, tiles.wide_load, act_bytes, tiles.nibbles == "split",
-                tiles.compute_wgs, slab, scale_bytes, tiles.unpack == "ptx",
-                tiles.int_sums == "magic")
+                tiles.compute_wgs, slab, scale_bytes, ptx=tiles.unpack != "ops",
+                magic=tiles.int_sums == "magic", natural=tiles.unpack == "ptx_natural")
   if tiles.max_concurrent_steps is None:
     while plan.stages > 2 and plan.smem_bytes() > SMEM_BYTES:
       plan = dataclasses.replace(plan, stages=plan.stages - 1)
@@ -769,8 +800,10 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             w = w_smem[wn, :]
             if wide and p.split:  # 4 bytes per thread and load: the layout that upcasts
               # (ptx: the 8-bit wgmma operand's own layout, whatever the tokens)
-              bf16_ops = act == jnp.bfloat16 and not p.ptx
-              w = plgpu.layout_cast(w, plgpu.Layout.WGMMA_UPCAST_2X if bf16_ops
+              # (ptx_natural, W4A16: the bf16 operand's layout, 2 bytes a load)
+              bf16 = act == jnp.bfloat16
+              w = plgpu.layout_cast(w, plgpu.Layout.WGMMA_UPCAST_2X if bf16 and not p.ptx
+                                    else plgpu.Layout.WGMMA if bf16 and p.natural
                                     else plgpu.Layout.WGMMA_8BIT)
             elif wide and act == jnp.bfloat16:
               # int8 tokens: inference's layout already reads 16 bits a time; Mosaic has no
@@ -785,7 +818,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
           if p.ptx and not interpret:  # both halves in one pass over the registers, no shuffle
             with jax.named_scope("unpack"):
-              codes = split_int4_ptx(w, act)
+              codes = split_int4_ptx(w, act, natural=p.natural)
             return [(lambda c=c: c, x) for c, x in zip(codes, x_refs, strict=True)]
           if p.ptx and act == jnp.bfloat16:  # interpreted: the same codes (natural order)
             with jax.named_scope("unpack"):
@@ -921,7 +954,8 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
     return a.transpose(0, 2, 1) if interpret else a
 
   if plan.split:
-    if plan.ptx and not interpret and x.dtype == jnp.bfloat16:  # the codes' register order
+    if plan.ptx and not plan.natural and not interpret and x.dtype == jnp.bfloat16:
+      # the codes' register order
       x = reorder_tokens(x)
     xs, w = (tiled(x),), lax.bitcast_convert_type(wq.T, jnp.int8)
   else:

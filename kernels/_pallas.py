@@ -201,6 +201,20 @@ def i4_to_bf16_asm(halves: Literal["lo", "hi", "both"]) -> str:
   return code + "}"
 
 
+def i4_pair_to_bf16_asm() -> str:
+  """The same conversion for two bytes given apart (``$2, $3``: 16-bit registers, each
+  a byte zero-extended, what a 2 x 8-bit shared-memory load gives): ``mov.b32`` packs
+  them into the halves of a word in place of the ``prmt``, then ``$0`` the low nibbles
+  of (byte 2, byte 3), ``$1`` the high ones, as bf16 pairs; 6 instructions besides
+  the constant moves (the Mosaic GPU kernel's ``unpack="ptx_natural"``)."""
+  return ("{\n.reg .b32 lba, lbh, lbone, lboff;\n"
+          "mov.b32 lbone, 0x3F803F80;\nmov.b32 lboff, 0xC308C308;\n"
+          "mov.b32 lba, {$2, $3};\nshr.b32 lbh, lba, 4;\n"
+          "lop3.b32 $0, lba, 0x000F000F, 0x43084308, 0x6A;\n"
+          "lop3.b32 $1, lbh, 0x000F000F, 0x43084308, 0x6A;\n"
+          "fma.rn.bf16x2 $0, $0, lbone, lboff;\nfma.rn.bf16x2 $1, $1, lbone, lboff;\n}")
+
+
 _ASM_I4_TO_BF16_LO = i4_to_bf16_asm("lo")
 _ASM_I4_TO_BF16_HI = i4_to_bf16_asm("hi")
 

@@ -7,6 +7,8 @@ checks Pallas' lowering (kernel -> Triton IR / Mosaic MLIR); the Triton
 compiler itself runs only on a GPU (the device script runs the kernels there).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -103,6 +105,8 @@ HOPPER_W4_TILES = {
                                            num_sms=16, wide_load=False),
     "split-4wg": K.HopperW4Tiles(nibbles="split", compute_wgs=4),
     "split-ptx-slab": K.HopperW4Tiles(nibbles="split", unpack="ptx", nk_scales="slab"),
+    "split-natural-unpadded": K.HopperW4Tiles(nibbles="split", unpack="ptx_natural",
+                                              pad_tokens=False),
     "scale-slab": K.HopperW4Tiles(nk_scales="slab"),  # grouped: the scales as stored
     "split-unpadded": K.HopperW4Tiles(nibbles="split", pad_tokens=False),  # M = 5 < 8
 }
@@ -118,6 +122,40 @@ def test_int4_kernels_lower_for_cuda_through_mosaic_gpu(tiles, name):
   txt = lower(fn, x, w4.transpose(), "mosaic_gpu", "cuda", tiles, weight_layout="nk")
   assert f"lowbit_{name.split('-')[0]}_hopper" in txt and "mosaic_gpu" in txt
 
+
+
+def _token_ops(tiles) -> list[str]:
+  """The jax primitives applied to the tokens before the Mosaic GPU W4A16 kernel (grouped
+  weight stored K-major, M = 5), reshapes aside: the XLA ops a call runs first."""
+  import jax.extend.core as jex_core
+  fn, x, w4 = operands()["w4a16-g128"]
+  closed = jax.make_jaxpr(lambda a, b: fn(a, b, backend="mosaic_gpu", block_sizes=tiles,
+                                          weight_layout="nk"))(x, w4.transpose())
+  [call] = closed.jaxpr.eqns  # the public wrapper is jitted
+  inner = call.params["jaxpr"].jaxpr
+  seen, ops = {inner.invars[0]}, []
+  for eqn in inner.eqns:
+    if not any(v in seen for v in eqn.invars if not isinstance(v, jex_core.Literal)):
+      continue
+    name = eqn.primitive.name
+    if name not in ("jit", "pjit") and any(isinstance(p, jex_core.ClosedJaxpr)
+                                           for p in eqn.params.values()):
+      break  # the kernel: it takes the tokens' last value
+    seen.update(eqn.outvars)
+    inner_ops = ([e.primitive.name for e in eqn.params["jaxpr"].jaxpr.eqns]
+                 if name in ("jit", "pjit") else [name])  # jnp.pad is a jit of its own
+    ops += [o for o in inner_ops if o != "reshape"]
+  return ops
+
+
+def test_ptx_natural_takes_the_tokens_as_they_are():
+  """``unpack="ptx_natural"`` with ``pad_tokens=False``: no XLA op on the tokens before
+  the kernel (a reshape is free); ``"ptx"`` reorders them (a transpose), and padded
+  tokens take a pad."""
+  T = functools.partial(K.HopperW4Tiles, nibbles="split", nk_scales="slab")
+  assert _token_ops(T(unpack="ptx_natural", pad_tokens=False)) == []
+  assert "transpose" in _token_ops(T(unpack="ptx", pad_tokens=False))
+  assert "pad" in _token_ops(T(unpack="ptx_natural"))
 
 
 def _lowered_ops():
@@ -137,14 +175,20 @@ def test_ptx_unpack_lowers_without_shuffles():
   to lay them out for wgmma; the "ops" unpack of the same tiles needs both."""
   lo = _lowered_ops()
   counts = {}
-  for unpack in ("ops", "ptx"):
+  for unpack in ("ops", "ptx", "ptx_natural"):
     [text] = lo.lower_kernel("w4a16", f'nibbles="split", tile_n=128, unpack="{unpack}"',
                              m=1, kn=1024, group=128)
     counts[unpack] = lo.count_ops(text)
-  ptx, ops = counts["ptx"], counts["ops"]
+  ptx, ops, nat = counts["ptx"], counts["ops"], counts["ptx_natural"]
   [block] = [k for k in ptx["inline_ptx"] if k.startswith("prmt.b32")]
   assert ptx["inline_ptx"][block] == 32 and block.startswith("prmt.b32 ... (12 instructions")
   assert ptx["loads"]["vector<4xi8>"] == 32
   assert not any(k.startswith("select") for k in ptx["arith_vector"])
   assert ptx["other"]["nvvm.shfl.sync"] < ops["other"]["nvvm.shfl.sync"] - 32
   assert ops["arith_vector"]["select vector<2xbf16>"] > 0
+  # ptx_natural: twice the loads (2 bytes each), a 6-instruction block per load (its
+  # 16-bit pack counted as a move), the same shuffles as "ptx"
+  [block] = [k for k in nat["inline_ptx"] if k.startswith("shr.b32")]
+  assert nat["inline_ptx"][block] == 64 and block.startswith("shr.b32 ... (5 instructions, 3 mov")
+  assert nat["loads"]["vector<2xi8>"] == 64 and "vector<4xi8>" not in nat["loads"]
+  assert nat["other"]["nvvm.shfl.sync"] == ptx["other"]["nvvm.shfl.sync"]

@@ -167,6 +167,12 @@ W4_CASES = [
     # the sweep's decode candidates with 4 compute warpgroups: everything opt-in at once
     (4, 512, 256, 64, dict(nibbles="split", unpack="ptx", compute_wgs=4, nk_scales="slab",
                            pad_tokens=False), "nk"),
+    # unpack="ptx_natural": 2-byte loads in the bf16 operand's layout, the tokens as they are
+    (1, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", tile_n=128, num_sms=2,
+                           nk_scales="slab", pad_tokens=False), "nk"),
+    (20, 1024, 256, 128, dict(nibbles="split", unpack="ptx_natural", tile_m=16, split_k=2),
+     "kn"),  # bf16 scales, two token tiles
+    (9, 512, 256, None, dict(nibbles="split", unpack="ptx_natural", compute_wgs=4), "nk"),
 ]
 
 
@@ -174,6 +180,7 @@ def case_id(c) -> str:
   kw = c[4]
   return (f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}-{c[5]}" + ("-split" if kw.get("nibbles") == "split" else "")
           + ("-ptx" if kw.get("unpack") == "ptx" else "")
+          + ("-natural" if kw.get("unpack") == "ptx_natural" else "")
           + ("-slab" if kw.get("nk_scales") == "slab" else "")
           + ("-unpadded" if kw.get("pad_tokens") is False else "")
           + ("-magic" if kw.get("int_sums") == "magic" else "")

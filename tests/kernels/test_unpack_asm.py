@@ -44,6 +44,11 @@ def run_ptx(asm: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if not line or line in "{}" or line.startswith(".reg"):
       continue
     op, rest = line.split(None, 1)
+    if op == "mov.b32" and "{" in rest:  # pack two 16-bit registers, the first low
+      dst, pair = rest.split(",", 1)
+      lo, hi = (regs[r.strip()] for r in pair.strip(" {}").split(","))
+      regs[dst.strip()] = ((lo & U32(0xFFFF)) | (hi & U32(0xFFFF)) << U32(16)).astype(U32)
+      continue
     args = [a.strip() for a in rest.split(",")]
     dst, srcs = args[0], [val(a) for a in args[1:]]
     if op == "mov.b32":
@@ -112,6 +117,18 @@ def test_split_int4_to_bf16_asm_gives_both_nibbles():
   for regs, high in ((("$0", "$1"), False), (("$2", "$3"), True)):
     got = np.stack([*_bf16x2_to_f32(out[regs[0]]), *_bf16x2_to_f32(out[regs[1]])], -1)
     np.testing.assert_array_equal(got, nibbles(words, high))
+
+
+def test_int4_pair_to_bf16_asm_gives_both_nibbles_of_two_bytes():
+  """``HopperW4Tiles(unpack="ptx_natural")``: the two bytes of a 2 x 8-bit load as two
+  16-bit registers (zero-extended); $0 the low nibbles of (byte 0, byte 1), $1 the high
+  ones. Every pair of bytes, both orders."""
+  words = all_byte_pairs()
+  b0, b1 = words & U32(0xFF), (words >> U32(8)) & U32(0xFF)
+  out = run_ptx(_pallas.i4_pair_to_bf16_asm(), {"$2": b0, "$3": b1})
+  for reg, high in (("$0", False), ("$1", True)):
+    got = np.stack(_bf16x2_to_f32(out[reg]), -1)
+    np.testing.assert_array_equal(got, nibbles(words, high)[:, :2])
 
 
 def test_int4_to_int8x16_asm_gives_sixteen_times_the_nibbles():
