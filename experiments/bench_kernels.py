@@ -267,8 +267,15 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
           P(tile_n=128, nk_scales="slab", pad_tokens=False),
           P(compute_wgs=4, nk_scales="slab", pad_tokens=False)] + (
               [NAT(tile_n=128, nk_scales="slab", pad_tokens=False),
-               NAT(compute_wgs=4, nk_scales="slab", pad_tokens=False)]
-              if kname == "w4a16" else []) + (
+               NAT(compute_wgs=4, nk_scales="slab", pad_tokens=False),
+               # wg_split="k" + epilogue="kernel": the call is one kernel (no split-K sum)
+               NAT(wg_split="k", nk_scales="slab", pad_tokens=False, epilogue="kernel"),
+               NAT(wg_split="k", compute_wgs=4, nk_scales="slab", pad_tokens=False,
+                   epilogue="kernel"),
+               NAT(wg_split="k", compute_wgs=4, nk_scales="slab", pad_tokens=False)]
+              if kname == "w4a16" else
+              [P(wg_split="k", compute_wgs=4, nk_scales="slab", pad_tokens=False,
+                 int_sums="magic")]) + (
               [P(tile_n=128, nk_scales="slab", int_sums="magic"),
                P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False)]
               if kname == "w4a8" else [])

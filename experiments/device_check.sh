@@ -34,10 +34,10 @@ if ! grep -qE "[0-9]+ passed" "$LOG"; then
   HOPPER_FLAG="--no-hopper"
 else
   OFF=
-  # (opt-in variants, ids naming split, slab, ptx, natural, magic, unpadded or wgs4, are only
-  # swept: they do not gate the default rows)
+  # (opt-in variants, ids naming split, slab, ptx, natural, magic, unpadded, wgs4, ksplit or
+  # final, are only swept: they do not gate the default rows)
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" \
-    | grep -vE "split|slab|ptx|natural|magic|unpadded|wgs4" \
+    | grep -vE "split|slab|ptx|natural|magic|unpadded|wgs4|ksplit|final" \
     | grep -qE "w4a16|w4a8|hopper_w4" && OFF="$OFF w4a16 w4a8"
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -vE "w4a16|w4a8|hopper_w4" | grep -q . \
     && OFF="$OFF w8a8"
@@ -47,7 +47,8 @@ fi
 SKIP=
 for v in "slab:nk_scales='slab'" "ptx:unpack='ptx'" "natural:unpack='ptx_natural'" \
          "magic:int_sums='magic'" \
-         "unpadded:pad_tokens=False" "wgs4:compute_wgs=4"; do
+         "unpadded:pad_tokens=False" "wgs4:compute_wgs=4" "ksplit:wg_split='k'" \
+         "final:epilogue='kernel'"; do
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -q -- "${v%%:*}" && SKIP="$SKIP ${v#*:}"
 done
 SKIP_FLAG=${SKIP:+--skip-tiles$SKIP}

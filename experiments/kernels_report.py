@@ -60,7 +60,8 @@ def _targets(rows) -> list[str]:
 #: The HopperW4Tiles fields whose values the variant table compares (their defaults first).
 W4_VARIANTS = {"nibbles": ("interleaved", "split"), "unpack": ("ops", "ptx", "ptx_natural"),
                "nk_scales": ("transpose", "slab"), "int_sums": ("cvt", "magic"),
-               "pad_tokens": ("True", "False"), "compute_wgs": ("2", "4")}
+               "pad_tokens": ("True", "False"), "compute_wgs": ("2", "4"),
+               "wg_split": ("n", "k"), "epilogue": ("xla", "kernel")}
 
 
 def _w4_fields(block_sizes: str) -> dict[str, str] | None:

@@ -97,6 +97,8 @@ def main(argv=None) -> int:
                ("w4a16", S(tile_n=128, unpack="ptx")), ("w4a16", S(compute_wgs=4)),
                ("w4a16", S(compute_wgs=4, unpack="ptx")),
                ("w4a16", S(compute_wgs=4, unpack="ptx_natural", pad_tokens=False)),
+               ("w4a16", S(compute_wgs=4, unpack="ptx_natural", pad_tokens=False,
+                           wg_split="k", epilogue="kernel")),
                ("w4a8", T(tile_n=128)), ("w4a8", S()), ("w4a8", S(tile_n=128, unpack="ptx"))]
   out = {}
   for kname, tiles in configs:

@@ -413,6 +413,30 @@ def split_int4_ptx(w: jax.Array, act: jnp.dtype,
   return convert16(w)
 
 
+def store_transposed(z: jax.Array, ref, m: int) -> None:
+  """``ref[j, i] = z[i, j]`` for ``j < m``: ``z`` ``[rows, cols]`` in ``WGMMA_LAYOUT``
+  (a warpgroup's sums, weight rows by tokens), ``ref`` a global ``[>= m, rows]`` slice
+  of the output (inside a Mosaic GPU kernel only). Each thread stores its own elements,
+  one scalar store each, skipping tokens past ``m``: no shared memory, no TMA (whose
+  boxes cannot write a transposed tile), a handful of stores per thread at decode."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, memref, scf
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
+  def store(_, fa, out):
+    bound = arith.constant(ir.IndexType.get(), m)
+
+    def one(value, idx):
+      row, col = idx
+      keep = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, col, bound))
+      with ir.InsertionPoint(keep.then_block):
+        memref.store(value, out, [col, row])
+        scf.yield_([])
+    fa.foreach(one)
+  store(z, ref)
+
+
 @dataclasses.dataclass(frozen=True)
 class HopperW4Tiles:
   """Tiles and schedule of the Mosaic GPU int4 kernel (:func:`w4_kernel`: W4A16, W4A8).
@@ -493,6 +517,22 @@ class HopperW4Tiles:
       for TMA and only reach output columns that are dropped), instead of an
       XLA pad per call (a kernel launch of its own, ~1 us of device time at
       decode). GPU only: interpreted, the tokens are padded either way.
+    wg_split: how a CTA's compute warpgroups share its work item. ``"n"``: each
+      its own ``tile_n`` weight rows (a CTA owns ``compute_wgs * tile_n``).
+      ``"k"`` (``nibbles="split"``): all the same ``tile_n`` rows, warpgroup
+      ``w`` taking K-step ``w`` of every ``compute_wgs`` (one pipeline step
+      carries ``compute_wgs`` K-steps), their partial sums added in shared
+      memory at the end of the work item: ``compute_wgs`` times more work items
+      for the same warps, so a decode call fills the SMs without splitting K
+      over CTAs (which leaves XLA a reduction to run).
+    epilogue: ``"xla"``: the kernel writes f32 partial sums ``[split_k, N, M]``
+      and XLA adds the K-splits, transposes and casts (one small fusion per
+      call). ``"kernel"`` (W4A16, grouped, one token tile, no K split across
+      CTAs: ``split_k`` 1, which ``None`` then means): the kernel writes the
+      final ``[M, N]`` in the output dtype itself, each element stored
+      transposed from registers (rows past M skipped), so with
+      ``unpack="ptx_natural"``, ``pad_tokens=False`` and ``nk_scales="slab"``
+      a decode call is that one kernel and nothing else.
   """
 
   tile_n: int = 64
@@ -508,8 +548,17 @@ class HopperW4Tiles:
   unpack: Literal["ops", "ptx", "ptx_natural"] = "ops"
   int_sums: Literal["cvt", "magic"] = "cvt"
   pad_tokens: bool = True
+  wg_split: Literal["n", "k"] = "n"
+  epilogue: Literal["xla", "kernel"] = "xla"
 
   def __post_init__(self):
+    if self.wg_split not in ("n", "k"):
+      raise ValueError(f"HopperW4Tiles.wg_split={self.wg_split!r}: use 'n' or 'k'.")
+    if self.wg_split == "k" and self.nibbles != "split":
+      raise ValueError("HopperW4Tiles(wg_split='k') splits each pipeline step's K over the "
+                       "compute warpgroups for split nibbles only: pass nibbles='split'.")
+    if self.epilogue not in ("xla", "kernel"):
+      raise ValueError(f"HopperW4Tiles.epilogue={self.epilogue!r}: use 'xla' or 'kernel'.")
     if self.int_sums not in ("cvt", "magic"):
       raise ValueError(f"HopperW4Tiles.int_sums={self.int_sums!r}: use 'cvt' or 'magic'.")
     if self.unpack not in ("ops", "ptx", "ptx_natural"):
@@ -557,20 +606,34 @@ class W4Plan:
   ptx: bool = False  # HopperW4Tiles.unpack "ptx" or "ptx_natural"
   natural: bool = False  # HopperW4Tiles.unpack == "ptx_natural" (W4A16: no token reorder)
   magic: bool = False  # HopperW4Tiles.int_sums == "magic"
+  ksplit: bool = False  # HopperW4Tiles.wg_split == "k"
+  final: bool = False  # HopperW4Tiles.epilogue == "kernel": the kernel writes [M, N]
+
+  @property
+  def cta_n(self) -> int:
+    """Weight rows a work item covers."""
+    return self.tile_n if self.ksplit else self.wgs * self.tile_n
+
+  @property
+  def substeps(self) -> int:
+    """K-steps (``tile_k`` codes each) per pipeline step: one per warpgroup with
+    ``wg_split="k"``."""
+    return self.wgs if self.ksplit else 1
 
   def smem_bytes(self) -> int:
     """Pipeline buffers (weight codes, token tiles, scales), the scale slabs and the
-    epilogue tiles."""
-    cta_n = self.wgs * self.tile_n
+    epilogue tiles (with ``wg_split="k"`` also the warpgroups' partial sums, two sets)."""
     if self.split:  # one token tile per half, half as wide
       parts = 1
     else:
       parts = 2 if self.grouped else 1
-    step = cta_n * self.tile_k // 2 + parts * self.tile_m * self.tile_k * self.act_bytes
+    step = (self.cta_n * self.tile_k // 2 + parts * self.tile_m * self.tile_k * self.act_bytes)
     if self.grouped and not self.slab:
-      step += 2 * cta_n * self.scale_bytes  # one scale row per half
-    slabs = 2 * cta_n * self.slab * self.scale_bytes
-    return self.stages * step + slabs + self.wgs * self.tile_n * self.tile_m * 4
+      step += 2 * self.cta_n * self.scale_bytes  # one scale row per half
+    step *= self.substeps
+    slabs = 2 * self.wgs * self.tile_n * self.slab * self.scale_bytes  # one per warpgroup
+    partials = 2 * self.wgs * self.tile_n * self.tile_m * 4 if self.ksplit else 0
+    return self.stages * step + slabs + partials + self.wgs * self.tile_n * self.tile_m * 4
 
 
 def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
@@ -595,20 +658,37 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
                      f"{2 * group} for grouped weights.")
   if k % tile_k:
     raise ValueError(f"{name}: K={k} is not a multiple of the K-step tile_k={tile_k}.")
-  cta_n = tiles.compute_wgs * tiles.tile_n
+  ksplit = tiles.wg_split == "k"
+  cta_n = tiles.tile_n if ksplit else tiles.compute_wgs * tiles.tile_n
   if n % cta_n:
     raise ValueError(f"{name}: N={n} is not a multiple of the CTA's {cta_n} weight rows "
-                     f"(HopperW4Tiles tile_n={tiles.tile_n}, compute_wgs={tiles.compute_wgs}); "
-                     "pass tiles whose compute_wgs * tile_n divides N, or use backend='gpu'.")
+                     f"(HopperW4Tiles tile_n={tiles.tile_n}, compute_wgs={tiles.compute_wgs}, "
+                     f"wg_split={tiles.wg_split!r}); pass tiles whose "
+                     f"{'' if ksplit else 'compute_wgs * '}tile_n divides N, or use backend='gpu'.")
   tile_m = tiles.tile_m or min(64, -(-m // 8) * 8)
   num_sms = tiles.num_sms or default_num_sms()
   steps = k // tile_k
-  items = (n // cta_n) * (-(-m // tile_m))
+  sub = tiles.compute_wgs if ksplit else 1  # K-steps per pipeline step
+  if steps % sub:
+    raise ValueError(f"{name}: wg_split='k' needs the {steps} K-steps (K={k}, tile_k={tile_k}) "
+                     f"to be a multiple of compute_wgs={tiles.compute_wgs}.")
+  mt = -(-m // tile_m)
+  items = (n // cta_n) * mt
+  final = tiles.epilogue == "kernel"
+  if final and (group is None or act_bytes != 2 or mt > 1 or tiles.split_k not in (None, 1)):
+    raise ValueError(
+        f"{name}: HopperW4Tiles(epilogue='kernel') writes the final output of W4A16 with group "
+        f"scales, one token tile and no K split (got group_size={group}, "
+        f"{'int8' if act_bytes == 1 else 'bf16'} tokens, M={m} in tiles of {tile_m}, "
+        f"split_k={tiles.split_k}); use epilogue='xla'.")
   split = tiles.split_k
   if split is None:
-    split = max(s for s in range(1, steps + 1) if steps % s == 0 and (s == 1 or items * s <= num_sms))
-  if steps % split:
-    raise ValueError(f"{name}: split_k={split} does not divide the {steps} K-steps "
+    split = 1 if final else max(
+        s for s in range(1, steps // sub + 1)
+        if (steps // sub) % s == 0 and (s == 1 or items * s <= num_sms))
+  if steps % (split * sub):
+    what = f"pipeline steps of {sub} K-steps" if ksplit else "K-steps"
+    raise ValueError(f"{name}: split_k={split} does not divide the {steps // sub} {what} "
                      f"(K={k}, tile_k={tile_k}).")
   slab = 0
   if group is not None and weight_layout == "nk" and tiles.nk_scales == "slab":
@@ -618,7 +698,8 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
   plan = W4Plan(tiles.tile_n, tile_m, tile_k, split, tiles.max_concurrent_steps or 4, num_sms,
                 group is not None, tiles.wide_load, act_bytes, tiles.nibbles == "split",
                 tiles.compute_wgs, slab, scale_bytes, ptx=tiles.unpack != "ops",
-                magic=tiles.int_sums == "magic", natural=tiles.unpack == "ptx_natural")
+                magic=tiles.int_sums == "magic", natural=tiles.unpack == "ptx_natural",
+                ksplit=ksplit, final=final)
   if tiles.max_concurrent_steps is None:
     while plan.stages > 2 and plan.smem_bytes() > SMEM_BYTES:
       plan = dataclasses.replace(plan, stages=plan.stages - 1)
@@ -630,7 +711,8 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
 
 def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
               plan: W4Plan, interpret: bool = False,
-              name: str = "lowbit_w4a16_hopper", profile_dir: str | None = None) -> jax.Array:
+              name: str = "lowbit_w4a16_hopper", profile_dir: str | None = None,
+              m: int | None = None, out_dtype=None) -> jax.Array:
   """``out[s, n, m] = sum_{steps t of split s} sum_h ws[t + h G', n] sum_{k in t} w_h[n, k] x_h[m, k]``.
 
   ``h`` runs over the two packed halves of K: byte ``j`` of a weight row holds
@@ -683,11 +765,11 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   s_dtype = ws.dtype if ws is not None else jnp.float32
   k_total = xs[0].shape[1 if interpret else 2]
   mt = xs[0].shape[0]
-  tn, tm, tk, cta_n = p.tile_n, p.tile_m, p.tile_k, p.wgs * p.tile_n
+  tn, tm, tk, cta_n, sub = p.tile_n, p.tile_m, p.tile_k, p.cta_n, p.substeps
   act = jnp.dtype(xs[0].dtype)
   acc_dtype = jnp.int32 if act == jnp.int8 else jnp.float32
   n_iters = n // cta_n
-  steps = k_total // tk // p.split_k  # per split
+  steps = k_total // tk // p.split_k // sub  # pipeline steps per split
   # Along K per step: tokens and weight columns (split: bytes, tk / 2 of each half).
   tx = tw = tk // 2 if p.split else tk
   w_bits = 8 if p.split else 4
@@ -700,19 +782,21 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   n_acc = 2 if p.split else 1  # per-channel accumulators
 
   smem = plgpu.SMEM
+  # wg_split="k": a pipeline step carries `sub` K-steps side by side, each tiled (and
+  # swizzled) as one K-step is, so warpgroup w's columns [w tx, (w + 1) tx) are whole tiles.
   if interpret:
-    x_spec = plgpu.BlockSpec((tx, tm), lambda t: (t, 0), memory_space=smem)
-    w_spec = plgpu.BlockSpec((cta_n, tw), lambda t: (0, t), memory_space=smem)
+    x_spec = plgpu.BlockSpec((sub * tx, tm), lambda t: (t, 0), memory_space=smem)
+    w_spec = plgpu.BlockSpec((cta_n, sub * tw), lambda t: (0, t), memory_space=smem)
   else:
-    x_spec = plgpu.BlockSpec((tm, tx), lambda t: (0, t), transforms=_tiled(tx, act.itemsize * 8),
-                             memory_space=smem)
-    w_spec = plgpu.BlockSpec((cta_n, tw), lambda t: (0, t), transforms=_tiled(tw, w_bits),
+    x_spec = plgpu.BlockSpec((tm, sub * tx), lambda t: (0, t),
+                             transforms=_tiled(tx, act.itemsize * 8), memory_space=smem)
+    w_spec = plgpu.BlockSpec((cta_n, sub * tw), lambda t: (0, t), transforms=_tiled(tw, w_bits),
                              memory_space=smem)
   n_x = 2 if p.split else len(xs)  # token operands per step
   specs = [x_spec] * n_x + [w_spec]
   rows = p.grouped and not p.slab  # scales streamed a row per step
   if rows:  # the lo half's group row, then the hi half's
-    specs += [plgpu.BlockSpec((1, cta_n), lambda t: (t, 0), memory_space=smem)] * 2
+    specs += [plgpu.BlockSpec((sub, cta_n), lambda t: (t, 0), memory_space=smem)] * 2
 
   def kernel(*refs):
     *x_gmem, w_gmem = refs[:len(xs) + 1]
@@ -723,15 +807,16 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
       return ref.at[mi, ks, :] if interpret else ref.at[mi, :, ks]
 
     def operands(mi, s, cn):
-      span = steps * tx
+      span, k_steps = steps * sub * tx, steps * sub  # per split: K columns, K-steps
       if p.split:  # one x, read at the lo half's columns and at the hi half's
         ops = [x_at(x_gmem[0], mi, pl.ds(h * k_total // 2 + s * span, span)) for h in (0, 1)]
       else:
         ops = [x_at(r, mi, pl.ds(s * span, span)) for r in x_gmem]
-      ops.append(w_gmem.at[cn, pl.ds(s * steps * tw, steps * tw)])
+      ops.append(w_gmem.at[cn, pl.ds(s * k_steps * tw, k_steps * tw)])
       if rows:
         g = s_gmem.shape[0] // 2  # groups per half: one per K-step
-        ops += [s_gmem.at[pl.ds(s * steps, steps), cn], s_gmem.at[pl.ds(g + s * steps, steps), cn]]
+        ops += [s_gmem.at[pl.ds(s * k_steps, k_steps), cn],
+                s_gmem.at[pl.ds(g + s * k_steps, k_steps), cn]]
       return ops
 
     def pipeline(body, context):
@@ -745,21 +830,30 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
     if p.slab:  # per compute warpgroup: each half's [tn, W] scales, and their barrier
       slab_allocs = dict(slab_smem=plgpu.SMEM((p.wgs, 2, tn, p.slab), s_dtype),
                          slab_bar=plgpu.Barrier(num_arrivals=2, num_barriers=p.wgs))
+    if p.ksplit:  # the warpgroups meet to add their partial sums
+      slab_allocs.update(part_bar=plgpu.Barrier(num_arrivals=p.wgs))
 
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(*operands(0, 0, pl.ds(0, cta_n))),
-        out_smem=plgpu.SMEM((p.wgs, tn, tm), jnp.float32,
+        # per warpgroup its output tile; wg_split="k": then two sets of the warpgroups'
+        # partial sums (work items alternate between them). One allocation: the GPU
+        # interpreter has deadlocked here with the partials in an allocation of their own.
+        out_smem=plgpu.SMEM(((3 if p.ksplit else 1) * p.wgs, tn, tm), jnp.float32,
                             transforms=() if interpret else _tiled(tm, 32)),
         **slab_allocs,
         collective_axes="wg")
-    def _scope(allocs, out_smem, slab_smem=None, slab_bar=None):
+    def _scope(allocs, out_smem, slab_smem=None, slab_bar=None, part_bar=None):
       wg = lax.axis_index("wg")
-      wn = pl.ds(wg * tn, tn)
+      wn = pl.ds(0, tn) if p.ksplit else pl.ds(wg * tn, tn)  # this warpgroup's rows of cta_n
+      wk = wg if p.ksplit else 0  # and its K-step of each pipeline step
 
       @plgpu.nd_loop((p.split_k * n_iters * mt,), collective_axes="sm")
       def _items(info):
         (lin,) = getattr(info, "index", info)  # NDLoopInfo (jax >= 0.8) or the index tuple
+        local = getattr(info, "local_index", None)  # this CTA's work items so far
+        if local is None:
+          local = (lin - lax.axis_index("sm")) // p.num_sms
         # Token tiles innermost: CTAs running at once share a weight tile in L2.
         s, rest = lin // (n_iters * mt), lin % (n_iters * mt)
         ni, mi = rest // mt, rest % mt
@@ -786,6 +880,16 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             mma(pairs, acc_refs)
             return [r[...] for r in acc_refs]
           return pl.run_scoped(acc_scope, *[plgpu.ACC((tn, tm), acc_dtype) for _ in pairs])
+
+        def my_tiles(x_refs, w_smem):
+          """This warpgroup's K-step of a pipeline step (``wg_split="k"``: columns
+          ``[wg tx, (wg + 1) tx)`` of each token tile and ``[wg tw, ..)`` of the
+          weight tile, whole swizzle tiles); the step itself otherwise."""
+          if not p.ksplit:
+            return x_refs, w_smem
+          xk, wk_cols = pl.ds(wg * tx, tx), pl.ds(wg * tw, tw)
+          x_refs = [x.at[xk, :] if interpret else x.at[:, xk] for x in x_refs]
+          return x_refs, w_smem.at[:, wk_cols]
 
         def pairs_of(x_refs, w_smem):
           """``[(A operand thunk, token tile)]`` of one step: this warpgroup's weight rows
@@ -841,11 +945,44 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
               return plgpu.layout_cast(c, plgpu.Layout.WGMMA) if wide else c
           return [(functools.partial(half, h), x) for h, x in enumerate(x_refs)]
 
-        def store(y):
+        def emit(z, row0):
+          """Write ``z``, f32 ``[tn, tm]``, the sums of weight rows ``row0 ..`` for this
+          work item's tokens: f32 partials to ``out [s, N, M]`` by TMA, or with
+          ``epilogue="kernel"`` the output itself, ``out [M, N]``."""
+          rows_n = pl.ds(row0, tn)
+          if p.final:
+            z = z.astype(out_dtype)
+            if interpret:
+              out_gmem[:, rows_n] = z.T[:m]
+            else:
+              store_transposed(z, out_gmem.at[:, rows_n], m)
+            return
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          out_smem[wg] = y
+          out_smem[wg] = z
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[s, cn, pl.ds(mi * tm, tm)].at[wn])
+          plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[s, rows_n, pl.ds(mi * tm, tm)])
+
+        def store(y):
+          """This warpgroup's sums of the work item, ``[tn, tm]`` f32, to ``emit``;
+          ``wg_split="k"``: added over the warpgroups in shared memory first."""
+          if not p.ksplit:
+            emit(y, ni * cta_n + wg * tn)
+            return
+          # a warpgroup may run a work item ahead: alternate the two sets of partials
+          first = p.wgs + (local % 2) * p.wgs
+          out_smem[first + wg] = y
+          plgpu.barrier_arrive(part_bar)
+          plgpu.barrier_wait(part_bar)
+
+          @pl.when(wg == 0)
+          def _():
+            def part(w):
+              v = out_smem[first + w]
+              return v if interpret else plgpu.layout_cast(v, plgpu.Layout.WGMMA)
+            z = part(0)
+            for w in range(1, p.wgs):
+              z = z + part(w)
+            emit(z, ni * cta_n)
 
         def group_sum_f32(part):
           """A step's group sums in f32 (int32 ones exactly: see ``HopperW4Tiles.int_sums``)."""
@@ -857,12 +994,12 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
         if p.grouped:
           g_total = s_gmem.shape[1] if p.slab else 0
           # Slab mode: the first column of each half's slab, kept inside the array.
-          starts = ([jnp.minimum(h * g_total // 2 + s * steps, g_total - p.slab) for h in (0, 1)]
-                    if p.slab else None)
+          starts = ([jnp.minimum(h * g_total // 2 + s * steps * sub, g_total - p.slab)
+                     for h in (0, 1)] if p.slab else None)
 
           def context(eval_pipeline):
             if p.slab:  # this warpgroup's rows of both halves' scales, one TMA each
-              rows_n = pl.ds(ni * cta_n + wg * tn, tn)
+              rows_n = pl.ds(ni * cta_n, tn) if p.ksplit else pl.ds(ni * cta_n + wg * tn, tn)
               for h in (0, 1):
                 plgpu.copy_gmem_to_smem(s_gmem.at[rows_n, pl.ds(starts[h], p.slab)],
                                         slab_smem.at[wg, h], slab_bar.at[wg])
@@ -870,13 +1007,15 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             store(eval_pipeline(jnp.zeros((tn, tm), jnp.float32)))
 
           def step_scales(t, s_refs):
-            """Each half's f32 scales of step ``t`` times its factor, ``[tn]``."""
+            """Each half's f32 scales of this warpgroup's K-step of pipeline step ``t``
+            times its factor, ``[tn]``."""
             if not p.slab:
-              return [r[0, wn].astype(jnp.float32) * f for r, f in zip(s_refs, factors, strict=True)]
+              return [r[wk, wn].astype(jnp.float32) * f
+                      for r, f in zip(s_refs, factors, strict=True)]
             cols = lax.broadcasted_iota(jnp.int32, (tn, p.slab), 1)
             out = []
             for h in (0, 1):
-              col = h * g_total // 2 + s * steps + t - starts[h]
+              col = h * g_total // 2 + (s * steps + t) * sub + wk - starts[h]
               sl = slab_smem[wg, h].astype(jnp.float32)
               out.append(jnp.sum(jnp.where(cols == col, sl, 0.0), axis=1) * factors[h])
             return out
@@ -884,7 +1023,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
           def body(idx, *refs):
             *x_refs, w_smem = refs[:n_x + 1]
             s_refs, y = refs[n_x + 1:-1], refs[-1]
-            parts = dots(pairs_of(x_refs, w_smem))
+            parts = dots(pairs_of(*my_tiles(x_refs, w_smem)))
             with jax.named_scope("scale"):
               for part, sc in zip(parts, step_scales(idx[0], s_refs), strict=True):
                 y = y + group_sum_f32(part) * lax.broadcast_in_dim(sc, (tn, tm), (0,))
@@ -905,7 +1044,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
           def body(_, *refs):
             *x_refs, w_smem, accs = refs
-            pairs = pairs_of(x_refs, w_smem)
+            pairs = pairs_of(*my_tiles(x_refs, w_smem))
             if interpret:
               return tuple(a + d for a, d in zip(accs, dots(pairs), strict=True))
             mma(pairs, accs)
@@ -915,14 +1054,16 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  out_type = jax.ShapeDtypeStruct((p.split_k, n, mt * tm), jnp.float32)
+  out_type = (jax.ShapeDtypeStruct((m, n), out_dtype) if p.final else
+              jax.ShapeDtypeStruct((p.split_k, n, mt * tm), jnp.float32))
   args = (*xs, w4) + ((ws,) if p.grouped else ())
   return _launch(kernel, out_type, p.num_sms, name, interpret, profile_dir, p.wgs)(*args)
 
 
 def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
               tiles: HopperW4Tiles, interpret: bool, name: str, kernel_name: str,
-              weight_layout: str = "kn", profile_dir: str | None = None) -> jax.Array:
+              weight_layout: str = "kn", profile_dir: str | None = None,
+              out_dtype=None) -> jax.Array:
   """``sum_g ws[g, n] * sum_{k in g} x[m, k] q[k, n]`` in f32 ``[M, N]`` through
   :func:`w4_kernel`, from validated operands: ``x [M, K]`` bf16 (W4A16) or int8
   codes (W4A8), ``wq [K/2, N]`` packed, ``ws [K/G or 1, N]``.
@@ -937,7 +1078,8 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
   ``[N, K/G]`` (under ``jit`` that transpose cancels the one that gave
   ``[K/G, N]``: no copy). Adds the
   K-splits, transposes back and applies a per-channel scale in f32: one small
-  XLA fusion over ``[N, M]``.
+  XLA fusion over ``[N, M]``. With ``HopperW4Tiles(epilogue="kernel")`` the kernel
+  writes the ``[M, N]`` result in ``out_dtype`` itself and nothing follows it.
   """
   (m, k), n = x.shape, wq.shape[1]
   plan = plan_w4(name, m, k, n, group, tiles, act_bytes=jnp.dtype(x.dtype).itemsize,
@@ -965,8 +1107,10 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
     xs = (spread(lo, hi),) if group is None else (spread(lo, zero), spread(zero, hi))
     w = lax.bitcast_convert_type(wq.T, jnp.int4).reshape(n, k)
   s = None if group is None else (ws.T if plan.slab else ws)
-  out = w4_kernel(xs, w, s, plan=plan, interpret=interpret,
-                  name=kernel_name, profile_dir=profile_dir)
+  out = w4_kernel(xs, w, s, plan=plan, interpret=interpret, name=kernel_name,
+                  profile_dir=profile_dir, m=m, out_dtype=out_dtype or jnp.float32)
+  if plan.final:  # HopperW4Tiles(epilogue="kernel"): already [M, N] in out_dtype
+    return out
   y = out.sum(axis=0).T[:m]
   return y * ws.astype(jnp.float32) if group is None else y
 

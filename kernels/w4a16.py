@@ -75,8 +75,9 @@ def _hopper(x, wq, ws, group, *, out_dtype, tiles: HopperW4Tiles, interpret: boo
     raise ValueError(f"{name}: x is {x.dtype}; the kernel multiplies in bf16 (the int4 codes "
                      "become bf16 for wgmma). Cast x to bfloat16 or use backend='gpu'.")
   y = _mosaic_gpu.w4_matmul(x, wq, ws, group, tiles=tiles, interpret=interpret, name=name,
-                            kernel_name="lowbit_w4a16_hopper", weight_layout=weight_layout)
-  return y.astype(out_dtype)
+                            kernel_name="lowbit_w4a16_hopper", weight_layout=weight_layout,
+                            out_dtype=out_dtype)
+  return y.astype(out_dtype)  # a no-op for epilogue="kernel", which wrote out_dtype
 
 
 def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None,

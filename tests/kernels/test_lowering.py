@@ -107,6 +107,9 @@ HOPPER_W4_TILES = {
     "split-ptx-slab": K.HopperW4Tiles(nibbles="split", unpack="ptx", nk_scales="slab"),
     "split-natural-unpadded": K.HopperW4Tiles(nibbles="split", unpack="ptx_natural",
                                               pad_tokens=False),
+    "split-ksplit": K.HopperW4Tiles(nibbles="split", wg_split="k"),  # warpgroups split K
+    "split-ksplit-4wg-slab": K.HopperW4Tiles(nibbles="split", wg_split="k", compute_wgs=4,
+                                             nk_scales="slab"),
     "scale-slab": K.HopperW4Tiles(nk_scales="slab"),  # grouped: the scales as stored
     "split-unpadded": K.HopperW4Tiles(nibbles="split", pad_tokens=False),  # M = 5 < 8
 }
@@ -124,28 +127,31 @@ def test_int4_kernels_lower_for_cuda_through_mosaic_gpu(tiles, name):
 
 
 
-def _token_ops(tiles) -> list[str]:
-  """The jax primitives applied to the tokens before the Mosaic GPU W4A16 kernel (grouped
-  weight stored K-major, M = 5), reshapes aside: the XLA ops a call runs first."""
+def _call_ops(tiles) -> tuple[list[str], list[str]]:
+  """The jax primitives of a Mosaic GPU W4A16 call (grouped weight stored K-major, M = 5)
+  applied to the tokens before the kernel, and those after it, reshapes aside: the XLA
+  ops a call runs besides its kernel (the weight's transposes cancel: it is stored
+  K-major, and the kernel reads it so)."""
   import jax.extend.core as jex_core
   fn, x, w4 = operands()["w4a16-g128"]
   closed = jax.make_jaxpr(lambda a, b: fn(a, b, backend="mosaic_gpu", block_sizes=tiles,
                                           weight_layout="nk"))(x, w4.transpose())
   [call] = closed.jaxpr.eqns  # the public wrapper is jitted
   inner = call.params["jaxpr"].jaxpr
-  seen, ops = {inner.invars[0]}, []
+  seen, before, after, kernel_seen = {inner.invars[0]}, [], [], False
   for eqn in inner.eqns:
     if not any(v in seen for v in eqn.invars if not isinstance(v, jex_core.Literal)):
       continue
     name = eqn.primitive.name
+    seen.update(eqn.outvars)
     if name not in ("jit", "pjit") and any(isinstance(p, jex_core.ClosedJaxpr)
                                            for p in eqn.params.values()):
-      break  # the kernel: it takes the tokens' last value
-    seen.update(eqn.outvars)
+      kernel_seen = True  # the kernel: it takes the tokens' last value
+      continue
     inner_ops = ([e.primitive.name for e in eqn.params["jaxpr"].jaxpr.eqns]
                  if name in ("jit", "pjit") else [name])  # jnp.pad is a jit of its own
-    ops += [o for o in inner_ops if o != "reshape"]
-  return ops
+    (after if kernel_seen else before).extend(o for o in inner_ops if o != "reshape")
+  return before, after
 
 
 def test_ptx_natural_takes_the_tokens_as_they_are():
@@ -153,9 +159,24 @@ def test_ptx_natural_takes_the_tokens_as_they_are():
   the kernel (a reshape is free); ``"ptx"`` reorders them (a transpose), and padded
   tokens take a pad."""
   T = functools.partial(K.HopperW4Tiles, nibbles="split", nk_scales="slab")
-  assert _token_ops(T(unpack="ptx_natural", pad_tokens=False)) == []
-  assert "transpose" in _token_ops(T(unpack="ptx", pad_tokens=False))
-  assert "pad" in _token_ops(T(unpack="ptx_natural"))
+  assert _call_ops(T(unpack="ptx_natural", pad_tokens=False))[0] == []
+  assert "transpose" in _call_ops(T(unpack="ptx", pad_tokens=False))[0]
+  assert "pad" in _call_ops(T(unpack="ptx_natural"))[0]
+
+
+def test_decode_call_with_the_kernel_epilogue_is_one_kernel():
+  """``epilogue="kernel"`` (here with ``wg_split="k"``, so the SMs fill without a K split
+  over CTAs) with the tokens as they are: no XLA op before or after the kernel, which
+  lowers for cuda; the default epilogue leaves XLA the split-K sum, transpose and cast."""
+  T = functools.partial(K.HopperW4Tiles, nibbles="split", nk_scales="slab", pad_tokens=False,
+                        unpack="ptx_natural", wg_split="k")
+  assert _call_ops(T(epilogue="kernel")) == ([], [])
+  before, after = _call_ops(T())
+  assert before == [] and {"reduce_sum", "transpose"} <= set(after)
+  fn, x, w4 = operands()["w4a16-g128"]
+  txt = lower(fn, x, w4.transpose(), "mosaic_gpu", "cuda", T(epilogue="kernel", compute_wgs=4),
+              weight_layout="nk")
+  assert "lowbit_w4a16_hopper" in txt
 
 
 def _lowered_ops():

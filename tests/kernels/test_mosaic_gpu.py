@@ -7,6 +7,7 @@ with the K-major weight and every SM. Lowering for cuda is checked in
 test_lowering.py.
 """
 
+import functools
 import os
 
 import jax.numpy as jnp
@@ -173,6 +174,17 @@ W4_CASES = [
     (20, 1024, 256, 128, dict(nibbles="split", unpack="ptx_natural", tile_m=16, split_k=2),
      "kn"),  # bf16 scales, two token tiles
     (9, 512, 256, None, dict(nibbles="split", unpack="ptx_natural", compute_wgs=4), "nk"),
+    # wg_split="k": the warpgroups share a CTA's rows and split each step's K, adding their
+    # sums in shared memory; 4 work items over 3 CTAs (one runs two: the partial-sum sets
+    # alternate), grouped (slab scales), per-channel, two token tiles with K split in two
+    (3, 512, 256, 64, dict(nibbles="split", wg_split="k", nk_scales="slab"), "nk"),
+    (9, 1024, 256, None, dict(nibbles="split", wg_split="k", compute_wgs=4), "kn"),
+    (20, 1024, 256, 128, dict(nibbles="split", wg_split="k", tile_m=16, split_k=2), "kn"),
+    # epilogue="kernel": the kernel writes [M, N] itself (no XLA after it), with each way of
+    # sharing the rows; with everything opt-in a decode call is that kernel alone
+    (5, 512, 256, 64, dict(nibbles="split", epilogue="kernel"), "kn"),
+    (1, 512, 256, 64, dict(nibbles="split", wg_split="k", compute_wgs=4, epilogue="kernel",
+                           unpack="ptx_natural", pad_tokens=False, nk_scales="slab"), "nk"),
 ]
 
 
@@ -184,7 +196,9 @@ def case_id(c) -> str:
           + ("-slab" if kw.get("nk_scales") == "slab" else "")
           + ("-unpadded" if kw.get("pad_tokens") is False else "")
           + ("-magic" if kw.get("int_sums") == "magic" else "")
-          + ("-wgs4" if kw.get("compute_wgs") == 4 else ""))
+          + ("-wgs4" if kw.get("compute_wgs") == 4 else "")
+          + ("-ksplit" if kw.get("wg_split") == "k" else "")
+          + ("-final" if kw.get("epilogue") == "kernel" else ""))
 
 
 @pytest.mark.parametrize("m,k,n,group,kw,layout", W4_CASES, ids=[case_id(c) for c in W4_CASES])
@@ -197,7 +211,8 @@ def test_w4a16_matches_reference_and_float64(m, k, n, group, kw, layout):
   assert out.shape == (m, n) and out.dtype == jnp.float32
   assert rel(out, np.asarray(K.w4a16.reference(x, wq, out_dtype=jnp.float32), np.float64)) < 1e-5
   assert rel(out, w4_oracle(x, wq)) < 1e-5
-  if group == 64 and layout == "kn":  # bf16 output (one case: the cast is the same in all)
+  if group == 64 and (layout == "kn" or kw.get("epilogue") == "kernel"):
+    # bf16 output (the cast is the same in all; epilogue="kernel" casts in the kernel)
     out16 = K.w4a16_matmul(x, w, backend=BACKEND, block_sizes=w4_tiles(**kw),
                            weight_layout=layout)
     assert out16.dtype == jnp.bfloat16 and rel(out16, w4_oracle(x, wq)) < 1e-2
@@ -233,6 +248,8 @@ W4A8_CASES = [
      "nk"),
     (20, 1024, 256, None, dict(nibbles="split", unpack="ptx", tile_m=16, split_k=2), "kn"),
     (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", int_sums="magic", tile_m=128), "nk"),
+    (5, 512, 256, 64, dict(nibbles="split", wg_split="k", nk_scales="slab", int_sums="magic",
+                           pad_tokens=False), "nk"),  # K split over the warpgroups
 ]
 
 
@@ -334,6 +351,26 @@ def test_w4a16_errors_name_the_problem():
     K.HopperW4Tiles(tile_m=12)
   with pytest.raises(ValueError, match="compute_wgs \\* tile_n divides N"):
     K.w4a16_matmul(xs, w192, backend=BACKEND, block_sizes=w4_tiles(compute_wgs=4))
+  # wg_split="k" and epilogue="kernel": what they take, and the fix when they cannot
+  with pytest.raises(ValueError, match="for split nibbles only: pass nibbles='split'"):
+    K.HopperW4Tiles(wg_split="k")
+  with pytest.raises(ValueError, match="K-steps .* to be a multiple of compute_wgs=4"):
+    K.w4a16_matmul(x, wq, backend=BACKEND,  # K = 512, group 128: 2 K-steps
+                   block_sizes=w4_tiles(nibbles="split", wg_split="k", compute_wgs=4))
+  with pytest.raises(ValueError, match="N=192 is not a multiple of the CTA's 128 .* tile_n divides"):
+    K.w4a16_matmul(xs, w192, backend=BACKEND,
+                   block_sizes=w4_tiles(nibbles="split", wg_split="k", tile_n=128))
+  final = functools.partial(w4_tiles, nibbles="split", epilogue="kernel")
+  xp, wp = w4_operands(4, 512, 256, None, seed=8)
+  for args, tiles, why in (((xp, wp), final(), "group_size=None"),
+                           ((x, wq), final(split_k=2), "split_k=2"),
+                           ((jnp.zeros((20, 512), jnp.bfloat16), wq), final(tile_m=16),
+                            "M=20 in tiles of 16")):
+    with pytest.raises(ValueError, match=f"epilogue='kernel'.*{why}.*use epilogue='xla'"):
+      K.w4a16_matmul(*args, backend=BACKEND, block_sizes=tiles)
+  xa = quantize(x.astype(jnp.float32), QuantSpec(bits=8, channel_axes=(0,)))
+  with pytest.raises(ValueError, match="epilogue='kernel'.*int8 tokens"):
+    K.w4a8_matmul(xa, wq, backend=BACKEND, block_sizes=final())
   with pytest.raises(ValueError, match="use 2, 3 or 4"):
     K.HopperW4Tiles(compute_wgs=1)
   with pytest.raises(ValueError, match="use 'split' or 'interleaved'"):
