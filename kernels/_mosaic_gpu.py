@@ -751,7 +751,12 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   Shapes: ``xs[p]`` bf16 or int8 ``[M/tile_m, tile_m, K]`` (``[M/tile_m, K, tile_m]``
   when ``interpret``: the interpreter has no transposed operand in ``wgmma``), or
   ``[1, M, K]`` with ``M < tile_m`` (``pad_tokens=False``: TMA zero-fills the rest).
-  Returns f32 ``[split_k, N, M]``: the caller adds the splits and transposes.
+  Returns f32 ``[split_k, N, M]``: the caller adds the splits and transposes; with
+  ``plan.final`` (``HopperW4Tiles.epilogue="kernel"``) the output itself, ``[m, N]`` in
+  ``out_dtype`` (``m`` the true token count). ``plan.ksplit`` (``wg_split="k"``):
+  a pipeline step holds ``compute_wgs`` K-steps, warpgroup ``w`` computes step
+  ``w`` of each for all of the work item's rows, and warpgroup 0 adds the
+  warpgroups' sums (in shared memory, after a barrier) before writing them.
   In interpret mode each ``wgmma`` is a ``jnp.dot`` of the same register and
   shared-memory operands (the interpreter's ``wgmma`` takes no register operand).
   ``profile_dir``: see :func:`_launch`; each step's regions are ``load`` (codes from
@@ -826,12 +831,12 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
     ignore = lambda *_, **__: None  # noqa: E731 (allocation sizes do not depend on the body)
 
-    slab_allocs = {}
+    extra_allocs = {}
     if p.slab:  # per compute warpgroup: each half's [tn, W] scales, and their barrier
-      slab_allocs = dict(slab_smem=plgpu.SMEM((p.wgs, 2, tn, p.slab), s_dtype),
+      extra_allocs = dict(slab_smem=plgpu.SMEM((p.wgs, 2, tn, p.slab), s_dtype),
                          slab_bar=plgpu.Barrier(num_arrivals=2, num_barriers=p.wgs))
     if p.ksplit:  # the warpgroups meet to add their partial sums
-      slab_allocs.update(part_bar=plgpu.Barrier(num_arrivals=p.wgs))
+      extra_allocs.update(part_bar=plgpu.Barrier(num_arrivals=p.wgs))
 
     @functools.partial(
         pl.run_scoped,
@@ -841,7 +846,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
         # interpreter has deadlocked here with the partials in an allocation of their own.
         out_smem=plgpu.SMEM(((3 if p.ksplit else 1) * p.wgs, tn, tm), jnp.float32,
                             transforms=() if interpret else _tiled(tm, 32)),
-        **slab_allocs,
+        **extra_allocs,
         collective_axes="wg")
     def _scope(allocs, out_smem, slab_smem=None, slab_bar=None, part_bar=None):
       wg = lax.axis_index("wg")
