@@ -101,6 +101,12 @@ def main(argv=None) -> int:
                            wg_split="k", epilogue="kernel")),
                ("w4a8", T(tile_n=128)), ("w4a8", S()), ("w4a8", S(tile_n=128, unpack="ptx"))]
   out = {}
+
+  def save():  # after every configuration: a run cut short by its timeout keeps the rest
+    with open(os.path.join(args.out, "summary.json"), "w") as fh:
+      json.dump(dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__,
+                     m=args.m, k=k, n=n, configs=out), fh, indent=1)
+
   for kname, tiles in configs:
     label = f"{kname} {tiles}"
     folder = os.path.join(args.out, f"{kname}-{len(out)}")
@@ -118,6 +124,7 @@ def main(argv=None) -> int:
         out[label] = summarize(json.load(fh))
     except Exception as e:  # noqa: BLE001 - one configuration failing is a result too
       out[label] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    save()
     s = out[label]
     print(f"\n{label}")
     if "error" in s:
@@ -127,9 +134,6 @@ def main(argv=None) -> int:
     for name, r in s["regions"].items():
       print(f"  {name:8s} x{r['count']:6d}  median {r['median_us'] * 1e3:8.0f} ns  "
             f"share {100 * r['share']:5.1f}%")
-  with open(os.path.join(args.out, "summary.json"), "w") as fh:
-    json.dump(dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__,
-                   m=args.m, k=k, n=n, configs=out), fh, indent=1)
   return 0
 
 
