@@ -242,7 +242,7 @@ def w8a8_kernel(xq: jax.Array, xs: jax.Array, w: jax.Array, ws: jax.Array, *,
 
       @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
       def _tiles(info):
-        (lin,) = getattr(info, "index", info)  # NDLoopInfo (jax >= 0.8) or the index tuple
+        (lin,) = info.index
         mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), minor, t.grid_tile_width)
         cm, cn = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
         if t.wg_dim == "n":
@@ -855,10 +855,8 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
       @plgpu.nd_loop((p.split_k * n_iters * mt,), collective_axes="sm")
       def _items(info):
-        (lin,) = getattr(info, "index", info)  # NDLoopInfo (jax >= 0.8) or the index tuple
-        local = getattr(info, "local_index", None)  # this CTA's work items so far
-        if local is None:
-          local = (lin - lax.axis_index("sm")) // p.num_sms
+        (lin,) = info.index
+        local = info.local_index  # this CTA's work items so far
         # Token tiles innermost: CTAs running at once share a weight tile in L2.
         s, rest = lin // (n_iters * mt), lin % (n_iters * mt)
         ni, mi = rest // mt, rest % mt

@@ -169,6 +169,18 @@ def unpack_tile(p: jax.Array) -> tuple[jax.Array, jax.Array]:
 # 0x43084308, which flips the nibble s to offset binary (u = s + 8) and places it in
 # the mantissa of the bf16 128.0 (0x4300 | u == 128 + u, exact), and one bf16x2 FMA
 # subtracts 136; the high nibbles the same after a 4-bit shift.
+def _bf16_tail(a: str, b: str, out0: str, out1: str) -> str:
+  """The lop3 + FMA of that conversion for the words ``a``, ``b`` (nibbles in bits 0-3 and
+  16-19) into the bf16 pairs ``out0``, ``out1``; lop3 0x6A is ``(a & b) ^ c``."""
+  return (f"lop3.b32 {out0}, {a}, 0x000F000F, 0x43084308, 0x6A;\n"
+          f"lop3.b32 {out1}, {b}, 0x000F000F, 0x43084308, 0x6A;\n"
+          f"fma.rn.bf16x2 {out0}, {out0}, lbone, lboff;\n"
+          f"fma.rn.bf16x2 {out1}, {out1}, lbone, lboff;\n")
+
+
+_BF16_CONSTANTS = "mov.b32 lbone, 0x3F803F80;\nmov.b32 lboff, 0xC308C308;\n"
+
+
 def i4_to_bf16_asm(halves: Literal["lo", "hi", "both"]) -> str:
   """The PTX of that conversion for ``halves`` ``"lo"``, ``"hi"`` (one instance per half:
   Pallas' Triton inline assembly has a single result; ``$0, $1`` the four values,
@@ -179,25 +191,19 @@ def i4_to_bf16_asm(halves: Literal["lo", "hi", "both"]) -> str:
   if halves not in ("lo", "hi", "both"):
     raise ValueError(f"i4_to_bf16_asm: halves={halves!r}; use 'lo', 'hi' or 'both'.")
   src = "$4" if halves == "both" else "$2"
-
-  def tail(a, b, out0, out1):  # lop3 0x6A: (a & b) ^ c
-    return (f"lop3.b32 {out0}, {a}, 0x000F000F, 0x43084308, 0x6A;\n"
-            f"lop3.b32 {out1}, {b}, 0x000F000F, 0x43084308, 0x6A;\n"
-            f"fma.rn.bf16x2 {out0}, {out0}, lbone, lboff;\n"
-            f"fma.rn.bf16x2 {out1}, {out1}, lbone, lboff;\n")
   # The input is read only by the prmts, before any output is written: "=r" outputs may
   # share the input's register.
   code = ("{\n.reg .b32 lba, lbb, lbha, lbhb, lbz, lbone, lboff;\n"
-          "mov.b32 lbz, 0;\nmov.b32 lbone, 0x3F803F80;\nmov.b32 lboff, 0xC308C308;\n"
+          "mov.b32 lbz, 0;\n" + _BF16_CONSTANTS +
           f"prmt.b32 lba, {src}, lbz, 0x4140;\nprmt.b32 lbb, {src}, lbz, 0x4342;\n")
   if halves != "lo":
     code += "shr.b32 lbha, lba, 4;\nshr.b32 lbhb, lbb, 4;\n"
   if halves == "lo":
-    code += tail("lba", "lbb", "$0", "$1")
+    code += _bf16_tail("lba", "lbb", "$0", "$1")
   elif halves == "hi":
-    code += tail("lbha", "lbhb", "$0", "$1")
+    code += _bf16_tail("lbha", "lbhb", "$0", "$1")
   else:
-    code += tail("lba", "lbb", "$0", "$1") + tail("lbha", "lbhb", "$2", "$3")
+    code += _bf16_tail("lba", "lbb", "$0", "$1") + _bf16_tail("lbha", "lbhb", "$2", "$3")
   return code + "}"
 
 
@@ -207,12 +213,9 @@ def i4_pair_to_bf16_asm() -> str:
   them into the halves of a word in place of the ``prmt``, then ``$0`` the low nibbles
   of (byte 2, byte 3), ``$1`` the high ones, as bf16 pairs; 6 instructions besides
   the constant moves (the Mosaic GPU kernel's ``unpack="ptx_natural"``)."""
-  return ("{\n.reg .b32 lba, lbh, lbone, lboff;\n"
-          "mov.b32 lbone, 0x3F803F80;\nmov.b32 lboff, 0xC308C308;\n"
+  return ("{\n.reg .b32 lba, lbh, lbone, lboff;\n" + _BF16_CONSTANTS +
           "mov.b32 lba, {$2, $3};\nshr.b32 lbh, lba, 4;\n"
-          "lop3.b32 $0, lba, 0x000F000F, 0x43084308, 0x6A;\n"
-          "lop3.b32 $1, lbh, 0x000F000F, 0x43084308, 0x6A;\n"
-          "fma.rn.bf16x2 $0, $0, lbone, lboff;\nfma.rn.bf16x2 $1, $1, lbone, lboff;\n}")
+          + _bf16_tail("lba", "lbh", "$0", "$1") + "}")
 
 
 _ASM_I4_TO_BF16_LO = i4_to_bf16_asm("lo")
