@@ -64,7 +64,11 @@ def _sum_to(g: jax.Array, shape) -> jax.Array:
 
 def _fq_bwd(qmin, qmax, grad_scale, res, g):
   xb, s, z, u, r = res
-  inside = (u >= qmin) & (u <= qmax)
+  # The range's own ends count as inside up to a few f32 ulps: with an absmax scale the
+  # largest |x| lands on qmax, and x / s (which XLA may compute as x * (1 / s)) can overshoot
+  # it by an ulp, which would flip that element's gradients (dx 1 -> 0, ds ~0 -> qmax).
+  tol = 4 * float(jnp.finfo(jnp.float32).eps) * max(abs(qmin), abs(qmax), 1)
+  inside = (u >= qmin - tol) & (u <= qmax + tol)
   dx = jnp.where(inside, g, 0.0)
   # d y / d s: inside round(x/s + z) - z - x/s; below qmin - z; above qmax - z.
   ds_el = jnp.where(inside, r - z - xb / s, jnp.where(u < qmin, qmin - z, qmax - z))
@@ -89,7 +93,9 @@ def fake_quant(x: jax.typing.ArrayLike, spec: QuantSpec,
   ``z = qmin - m / s`` (so ``y = (q - qmin) * s + m``), and gradients reach
   ``m`` through that.
 
-  Backward (custom VJP), with ``u = x / s + z`` and ``inside = qmin <= u <= qmax``:
+  Backward (custom VJP), with ``u = x / s + z`` and ``inside = qmin - t <= u <= qmax + t``,
+  ``t = 4 * eps_f32 * max(|qmin|, qmax)`` (so that an absmax scale's own largest element,
+  whose ``x / s`` can round an ulp past ``qmax``, is inside):
 
   * ``dy/dx = 1`` inside, ``0`` outside (straight-through estimator);
   * ``dy/ds = round(u) - z - x / s`` inside, ``qmin - z`` / ``qmax - z``
