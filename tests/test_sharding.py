@@ -48,6 +48,14 @@ def test_qat_with_dynamic_int8_activations_tracks_one_device(result):
   assert result["losses_1"][0] == pytest.approx(result["losses_mesh"][0], rel=1e-6)
 
 
+def test_adam_state_sharded_like_the_model_tracks_one_device(result):
+  """AdamW's moments sharded with shard_like: the same first loss, later ones to 1e-3."""
+  a1, a8 = result["adam_losses_1"], result["adam_losses_mesh"]
+  assert a1[0] == pytest.approx(a8[0], rel=1e-6)
+  assert max(abs(x - y) / abs(x) for x, y in zip(a1, a8, strict=True)) < 1e-3
+  assert a1[-1] < a1[0]   # it trains
+
+
 def test_compiled_step_gathers_no_full_float_weight(result):
   """TP: no weight is gathered at all except the gradient of a layer kept whole along K
   (its groups would straddle devices); FSDP + TP: weights are gathered over 'data' only."""
