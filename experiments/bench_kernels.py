@@ -363,7 +363,7 @@ def main(argv=None):
   print(json.dumps(meta), flush=True)
   rows, sweeps = [], []
 
-  def save():  # after every point: a run killed at its time limit keeps what it measured
+  def save():  # after every row: a run killed at its time limit keeps what it measured
     with open(args.out, "w") as f:
       json.dump(dict(meta=meta, rows=rows, sweeps=sweeps), f, indent=1)
 
@@ -479,6 +479,7 @@ def main(argv=None):
           row["block_sizes"] = str(bs)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        save()
       for job_key, _fn, a in jobs:
         if not isinstance(job_key, tuple):
           continue
@@ -495,7 +496,7 @@ def main(argv=None):
                  rel_err_vs_xla=err, correct=err is not None and err < 1e-2)
         sweeps.append(s)
         print(json.dumps(s), flush=True)
-      save()
+        save()
     del ws
   save()
   print_table(meta, rows, sweeps)
