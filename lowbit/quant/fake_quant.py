@@ -81,6 +81,7 @@ def _fq_bwd(qmin, qmax, grad_scale, res, g):
 _fq.defvjp(_fq_fwd, _fq_bwd)
 
 
+@functools.partial(jax.jit, static_argnames="spec")  # eager calls: one program, not op by op
 def fake_quant(x: jax.typing.ArrayLike, spec: QuantSpec,
                params: QuantParams | LearnedClip | None = None) -> jax.Array:
   """Quantize-dequantize ``x`` with gradients for QAT; returns ``x.dtype``.
