@@ -210,8 +210,8 @@ _calibrate_jit = jax.jit(_calibrate, static_argnames=("spec", "layout"))
 
 
 @jax.jit
-def _count_nonfinite(x: jax.Array) -> jax.Array:
-  return jnp.sum(~jnp.isfinite(x))
+def _all_finite(x: jax.Array) -> jax.Array:
+  return jnp.all(jnp.isfinite(x))
 
 
 def _check_input(x: jax.Array, who: str) -> None:
@@ -220,8 +220,8 @@ def _check_input(x: jax.Array, who: str) -> None:
         f"{who}: x has dtype {x.dtype}; quantize takes a float array "
         "(float32, bfloat16, float16). Cast integer data to float first.")
   if not isinstance(x, _Tracer):
-    n_bad = int(_count_nonfinite(x))
-    if n_bad:
+    if not bool(_all_finite(x)):
+      n_bad = int(jnp.sum(~jnp.isfinite(x)))
       raise ValueError(
           f"{who}: x (shape {x.shape}) holds {n_bad} NaN/Inf value(s); a scale "
           "computed from it would be NaN/Inf. Find where they come from, or "
@@ -249,7 +249,9 @@ def quantize(x: jax.typing.ArrayLike, spec: QuantSpec,
 
   Eager calls refuse NaN/Inf in ``x`` with a ``ValueError``. Under ``jit`` the
   values are not inspected (no host sync): a NaN makes its scale entry NaN and
-  its codes undefined, so check inputs before jitting conversion code.
+  its codes undefined, so check inputs before jitting conversion code. Either
+  way the codes come from one compiled program per shape and spec, so eager and
+  jitted calls give the same codes.
   """
   x = jnp.asarray(x)
   _check_input(x, "quantize")
