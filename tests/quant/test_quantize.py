@@ -100,6 +100,20 @@ def test_pack_unpack_exact(rows, half, axis, seed):
   np.testing.assert_array_equal(np.asarray(unpack_int4(p, axis)), q)
 
 
+def test_eager_and_jitted_calls_give_the_same_codes():
+  """x / s lands on the ties +-7.5 here, where one compiled program (x * (1 / s)) and
+  op-by-op division used to round differently: eager calls now run the program."""
+  x = jnp.array([[-3.0, -1.5, 0.0, 1.5, 3.0, 0.75]]).T
+  jq, jdq = jax.jit(quantize, static_argnums=1), jax.jit(dequantize)
+  for spec in (QuantSpec(bits=4, symmetric=False),
+               QuantSpec(bits=4, symmetric=False, zero_point_form="min"),
+               QuantSpec(bits=4, symmetric=False, pack=True)):
+    eager, jitted = quantize(x, spec), jq(x, spec)
+    np.testing.assert_array_equal(np.asarray(eager.qvalue), np.asarray(jitted.qvalue))
+    np.testing.assert_array_equal(np.asarray(eager.scale), np.asarray(jitted.scale))
+    np.testing.assert_array_equal(np.asarray(dequantize(eager)), np.asarray(jdq(jitted)))
+
+
 def test_half_split_layout():
   q = jnp.arange(-8, 8, dtype=jnp.int8).reshape(16, 1)
   p = np.asarray(pack_int4(q))[:, 0]
