@@ -1015,12 +1015,15 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             if not p.slab:
               return [r[wk, wn].astype(jnp.float32) * f
                       for r, f in zip(s_refs, factors, strict=True)]
-            cols = lax.broadcasted_iota(jnp.int32, (tn, p.slab), 1)
             out = []
             for h in (0, 1):
               col = h * g_total // 2 + (s * steps + t) * sub + wk - starts[h]
-              sl = slab_smem[wg, h].astype(jnp.float32)
-              out.append(jnp.sum(jnp.where(cols == col, sl, 0.0), axis=1) * factors[h])
+              if interpret:
+                sl = slab_smem[wg, h, :, col]
+              else:
+                sl = plgpu.load(slab_smem.at[wg, h], (slice(None), col),
+                                layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+              out.append(sl.astype(jnp.float32) * factors[h])
             return out
 
           def body(idx, *refs):

@@ -189,6 +189,22 @@ def _lowered_ops():
   return mod
 
 
+def test_slab_scales_are_loaded_not_searched():
+  """``nk_scales="slab"``: a step reads its column of the scale slab with one scalar load per
+  row a thread holds, as the streamed scale rows do; no select over the slab's columns and
+  no shuffles beyond those of the same tiles with streamed rows (``"transpose"``)."""
+  lo = _lowered_ops()
+  counts = {}
+  for scales in ("transpose", "slab"):
+    [text] = lo.lower_kernel("w4a16", f'nibbles="split", tile_n=128, unpack="ptx", nk_scales="{scales}"',
+                             m=1, kn=1024, group=128)
+    counts[scales] = lo.count_ops(text)
+  slab, rows = counts["slab"], counts["transpose"]
+  assert not any(k.startswith(("select", "cmpi")) for k in slab["arith_vector"])
+  assert slab["other"]["nvvm.shfl.sync"] == rows["other"]["nvvm.shfl.sync"]
+  assert slab["loads"]["vector<1xf32>"] == rows["loads"]["vector<1xf32>"] > 0
+
+
 def test_ptx_unpack_lowers_without_shuffles():
   """``HopperW4Tiles(unpack="ptx")`` keeps what it is for, in the module Mosaic GPU lowers
   to (experiments/lowered_ops.py): a step of one thread at ``tile_n=128`` converts its

@@ -267,6 +267,29 @@ def test_w4a8_matches_reference_and_float64(m, k, n, group, kw, layout):
   assert rel(out, oracle64) < 1e-5
 
 
+LOWERING_CASES = ([("w4a16",) + c for c in W4_CASES] + [("w4a8",) + c for c in W4A8_CASES])
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the cases above compile for real")
+@pytest.mark.parametrize("kernel,m,k,n,group,kw,layout", LOWERING_CASES,
+                         ids=[f"{c[0]}-{case_id(c[1:])}" for c in LOWERING_CASES])
+def test_every_case_lowers_for_cuda_with_the_gpu_runs_tiles(kernel, m, k, n, group, kw, layout):
+  """Each case above, lowered for cuda with the tiles and operands the device script
+  compiles it with: a case only the interpreter accepts would fail there and take its
+  variant out of the benchmark's sweep (f32 scale slabs of 8 columns once did)."""
+  import jax
+  x, wq = w4_operands(m, k, n, group, seed=0, scale_dtype=jnp.bfloat16
+                      if kernel == "w4a16" and group == 128 else jnp.float32)
+  if kernel == "w4a8":
+    x = quantize(x.astype(jnp.float32), QuantSpec(bits=8, channel_axes=(0,)))
+  fn = K.w4a16_matmul if kernel == "w4a16" else K.w4a8_matmul
+  w = wq.transpose() if layout == "nk" else wq
+  f = jax.jit(lambda a, b: fn(a, b, out_dtype=jnp.float32, backend="mosaic_gpu",
+                              block_sizes=K.HopperW4Tiles(**kw), weight_layout=layout))
+  text = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+  assert f"lowbit_{kernel}_hopper" in text
+
+
 @pytest.mark.parametrize("nibbles,int_sums", [("interleaved", "cvt"), ("split", "cvt"),
                                               ("split", "magic")])
 def test_w4a8_int32_group_sums_are_exact(nibbles, int_sums):
