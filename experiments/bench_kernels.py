@@ -264,7 +264,7 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
   return [T(), T(tile_n=128), T(tile_n=128, nk_scales="slab"), S(tile_n=128),
           S(tile_n=128, nk_scales="slab"), T(compute_wgs=4), S(compute_wgs=4),
           S(compute_wgs=4, wide_load=False), S(compute_wgs=4, max_concurrent_steps=5),
-          S(compute_wgs=4, tile_n=128), T(compute_wgs=4, tile_n=128),
+          # (4 x 128 rows with streamed scale rows: a 512-wide row, past TMA's 256; not planned)
           P(), P(tile_n=128), P(compute_wgs=4), P(tile_n=128, nk_scales="slab"),
           P(compute_wgs=4, nk_scales="slab"),
           # pad_tokens=False: no XLA pad per call (TMA zero-fills the token tile)

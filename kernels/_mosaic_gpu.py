@@ -700,6 +700,11 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
                 tiles.compute_wgs, slab, scale_bytes, ptx=tiles.unpack != "ops",
                 magic=tiles.int_sums == "magic", natural=tiles.unpack == "ptx_natural",
                 ksplit=ksplit, final=final)
+  if plan.grouped and not plan.slab and cta_n > 256:
+    raise ValueError(
+        f"{name}: {tiles} streams a row of {cta_n} group scales per K-step, more than TMA's "
+        f"256 elements per box dimension; lower compute_wgs * tile_n to 256 or read the "
+        f"scales as a slab (weight_layout='nk', nk_scales='slab').")
   if tiles.max_concurrent_steps is None:
     while plan.stages > 2 and plan.smem_bytes() > SMEM_BYTES:
       plan = dataclasses.replace(plan, stages=plan.stages - 1)

@@ -374,6 +374,9 @@ def test_w4a16_errors_name_the_problem():
     K.HopperW4Tiles(tile_m=12)
   with pytest.raises(ValueError, match="compute_wgs \\* tile_n divides N"):
     K.w4a16_matmul(xs, w192, backend=BACKEND, block_sizes=w4_tiles(compute_wgs=4))
+  with pytest.raises(ValueError, match="row of 512 group scales per K-step, more than TMA"):
+    x5, w512 = w4_operands(4, 512, 512, 128, seed=9)
+    K.w4a16_matmul(x5, w512, backend=BACKEND, block_sizes=w4_tiles(compute_wgs=4, tile_n=128))
   # wg_split="k" and epilogue="kernel": what they take, and the fix when they cannot
   with pytest.raises(ValueError, match="for split nibbles only: pass nibbles='split'"):
     K.HopperW4Tiles(wg_split="k")
