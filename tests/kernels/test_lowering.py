@@ -179,14 +179,44 @@ def test_decode_call_with_the_kernel_epilogue_is_one_kernel():
   assert "lowbit_w4a16_hopper" in txt
 
 
-def _lowered_ops():
+def _experiment(name: str):
   import importlib.util
   import pathlib
-  path = pathlib.Path(__file__).parents[2] / "experiments" / "lowered_ops.py"
-  spec = importlib.util.spec_from_file_location("lowered_ops", path)
+  path = pathlib.Path(__file__).parents[2] / "experiments" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
+
+
+def _lowered_ops():
+  return _experiment("lowered_ops")
+
+
+@pytest.mark.parametrize("m", [1, 16, 256])
+@pytest.mark.parametrize("name", ["w4a16", "w4a8"])
+def test_every_int4_sweep_candidate_lowers_for_cuda(name, m):
+  """The GPU run's sweep (experiments/bench_kernels.py) at K = N = 8192, bf16 group-128
+  scales, weight stored K-major: every candidate lowers, so none spends device time on a
+  compile error that a CPU could have shown."""
+  bench = _experiment("bench_kernels")
+  k = n = 8192
+  wq = jax.eval_shape(lambda a: quantize(a, QuantSpec(
+      bits=4, channel_axes=(1,), group_size=128, pack=True, scale_dtype=jnp.bfloat16)),
+      jax.ShapeDtypeStruct((k, n), jnp.float32))
+  wt = jax.eval_shape(lambda q: q.transpose(), wq)
+  x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+  if name == "w4a8":
+    x = jax.eval_shape(lambda a: quantize(a, QuantSpec(bits=8, channel_axes=(0,))),
+                       jax.ShapeDtypeStruct((m, k), jnp.float32))
+  fn = K.w4a16_matmul if name == "w4a16" else K.w4a8_matmul
+  failed = []
+  for tiles in [K.HopperW4Tiles()] + bench.hopper_w4_candidates(m, name):
+    try:
+      lower(fn, x, wt, "mosaic_gpu", "cuda", tiles, weight_layout="nk")
+    except Exception as e:  # noqa: BLE001 - collect them all, then fail
+      failed.append(f"{tiles}: {type(e).__name__}: {str(e)[:200]}")
+  assert not failed, "\n".join(failed)
 
 
 def test_slab_scales_are_loaded_not_searched():
