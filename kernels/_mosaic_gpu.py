@@ -620,6 +620,12 @@ class W4Plan:
     ``wg_split="k"``."""
     return self.wgs if self.ksplit else 1
 
+  @property
+  def slab_sets(self) -> int:
+    """Scale slabs in shared memory: one per warpgroup, or one shared with
+    ``wg_split="k"`` (the warpgroups read the same rows)."""
+    return 1 if self.ksplit else self.wgs
+
   def smem_bytes(self) -> int:
     """Pipeline buffers (weight codes, token tiles, scales), the scale slabs and the
     epilogue tiles (with ``wg_split="k"`` also the warpgroups' partial sums, two sets)."""
@@ -631,9 +637,10 @@ class W4Plan:
     if self.grouped and not self.slab:
       step += 2 * self.cta_n * self.scale_bytes  # one scale row per half
     step *= self.substeps
-    slabs = 2 * self.wgs * self.tile_n * self.slab * self.scale_bytes  # one per warpgroup
+    slabs = 2 * self.slab_sets * self.tile_n * self.slab * self.scale_bytes
     partials = 2 * self.wgs * self.tile_n * self.tile_m * 4 if self.ksplit else 0
-    return self.stages * step + slabs + partials + self.wgs * self.tile_n * self.tile_m * 4
+    barriers = 1024  # the pipeline's and the kernel's mbarriers, alignment (64 B measured)
+    return self.stages * step + slabs + partials + self.wgs * self.tile_n * self.tile_m * 4 + barriers
 
 
 def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
@@ -837,9 +844,10 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
     ignore = lambda *_, **__: None  # noqa: E731 (allocation sizes do not depend on the body)
 
     extra_allocs = {}
-    if p.slab:  # per compute warpgroup: each half's [tn, W] scales, and their barrier
-      extra_allocs = dict(slab_smem=plgpu.SMEM((p.wgs, 2, tn, p.slab), s_dtype),
-                         slab_bar=plgpu.Barrier(num_arrivals=2, num_barriers=p.wgs))
+    if p.slab:  # each half's [tn, W] scales and their barrier: per compute warpgroup, or
+      # one set the warpgroups share when they split K over the same rows (wg_split="k")
+      extra_allocs = dict(slab_smem=plgpu.SMEM((p.slab_sets, 2, tn, p.slab), s_dtype),
+                          slab_bar=plgpu.Barrier(num_arrivals=2, num_barriers=p.slab_sets))
     if p.ksplit:  # the warpgroups meet to add their partial sums
       extra_allocs.update(part_bar=plgpu.Barrier(num_arrivals=p.wgs))
 
@@ -857,6 +865,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
       wg = lax.axis_index("wg")
       wn = pl.ds(0, tn) if p.ksplit else pl.ds(wg * tn, tn)  # this warpgroup's rows of cta_n
       wk = wg if p.ksplit else 0  # and its K-step of each pipeline step
+      slab_set = 0 if p.ksplit else wg  # the scale slab it reads
 
       @plgpu.nd_loop((p.split_k * n_iters * mt,), collective_axes="sm")
       def _items(info):
@@ -1007,11 +1016,21 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
           def context(eval_pipeline):
             if p.slab:  # this warpgroup's rows of both halves' scales, one TMA each
-              rows_n = pl.ds(ni * cta_n, tn) if p.ksplit else pl.ds(ni * cta_n + wg * tn, tn)
-              for h in (0, 1):
-                plgpu.copy_gmem_to_smem(s_gmem.at[rows_n, pl.ds(starts[h], p.slab)],
-                                        slab_smem.at[wg, h], slab_bar.at[wg])
-              plgpu.barrier_wait(slab_bar.at[wg])
+              if p.ksplit:
+                # The warpgroups share the CTA's rows: warpgroup 0 copies them once. All
+                # of them passed the previous item's partial-sum barrier, so none still
+                # reads the slab this overwrites.
+                @pl.when(wg == 0)
+                def _():
+                  for h in (0, 1):
+                    plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(ni * cta_n, tn), pl.ds(starts[h], p.slab)],
+                                            slab_smem.at[0, h], slab_bar.at[0])
+              else:
+                for h in (0, 1):
+                  plgpu.copy_gmem_to_smem(
+                      s_gmem.at[pl.ds(ni * cta_n + wg * tn, tn), pl.ds(starts[h], p.slab)],
+                      slab_smem.at[wg, h], slab_bar.at[wg])
+              plgpu.barrier_wait(slab_bar.at[slab_set])
             store(eval_pipeline(jnp.zeros((tn, tm), jnp.float32)))
 
           def step_scales(t, s_refs):
@@ -1024,9 +1043,9 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             for h in (0, 1):
               col = h * g_total // 2 + (s * steps + t) * sub + wk - starts[h]
               if interpret:
-                sl = slab_smem[wg, h, :, col]
+                sl = slab_smem[slab_set, h, :, col]
               else:
-                sl = plgpu.load(slab_smem.at[wg, h], (slice(None), col),
+                sl = plgpu.load(slab_smem.at[slab_set, h], (slice(None), col),
                                 layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
               out.append(sl.astype(jnp.float32) * factors[h])
             return out

@@ -7,6 +7,7 @@ with the K-major weight and every SM. Lowering for cuda is checked in
 test_lowering.py.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -347,6 +348,20 @@ def test_hopper_w4_nk_scales_slab_where_tma_can_take_it():
   assert slab(512, 128, split_k=1) == 0  # K/G = 4 < 8
   assert slab(1536, 128, split_k=1, scale_bytes=2) == 0  # rows of 12 bf16 = 24 bytes
   assert slab(1536, 128, split_k=1) == 8  # rows of 12 f32 = 48 bytes
+
+
+def test_warpgroups_splitting_k_share_one_scale_slab():
+  """wg_split="k": the warpgroups read the same rows' scales, so the plan holds one slab (not
+  one per warpgroup): the one-kernel decode candidate keeps 4 pipeline stages at M = 1 with
+  bf16 scales, and fits at M = 16 with f32 scales (it did not with 4 slabs)."""
+  one_kernel = K.HopperW4Tiles(nibbles="split", unpack="ptx_natural", wg_split="k", compute_wgs=4,
+                               nk_scales="slab", pad_tokens=False, epilogue="kernel")
+  plan = mg.plan_w4("w4a16", 1, 8192, 8192, 128, one_kernel, weight_layout="nk", scale_bytes=2)
+  assert plan.slab_sets == 1 and plan.stages == 4 and plan.smem_bytes() <= mg.SMEM_BYTES
+  assert mg.plan_w4("w4a16", 16, 8192, 8192, 128, one_kernel, weight_layout="nk",
+                    scale_bytes=4).stages == 2
+  per_wg = dataclasses.replace(one_kernel, wg_split="n", epilogue="xla")
+  assert mg.plan_w4("w4a16", 1, 8192, 8192, 128, per_wg, weight_layout="nk").slab_sets == 4
 
 
 def test_w4a16_errors_name_the_problem():
