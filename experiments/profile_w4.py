@@ -64,6 +64,24 @@ def summarize(trace: dict) -> dict:
               regions=regions)
 
 
+def profiled_configs(m: int) -> list:
+  """``[(kernel, HopperW4Tiles)]`` profiled at ``m`` tokens."""
+  from lowbit import kernels as K
+  T, S = K.HopperW4Tiles, functools.partial(K.HopperW4Tiles, nibbles="split")
+  if m > 64:  # W4A8's M = 256 target: the int32 -> f32 group sums, the MMA waits
+    configs = [("w4a8", S(tile_m=128)), ("w4a8", S(tile_m=128, unpack="ptx")),
+               ("w4a8", S(tile_m=128, unpack="ptx", int_sums="magic"))]
+  else:
+    configs = [("w4a16", T()), ("w4a16", T(tile_n=128)), ("w4a16", S(tile_n=128)),
+               ("w4a16", S(tile_n=128, unpack="ptx")), ("w4a16", S(compute_wgs=4)),
+               ("w4a16", S(compute_wgs=4, unpack="ptx")),
+               ("w4a16", S(compute_wgs=4, unpack="ptx_natural", pad_tokens=False)),
+               ("w4a16", S(compute_wgs=4, unpack="ptx_natural", pad_tokens=False,
+                           wg_split="k", epilogue="kernel", nk_scales="slab")),
+               ("w4a8", T(tile_n=128)), ("w4a8", S()), ("w4a8", S(tile_n=128, unpack="ptx"))]
+  return configs
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", default="profile_w4", help="trace folder and summary JSON")
@@ -75,7 +93,6 @@ def main(argv=None) -> int:
   import jax.numpy as jnp
   from lowbit.kernels import _mosaic_gpu
 
-  from lowbit import kernels as K
   from lowbit.quant import QuantSpec, quantize
   if not _mosaic_gpu.is_hopper():
     print("profile_w4: needs a Hopper GPU (sm_90); found", jax.devices()[0].device_kind)
@@ -88,18 +105,8 @@ def main(argv=None) -> int:
   x = jax.random.normal(jax.random.fold_in(key, 1), (args.m, k), jnp.float32)
   xq = quantize(x, QuantSpec(bits=8, channel_axes=(0,)))
   acts = {"w4a16": x.astype(jnp.bfloat16), "w4a8": xq.qvalue}
-  T, S = K.HopperW4Tiles, functools.partial(K.HopperW4Tiles, nibbles="split")
-  if args.m > 64:  # W4A8's M = 256 target: the int32 -> f32 group sums, the MMA waits
-    configs = [("w4a8", S(tile_m=128)), ("w4a8", S(tile_m=128, unpack="ptx")),
-               ("w4a8", S(tile_m=128, unpack="ptx", int_sums="magic"))]
-  else:
-    configs = [("w4a16", T()), ("w4a16", T(tile_n=128)), ("w4a16", S(tile_n=128)),
-               ("w4a16", S(tile_n=128, unpack="ptx")), ("w4a16", S(compute_wgs=4)),
-               ("w4a16", S(compute_wgs=4, unpack="ptx")),
-               ("w4a16", S(compute_wgs=4, unpack="ptx_natural", pad_tokens=False)),
-               ("w4a16", S(compute_wgs=4, unpack="ptx_natural", pad_tokens=False,
-                           wg_split="k", epilogue="kernel")),
-               ("w4a8", T(tile_n=128)), ("w4a8", S()), ("w4a8", S(tile_n=128, unpack="ptx"))]
+  q_nk, s_nk = wq.qvalue.T.copy(), wq.scale.T.copy()  # stored K-major
+  configs = profiled_configs(args.m)
   out = {}
 
   def save():  # after every configuration: a run cut short by its timeout keeps the rest
@@ -112,16 +119,24 @@ def main(argv=None) -> int:
     folder = os.path.join(args.out, f"{kname}-{len(out)}")
     os.makedirs(folder, exist_ok=True)
 
-    def f(a, q, s, tiles=tiles, folder=folder, kname=kname):
-      return _mosaic_gpu.w4_matmul(a, q, s, 128, tiles=tiles, interpret=False, name=kname,
-                                   kernel_name=f"lowbit_{kname}_hopper", profile_dir=folder)
+    # the weight and scales stored K-major ("nk", what a converted model keeps on a GPU):
+    # the transposes below cancel those the kernel's operands take, so nothing runs besides it
+    def f(a, q_nk, s_nk, tiles=tiles, folder=folder, kname=kname):
+      return _mosaic_gpu.w4_matmul(a, q_nk.T, s_nk.T, 128, tiles=tiles, interpret=False,
+                                   name=kname, kernel_name=f"lowbit_{kname}_hopper",
+                                   weight_layout="nk", profile_dir=folder)
     try:
       fn = jax.jit(f)
       for _ in range(3):  # the last call's trace: compiled, caches warm
-        fn(acts[kname], wq.qvalue, wq.scale).block_until_ready()
+        fn(acts[kname], q_nk, s_nk).block_until_ready()
       newest = max(glob.glob(os.path.join(folder, "*.json")), key=os.path.getmtime)
       with open(newest) as fh:
         out[label] = summarize(json.load(fh))
+      # the profiler's buffer takes shared memory: the plan may have fewer stages than unprofiled
+      out[label]["stages"] = _mosaic_gpu.plan_w4(
+          kname, args.m, k, n, 128, tiles, act_bytes=1 if kname == "w4a8" else 2,
+          weight_layout="nk", scale_bytes=2,
+          reserved_smem=_mosaic_gpu.profile_smem_bytes(tiles.compute_wgs + 1)).stages
     except Exception as e:  # noqa: BLE001 - one configuration failing is a result too
       out[label] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
     save()
@@ -130,7 +145,8 @@ def main(argv=None) -> int:
     if "error" in s:
       print("  failed:", s["error"])
       continue
-    print(f"  {s['warpgroups']} warpgroup traces, median span {s['median_span_us']:.1f} us")
+    print(f"  {s['warpgroups']} warpgroup traces, median span {s['median_span_us']:.1f} us, "
+          f"{s['stages']} pipeline stages")
     for name, r in s["regions"].items():
       print(f"  {name:8s} x{r['count']:6d}  median {r['median_us'] * 1e3:8.0f} ns  "
             f"share {100 * r['share']:5.1f}%")

@@ -164,8 +164,16 @@ def _tiled(cols: int, bits: int) -> tuple:
   return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
 
 
-#: Profiler events one warpgroup may record in a profiled call (``profile_dir``).
-PROFILE_EVENTS = 4096
+#: Profiler ranges (named regions) one warpgroup may record in a profiled call
+#: (``profile_dir``): a work item records ~5 per K-step, and a decode or M = 256 call runs
+#: one work item of at most 32 K-steps per CTA.
+PROFILE_EVENTS = 512
+
+
+def profile_smem_bytes(warpgroups: int) -> int:
+  """Shared memory Mosaic GPU's profiler takes (``profile_dir``): per warpgroup (the TMA
+  one too) ``PROFILE_EVENTS`` ranges of two events of two 32-bit words."""
+  return warpgroups * PROFILE_EVENTS * 2 * 2 * 4
 
 
 def _launch(kernel, out_type, num_sms: int, name: str, interpret: bool,
@@ -645,7 +653,7 @@ class W4Plan:
 
 def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
             tiles: HopperW4Tiles, act_bytes: int = 2, weight_layout: str = "kn",
-            scale_bytes: int = 4) -> W4Plan:
+            scale_bytes: int = 4, reserved_smem: int = 0) -> W4Plan:
   """Resolve ``tiles`` for the problem, or raise a ``ValueError`` naming the misfit.
 
   A grouped ``"nk"`` weight reads its scales as stored (``nk_scales="slab"``) when
@@ -712,12 +720,15 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
         f"{name}: {tiles} streams a row of {cta_n} group scales per K-step, more than TMA's "
         f"256 elements per box dimension; lower compute_wgs * tile_n to 256 or read the "
         f"scales as a slab (weight_layout='nk', nk_scales='slab').")
+  room = SMEM_BYTES - reserved_smem  # reserved: the profiler's buffer (profile_dir)
   if tiles.max_concurrent_steps is None:
-    while plan.stages > 2 and plan.smem_bytes() > SMEM_BYTES:
+    while plan.stages > 2 and plan.smem_bytes() > room:
       plan = dataclasses.replace(plan, stages=plan.stages - 1)
-  if plan.smem_bytes() > SMEM_BYTES:
+  if plan.smem_bytes() > room:
     raise ValueError(f"{name}: {tiles} needs {plan.smem_bytes()} bytes of shared memory at "
-                     f"M={m}, more than Hopper's {SMEM_BYTES}; lower tile_m or tile_k.")
+                     f"M={m}, more than Hopper's {SMEM_BYTES}"
+                     + (f" less {reserved_smem} for the profiler" if reserved_smem else "")
+                     + "; lower tile_m or tile_k.")
   return plan
 
 
@@ -1113,7 +1124,8 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
   """
   (m, k), n = x.shape, wq.shape[1]
   plan = plan_w4(name, m, k, n, group, tiles, act_bytes=jnp.dtype(x.dtype).itemsize,
-                 weight_layout=weight_layout, scale_bytes=jnp.dtype(ws.dtype).itemsize)
+                 weight_layout=weight_layout, scale_bytes=jnp.dtype(ws.dtype).itemsize,
+                 reserved_smem=profile_smem_bytes(tiles.compute_wgs + 1) if profile_dir else 0)
   tm, h = plan.tile_m, k // 2
   mp = -(-m // tm) * tm
   # HopperW4Tiles.pad_tokens=False: one partial token tile read as it is (TMA fills zeros).

@@ -219,6 +219,30 @@ def test_every_int4_sweep_candidate_lowers_for_cuda(name, m):
   assert not failed, "\n".join(failed)
 
 
+@pytest.mark.parametrize("m", [1, 256])
+def test_profiled_kernels_fit_with_the_profilers_buffer(m):
+  """experiments/profile_w4.py's configurations at K = N = 8192 with ``profile_dir``: the
+  profiler's shared-memory buffer is reserved in the plan, so Mosaic GPU builds every
+  kernel; lowering then stops only at the trace's host callback, which needs a GPU backend
+  (with 4096 ranges per warpgroup every configuration overflowed shared memory)."""
+  profile = _experiment("profile_w4")
+  k = n = 8192
+  wq = jax.eval_shape(lambda a: quantize(a, QuantSpec(
+      bits=4, channel_axes=(1,), group_size=128, pack=True, scale_dtype=jnp.bfloat16)),
+      jax.ShapeDtypeStruct((k, n), jnp.float32))
+  q_nk = jax.ShapeDtypeStruct(wq.qvalue.shape[::-1], wq.qvalue.dtype)
+  s_nk = jax.ShapeDtypeStruct(wq.scale.shape[::-1], wq.scale.dtype)
+  for kname, tiles in profile.profiled_configs(m):
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16 if kname == "w4a16" else jnp.int8)
+
+    def f(a, q, s, tiles=tiles, kname=kname):
+      return K._mosaic_gpu.w4_matmul(a, q.T, s.T, 128, tiles=tiles, interpret=False, name=kname,
+                                     kernel_name=f"lowbit_{kname}_hopper", weight_layout="nk",
+                                     profile_dir="/nonexistent")
+    with pytest.raises(ValueError, match="different from the lowering platform cuda"):
+      jax.jit(f).trace(x, q_nk, s_nk).lower(lowering_platforms=("cuda",))
+
+
 def test_slab_scales_are_loaded_not_searched():
   """``nk_scales="slab"``: a step reads its column of the scale slab with one scalar load per
   row a thread holds, as the streamed scale rows do; no select over the slab's columns and
