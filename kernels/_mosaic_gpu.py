@@ -170,6 +170,14 @@ def _tiled(cols: int, bits: int) -> tuple:
 PROFILE_EVENTS = 512
 
 
+def _wgmma_row_layout():
+  """The layout of a ``[rows]`` vector of the wgmma accumulator's rows (jax 0.10: the
+  WGMMA layout reduced over columns; older releases named it ``WGMMA_ROW``)."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  wgmma = plgpu.Layout.WGMMA
+  return wgmma.reduce(1) if hasattr(wgmma, "reduce") else plgpu.Layout.WGMMA_ROW
+
+
 def profile_smem_bytes(warpgroups: int) -> int:
   """Shared memory Mosaic GPU's profiler takes (``profile_dir``): per warpgroup (the TMA
   one too) ``PROFILE_EVENTS`` ranges of two events of two 32-bit words."""
@@ -1057,7 +1065,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
                 sl = slab_smem[slab_set, h, :, col]
               else:
                 sl = plgpu.load(slab_smem.at[slab_set, h], (slice(None), col),
-                                layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+                                layout=_wgmma_row_layout(), optimized=False)
               out.append(sl.astype(jnp.float32) * factors[h])
             return out
 
