@@ -137,9 +137,8 @@ def main(argv=None) -> int:
         out[label] = summarize(json.load(fh))
       # the profiler's buffer takes shared memory: the plan may have fewer stages than unprofiled
       out[label]["stages"] = _mosaic_gpu.plan_w4(
-          kname, args.m, k, n, 128, tiles, act_bytes=1 if kname == "w4a8" else 2,
-          weight_layout="nk", scale_bytes=2,
-          reserved_smem=_mosaic_gpu.profile_smem_bytes(tiles.compute_wgs + 1)).stages
+          kname, args.m, k, n, 128, tiles, act_bytes=acts[kname].dtype.itemsize,
+          weight_layout="nk", scale_bytes=s_nk.dtype.itemsize, profiled=True).stages
     except Exception as e:  # noqa: BLE001 - one configuration failing is a result too
       out[label] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
     save()

@@ -661,13 +661,15 @@ class W4Plan:
 
 def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
             tiles: HopperW4Tiles, act_bytes: int = 2, weight_layout: str = "kn",
-            scale_bytes: int = 4, reserved_smem: int = 0) -> W4Plan:
+            scale_bytes: int = 4, profiled: bool = False) -> W4Plan:
   """Resolve ``tiles`` for the problem, or raise a ``ValueError`` naming the misfit.
 
   A grouped ``"nk"`` weight reads its scales as stored (``nk_scales="slab"``) when
   the slab, ``W = 8 * ceil(steps / 8)`` columns for a work item's ``steps``
   K-steps, is no wider than the weight's ``K/G`` groups and a row of scales is a
   whole number of 16 bytes (TMA's stride unit); otherwise XLA transposes them.
+  ``profiled`` (a call with ``profile_dir``): the pipeline leaves room for the
+  profiler's buffer (:func:`profile_smem_bytes`), with fewer stages where it must.
   """
   if k % 2:
     raise ValueError(f"{name}: K={k} must be even (two int4 codes per byte).")
@@ -728,7 +730,9 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
         f"{name}: {tiles} streams a row of {cta_n} group scales per K-step, more than TMA's "
         f"256 elements per box dimension; lower compute_wgs * tile_n to 256 or read the "
         f"scales as a slab (weight_layout='nk', nk_scales='slab').")
-  room = SMEM_BYTES - reserved_smem  # reserved: the profiler's buffer (profile_dir)
+  # profiled (profile_dir): the profiler's buffer, per warpgroup, shares the memory
+  reserved_smem = profile_smem_bytes(tiles.compute_wgs + 1) if profiled else 0
+  room = SMEM_BYTES - reserved_smem
   if tiles.max_concurrent_steps is None:
     while plan.stages > 2 and plan.smem_bytes() > room:
       plan = dataclasses.replace(plan, stages=plan.stages - 1)
@@ -1034,21 +1038,19 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
                      for h in (0, 1)] if p.slab else None)
 
           def context(eval_pipeline):
-            if p.slab:  # this warpgroup's rows of both halves' scales, one TMA each
-              if p.ksplit:
-                # The warpgroups share the CTA's rows: warpgroup 0 copies them once. All
-                # of them passed the previous item's partial-sum barrier, so none still
-                # reads the slab this overwrites.
-                @pl.when(wg == 0)
-                def _():
-                  for h in (0, 1):
-                    plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(ni * cta_n, tn), pl.ds(starts[h], p.slab)],
-                                            slab_smem.at[0, h], slab_bar.at[0])
-              else:
+            if p.slab:  # this slab set's rows of both halves' scales, one TMA each
+              def copy_slab():
                 for h in (0, 1):
                   plgpu.copy_gmem_to_smem(
-                      s_gmem.at[pl.ds(ni * cta_n + wg * tn, tn), pl.ds(starts[h], p.slab)],
-                      slab_smem.at[wg, h], slab_bar.at[wg])
+                      s_gmem.at[pl.ds(ni * cta_n + slab_set * tn, tn), pl.ds(starts[h], p.slab)],
+                      slab_smem.at[slab_set, h], slab_bar.at[slab_set])
+              # wg_split="k": one set for the warpgroups' shared rows, copied by warpgroup 0.
+              # All of them passed the previous item's partial-sum barrier, so none still
+              # reads the slab this overwrites.
+              if p.ksplit:
+                pl.when(wg == 0)(copy_slab)
+              else:
+                copy_slab()
               plgpu.barrier_wait(slab_bar.at[slab_set])
             store(eval_pipeline(jnp.zeros((tn, tm), jnp.float32)))
 
@@ -1133,7 +1135,7 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
   (m, k), n = x.shape, wq.shape[1]
   plan = plan_w4(name, m, k, n, group, tiles, act_bytes=jnp.dtype(x.dtype).itemsize,
                  weight_layout=weight_layout, scale_bytes=jnp.dtype(ws.dtype).itemsize,
-                 reserved_smem=profile_smem_bytes(tiles.compute_wgs + 1) if profile_dir else 0)
+                 profiled=bool(profile_dir))
   tm, h = plan.tile_m, k // 2
   mp = -(-m // tm) * tm
   # HopperW4Tiles.pad_tokens=False: one partial token tile read as it is (TMA fills zeros).
