@@ -40,6 +40,9 @@ def count_ops(module_text: str) -> dict[str, collections.Counter]:
       f"{op} {ty}" for op, ty in re.findall(r"= arith\.(\w+) [^\n]*?: (vector<[^>]+>)(?:\n| )",
                                             module_text))
   loads = collections.Counter(re.findall(r"llvm\.load [^\n]*-> ([^\n]+)", module_text))
+  # jax 0.11 loads 8-bit wgmma operand fragments with ldmatrix (num 32-bit registers each)
+  loads.update(f"ldmatrix x{n} {t}" for n, t in re.findall(
+      r"nvvm\.ldmatrix [^\n]*?num = (\d+)[^\n]*?element_type = <(\w+)>", module_text))
   other = collections.Counter(
       n for n in re.findall(r"(nvvm\.shfl\.sync|nvvm\.wgmma\.wait\.group\.sync\.aligned|"
                             r"nvvm\.wgmma\.fence\.aligned|nvvm\.mbarrier\.try_wait\.parity|"

@@ -184,6 +184,34 @@ def profile_smem_bytes(warpgroups: int) -> int:
   return warpgroups * PROFILE_EVENTS * 2 * 2 * 4
 
 
+def load_slab_column(slab_smem, slab_set, h: int, col) -> jax.Array:
+  """``slab_smem[slab_set, h, :, col]``, ``[tile_n]`` in the wgmma row layout: one
+  scalar shared-memory load per row a thread holds.
+
+  The column is strided in shared memory (stride: the slab's width), and Mosaic GPU's
+  layout inference rejects a strided shared-memory ref from jax 0.11.2 on ("We cannot
+  apply swizzle to non-contiguous refs"), so the load is written at the lane level
+  (``plgpu.inline_mgpu``) on the whole, untransformed slab buffer: inference sees that
+  buffer and the result's layout, not the strided view."""
+  import jax.experimental.mosaic.gpu as mgpu
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+
+  layout = _wgmma_row_layout()
+  tn = slab_smem.shape[2]
+  index = lambda v: arith.index_cast(ir.IndexType.get(), v.registers.item())  # noqa: E731
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), layout, layout),
+                     return_type=plgpu.ShapeDtypeStruct((tn,), slab_smem.dtype, layout=layout))
+  def load(ctx, ref, set_, col_):
+    del ctx
+    column = mgpu.utils.memref_slice(ref, (index(set_), h, slice(None), index(col_)))
+    return mgpu.FragmentedArray.load_untiled(column, layout=layout.to_mgpu(), optimized=False)
+
+  return load(slab_smem, jnp.asarray(slab_set, jnp.int32), jnp.asarray(col, jnp.int32))
+
+
 def _launch(kernel, out_type, num_sms: int, name: str, interpret: bool,
             profile_dir: str | None = None, compute_wgs: int = 2):
   """The persistent launch both kernels share: one CTA per SM (grid axis ``"sm"``), a TMA
@@ -298,7 +326,7 @@ def w8a8_kernel(xq: jax.Array, xs: jax.Array, w: jax.Array, ws: jax.Array, *,
           if interpret:
             w_tile = w_smem.at[:, wn]
           else:
-            w_tile = plgpu.transpose_ref(w_smem.at[wn], (1, 0))
+            w_tile = w_smem.at[wn].transpose((1, 0))
           plgpu.wgmma(acc_ref, x_smem.at[wm], w_tile)
           plgpu.wgmma_wait(0)
           return acc_ref
@@ -907,7 +935,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
           for (a, b), acc_ref in zip(pairs, acc_refs, strict=True):
             a = a()
             with jax.named_scope("issue"):
-              plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b, (1, 0)))
+              plgpu.wgmma(acc_ref, a, b.transpose((1, 0)))
           with jax.named_scope("wait"):
             plgpu.wgmma_wait(0)
 
@@ -1066,8 +1094,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
               if interpret:
                 sl = slab_smem[slab_set, h, :, col]
               else:
-                sl = plgpu.load(slab_smem.at[slab_set, h], (slice(None), col),
-                                layout=_wgmma_row_layout(), optimized=False)
+                sl = load_slab_column(slab_smem, slab_set, h, col)
               out.append(sl.astype(jnp.float32) * factors[h])
             return out
 
