@@ -45,16 +45,18 @@ TARGETS = {"cuda": dict(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, plat
            "tpu": dict(device_kind="TPU v5 lite", num_cores=1, platform="tpu")}
 
 
-def on_target(platform: str):
-  """A context in which lowering for ``platform`` sees the device of ``TARGETS``."""
+def on_target(platform: str, device_kind: str | None = None):
+  """A context in which lowering for ``platform`` sees the device of ``TARGETS`` (or one
+  of ``device_kind``)."""
   from jax.sharding import AbstractDevice, AbstractMesh
-  device = AbstractDevice(**TARGETS[platform])
+  target = TARGETS[platform] | ({"device_kind": device_kind} if device_kind else {})
+  device = AbstractDevice(**target)
   return jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=device))
 
 
-def lower(fn, a, b, backend, platform, bs, **kw):
+def lower(fn, a, b, backend, platform, bs, device_kind=None, **kw):
   f = jax.jit(lambda a, b: fn(a, b, backend=backend, block_sizes=bs, **kw))
-  with on_target(platform):
+  with on_target(platform, device_kind):
     return f.trace(a, b).lower(lowering_platforms=(platform,)).as_text()
 
 
@@ -79,12 +81,13 @@ def test_lowers_for_cuda_through_triton(name, bs):
   assert "__gpu$xla.gpu.triton" in txt or "triton_kernel_call" in txt
 
 
+@pytest.mark.parametrize("chip", ["TPU v4", "TPU v5 lite", "TPU v6 lite"])
 @pytest.mark.parametrize("name", list(operands()))
-def test_lowers_for_tpu_through_mosaic(name):
+def test_lowers_for_tpu_through_mosaic(name, chip):
   fn, a, b = operands()[name]
   # Mosaic asks the TPU generation before lowering the packed-int4 kernels (unsigned loads
-  # and int32 shifts): the abstract TPU v5e of on_target answers it
-  txt = lower(fn, a, b, "tpu", "tpu", BlockSizes(bm=16, bn=256, bk=128))
+  # and int32 shifts): the abstract device of on_target answers it
+  txt = lower(fn, a, b, "tpu", "tpu", BlockSizes(bm=16, bn=256, bk=128), device_kind=chip)
   assert "tpu_custom_call" in txt
 
 
