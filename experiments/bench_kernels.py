@@ -275,7 +275,11 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
           # wg_split="k" + epilogue="kernel": the call is one kernel (no split-K sum)
           NAT(wg_split="k", nk_scales="slab", pad_tokens=False, epilogue="kernel"),
           NAT(wg_split="k", compute_wgs=4, nk_scales="slab", pad_tokens=False, epilogue="kernel"),
-          NAT(wg_split="k", compute_wgs=4, nk_scales="slab", pad_tokens=False)]
+          NAT(wg_split="k", compute_wgs=4, nk_scales="slab", pad_tokens=False),
+          # the same with "ptx": jax 0.11 loads its operand bytes with ldmatrix (4 per step and
+          # thread, 16 PTX blocks of 12 instructions, against "ptx_natural"'s 32 16-bit loads
+          # and 32 blocks of 5); one XLA op, the token reorder, before the kernel
+          P(wg_split="k", compute_wgs=4, nk_scales="slab", pad_tokens=False, epilogue="kernel")]
 
 
 def hopper_fn(tiles, interpret: bool, weight_layout: str = "kn", kname: str = "w4a16"):
