@@ -186,6 +186,8 @@ W4_CASES = [
     (5, 512, 256, 64, dict(nibbles="split", epilogue="kernel"), "kn"),
     (1, 512, 256, 64, dict(nibbles="split", wg_split="k", compute_wgs=4, epilogue="kernel",
                            unpack="ptx_natural", pad_tokens=False, nk_scales="slab"), "nk"),
+    (1, 512, 256, 64, dict(nibbles="split", wg_split="k", compute_wgs=4, epilogue="kernel",
+                           unpack="ptx", pad_tokens=False, nk_scales="slab"), "nk"),
 ]
 
 
