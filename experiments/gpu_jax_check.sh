@@ -10,7 +10,8 @@
 #
 #   usage: bash experiments/gpu_jax_check.sh [pytest arguments]   (about 2 minutes on 2 cores,
 #          plus the first install)
-#   knobs: JAX_VERSION (default 0.11.2), PYTHON312 (a python3.12), VENV (default .venv-jax<version>)
+#   knobs: JAX_VERSION (default 0.11.2; 0.12.0.1 is the newest release on 2026-11-27),
+#          PYTHON312 (a python3.12), VENV (default .venv-jax<version>)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JAX=${JAX_VERSION:-0.11.2}

@@ -856,7 +856,12 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
     x_spec = plgpu.BlockSpec((sub * tx, tm), lambda t: (t, 0), memory_space=smem)
     w_spec = plgpu.BlockSpec((cta_n, sub * tw), lambda t: (0, t), memory_space=smem)
   else:
-    x_spec = plgpu.BlockSpec((tm, sub * tx), lambda t: (0, t),
+    # pad_tokens=False: the token tile overhangs x's M < tile_m rows. From jax 0.12 on, a
+    # ref slice whose start is a known constant is checked against the ref's bounds, which
+    # rejects that overhang; a start computed from the step index is not checked, and TMA
+    # zero-fills the rows past M as before.
+    overhang = xs[0].shape[1] < tm
+    x_spec = plgpu.BlockSpec((tm, sub * tx), lambda t: (t * 0 if overhang else 0, t),
                              transforms=_tiled(tx, act.itemsize * 8), memory_space=smem)
     w_spec = plgpu.BlockSpec((cta_n, sub * tw), lambda t: (0, t), transforms=_tiled(tw, w_bits),
                              memory_space=smem)
