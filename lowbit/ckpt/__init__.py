@@ -9,8 +9,13 @@ A checkpoint directory holds two Orbax items:
   (JSON), and for every tensor its path, shape, dtype and Variable type, plus
   each converted layer's quantization metadata.
 
+Beside them, ``lowbit_files.json`` lists every file the save wrote with its size
+and sha256, written (atomically) once Orbax has finished.
+
 :func:`restore` reads ``meta`` first and checks every tensor against the
-abstract model (``nnx.eval_shape``) before any array is read; Orbax writes to
+abstract model (``nnx.eval_shape``), then every file against the list, before
+any array is read: a missing, truncated or altered file is named in a
+``ValueError`` instead of being read as whatever it now holds. Orbax writes to
 a temporary directory and renames it when complete, so an interrupted save
 leaves the previous checkpoint intact.
 
@@ -31,6 +36,9 @@ True
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import pathlib
 from typing import Any
 
@@ -46,6 +54,57 @@ from lowbit.nn.surgery import flat_variables, quantizable_layers
 from lowbit.sharding import partition_specs
 
 FORMAT_VERSION = 1
+#: The list of the save's files (relative path -> bytes and sha256), at the checkpoint's root.
+FILES = "lowbit_files.json"
+
+
+def _files(root: pathlib.Path) -> dict[str, dict[str, Any]]:
+  """Every file under ``root`` but the list itself: ``{relative path: {"bytes", "sha256"}}``."""
+  out = {}
+  for f in sorted(root.rglob("*")):
+    rel = f.relative_to(root).as_posix()
+    if not f.is_file() or rel == FILES:
+      continue
+    h = hashlib.sha256()
+    with f.open("rb") as fh:
+      for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+        h.update(chunk)
+    out[rel] = {"bytes": f.stat().st_size, "sha256": h.hexdigest()}
+  return out
+
+
+def _write_files(root: pathlib.Path) -> None:
+  """Write ``FILES`` for a finished save (to a temporary name, then renamed)."""
+  tmp = root / (FILES + ".tmp")
+  tmp.write_text(json.dumps(_files(root), indent=1, sort_keys=True))
+  os.replace(tmp, root / FILES)
+
+
+def verify_files(path: str | pathlib.Path) -> None:
+  """Check every file of the checkpoint at ``path`` against the list its save wrote
+  (``lowbit_files.json``): present, the same size, the same sha256.
+
+  Raises ``ValueError`` naming the first file that is missing, has another size
+  (truncated or appended to) or other bytes, or when the list itself is missing
+  (an unfinished save). :func:`restore` calls it unless ``verify=False``.
+  """
+  path = pathlib.Path(path).absolute()
+  listed = path / FILES
+  if not listed.exists():
+    raise ValueError(f"restore: {path} has no {FILES} (the list of the files its save wrote): "
+                     "the save did not finish, or the file was removed.")
+  want = json.loads(listed.read_text())
+  have = _files(path)
+  for rel, w in sorted(want.items()):
+    h = have.get(rel)
+    if h is None:
+      raise ValueError(f"restore: {path / rel} is missing (the save wrote {w['bytes']} bytes).")
+    if h["bytes"] != w["bytes"]:
+      raise ValueError(f"restore: {path / rel} has {h['bytes']} bytes, the save wrote "
+                       f"{w['bytes']} (truncated or overwritten).")
+    if h["sha256"] != w["sha256"]:
+      raise ValueError(f"restore: {path / rel} does not hold the bytes the save wrote "
+                       "(its sha256 differs): the file changed after the save.")
 
 
 def _tensor_meta(state: nnx.State) -> dict[str, dict[str, Any]]:
@@ -97,9 +156,12 @@ def save(path: str | pathlib.Path, model: nnx.Module, *, policy=None,
           "jax_version": jax.__version__, "policy": None if policy is None else policy.to_dict(),
           "tensors": _tensor_meta(state), "layers": _layers_meta(model)}
   arrays = {k: np.asarray(v.get_value()) for k, v in flat.items()}
+  meta["files"] = FILES  # restore then insists on the list (older saves have none)
   with _checkpointer(compression) as c:
     c.save(path, args=ocp.args.Composite(state=ocp.args.PyTreeSave(arrays),
                                          meta=ocp.args.JsonSave(meta)), force=overwrite)
+  if jax.process_index() == 0:
+    _write_files(path)
   return path
 
 
@@ -118,7 +180,8 @@ def read_meta(path: str | pathlib.Path) -> dict[str, Any]:
 
 
 def restore(path: str | pathlib.Path, abstract_model: nnx.Module, *, policy=None,
-            mesh: jax.sharding.Mesh | None = None, rules: dict[str, str] | None = None) -> nnx.Module:
+            mesh: jax.sharding.Mesh | None = None, rules: dict[str, str] | None = None,
+            verify: bool = True) -> nnx.Module:
   """Restore into ``abstract_model`` (from ``nnx.eval_shape``); checks before reading.
 
   With ``mesh`` and ``rules`` (see :mod:`lowbit.sharding`) every array is read
@@ -127,8 +190,9 @@ def restore(path: str | pathlib.Path, abstract_model: nnx.Module, *, policy=None
 
   Raises ``ValueError`` naming the checkpoint path and the tensor when the
   format version differs, the policy differs (if ``policy`` is given), a
-  tensor is missing, extra, or has another shape or dtype, or a file is
-  missing or truncated.
+  tensor is missing, extra, or has another shape or dtype, or (``verify``,
+  :func:`verify_files`) a file is missing, truncated or altered since the save.
+  ``verify=False`` skips hashing the files (Orbax then fails on what it cannot read).
   """
   path = pathlib.Path(path).absolute()
   meta = read_meta(path)
@@ -165,6 +229,8 @@ def restore(path: str | pathlib.Path, abstract_model: nnx.Module, *, policy=None
           f"expects {want[k]['dtype']}{want[k]['shape']}: the policy or shapes differ.")
   if (mesh is None) != (rules is None):
     raise ValueError("restore: pass both mesh and rules (lowbit.sharding.RULES[...]), or neither.")
+  if verify and "files" in meta:
+    verify_files(path)
   specs = {}
   if mesh is not None:
     specs = partition_specs(abstract_model, mesh, rules)
@@ -257,11 +323,24 @@ def latest(root: str | pathlib.Path) -> pathlib.Path | None:
   """The newest complete checkpoint directly under ``root`` (by name), or None.
 
   Orbax writes into a temporary directory and renames it when the save is
-  complete: an interrupted save leaves only a temporary directory, skipped here.
+  complete: an interrupted save leaves only a temporary directory, skipped here,
+  or (killed between Orbax's rename and the file list) no ``lowbit_files.json``,
+  also skipped (a save from before the lists has none and is taken).
   """
   root = pathlib.Path(root)
-  done = [p for p in root.iterdir() if p.is_dir() and ".orbax-checkpoint-tmp" not in p.name
-          and (p / "meta").exists() and (p / "state").exists()] if root.exists() else []
+
+  def complete(p: pathlib.Path) -> bool:
+    if not (p.is_dir() and ".orbax-checkpoint-tmp" not in p.name and (p / "meta").exists()
+            and (p / "state").exists()):
+      return False
+    if (p / FILES).exists():
+      return True
+    try:
+      return "files" not in read_meta(p)
+    except ValueError:
+      return False
+
+  done = [p for p in root.iterdir() if complete(p)] if root.exists() else []
   return max(done, key=lambda p: p.name) if done else None
 
 
