@@ -73,10 +73,13 @@ def profiled_configs(m: int) -> list:
                ("w4a8", S(tile_m=128, unpack="ptx", int_sums="magic"))]
   else:
     # most telling first (the stage's timeout may cut the list): the default, the one-kernel
-    # decode candidate, its per-warpgroup-rows sibling, then the unpack variants, then W4A8
+    # decode candidate with each of its unpacks (jax 0.11 loads "ptx"'s bytes with ldmatrix),
+    # its per-warpgroup-rows sibling, then the unpack variants, then W4A8
+    one_kernel = dict(compute_wgs=4, pad_tokens=False, wg_split="k", epilogue="kernel",
+                      nk_scales="slab")
     configs = [("w4a16", T()),
-               ("w4a16", S(compute_wgs=4, unpack="ptx_natural", pad_tokens=False,
-                           wg_split="k", epilogue="kernel", nk_scales="slab")),
+               ("w4a16", S(unpack="ptx_natural", **one_kernel)),
+               ("w4a16", S(unpack="ptx", **one_kernel)),
                ("w4a16", S(compute_wgs=4, unpack="ptx_natural", pad_tokens=False)),
                ("w4a16", S(tile_n=128, unpack="ptx")), ("w4a16", S(tile_n=128)),
                ("w4a16", T(tile_n=128)), ("w4a16", S(compute_wgs=4)),
