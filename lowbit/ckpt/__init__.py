@@ -286,10 +286,18 @@ def save_train_state(root: str | pathlib.Path, step: int, model: nnx.Module, *op
   tree = _train_tree(model, optimizers)
   if extra:
     tree["extra"] = _str_keys(extra)
-  with ocp.CheckpointManager(pathlib.Path(root).absolute(),
+  root = pathlib.Path(root).absolute()
+  with ocp.CheckpointManager(root,
                              options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)) as m:
     m.save(step, args=ocp.args.StandardSave(tree))
     m.wait_until_finished()
+  if jax.process_index() == 0:  # the step's files, as save() lists a model's
+    _write_files(_step_dir(root, step))
+
+
+def _step_dir(root: pathlib.Path, step: int) -> pathlib.Path:
+  """Where ``orbax.checkpoint.CheckpointManager`` (its default step names) keeps ``step``."""
+  return root / ocp.step.standard_name_format().build_name(step)
 
 
 def restore_train_state(root: str | pathlib.Path, model: nnx.Module, *optimizers,
@@ -297,13 +305,17 @@ def restore_train_state(root: str | pathlib.Path, model: nnx.Module, *optimizers
   """Restore the latest (or ``step``) train state into ``model`` and ``optimizers`` in place.
 
   ``model`` and the optimizers must be built as for the saved run (the same
-  policy and ``learn``); returns ``(step, extra)``.
+  policy and ``learn``); returns ``(step, extra)``. The step's files are checked
+  against the sizes and sha256 its save listed (:func:`verify_files`) before any
+  array is read; a step saved before the lists is read unchecked.
   """
   root = pathlib.Path(root).absolute()
   with ocp.CheckpointManager(root) as m:
     step = m.latest_step() if step is None else step
     if step is None:
       raise ValueError(f"restore_train_state: no complete checkpoint under {root}.")
+    if (_step_dir(root, step) / FILES).exists():
+      verify_files(_step_dir(root, step))
     template = _train_tree(model, optimizers)
     if extra:
       template["extra"] = _str_keys(extra)

@@ -187,3 +187,19 @@ def test_static_activation_scales_round_trip_and_fake_quant_is_refused(tmp_path)
   restored = ckpt.restore(tmp_path / "c", nnx.eval_shape(lambda: build(1.0)), policy=policy)
   tok = jnp.arange(8)[None]
   np.testing.assert_array_equal(np.asarray(restored(tok)), np.asarray(model(tok)))
+
+
+def test_a_damaged_train_state_is_named_before_it_is_read(tmp_path):
+  """save_train_state lists the step's files as save does; restore_train_state checks them."""
+  import optax
+
+  model = lowbit.quantize_model(Transformer(CFG, rngs=nnx.Rngs(0)), lowbit.policy.w8a8())
+  opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  ckpt.save_train_state(tmp_path / "run", 3, model, opt)
+  step_dir = tmp_path / "run" / "3"
+  assert (step_dir / ckpt.FILES).exists()
+  assert ckpt.restore_train_state(tmp_path / "run", model, opt)[0] == 3
+  [big] = sorted((f for f in step_dir.rglob("*") if f.is_file()), key=lambda f: -f.stat().st_size)[:1]
+  big.write_bytes(big.read_bytes()[:-1])
+  with pytest.raises(ValueError, match=f"{big.relative_to(step_dir)} has .* bytes, the save wrote"):
+    ckpt.restore_train_state(tmp_path / "run", model, opt)
