@@ -206,6 +206,9 @@ def case_id(c) -> str:
 
 @pytest.mark.parametrize("m,k,n,group,kw,layout", W4_CASES, ids=[case_id(c) for c in W4_CASES])
 def test_w4a16_matches_reference_and_float64(m, k, n, group, kw, layout):
+  if not ON_GPU and kw.get("unpack") == "ptx" and kw.get("epilogue") == "kernel":
+    pytest.skip("interpreted, unpack='ptx' runs the jnp of the ptx_natural case above it "
+                "(20 s on 2 cores); it is compiled on the GPU and lowered on CPU")
   x, wq = w4_operands(m, k, n, group, seed=m + k + n,
                       scale_dtype=jnp.bfloat16 if group == 128 else jnp.float32)
   w = wq.transpose() if layout == "nk" else wq
