@@ -9,7 +9,7 @@
 # and lowered for cuda and tpu (test_lowering.py gives the lowering an abstract H100 / TPU v5e).
 #
 #   usage: bash experiments/gpu_jax_check.sh [pytest arguments]   (about 2 minutes on 2 cores,
-#          plus the first install)
+#          plus the first install; the interpreted cases marked slow run too)
 #   knobs: JAX_VERSION (default 0.11.2; 0.12.0.1 is the newest release on 2026-11-27),
 #          PYTHON312 (a python3.12), VENV (default .venv-jax<version>)
 set -euo pipefail
@@ -29,4 +29,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -c "import jax, sys; print('jax', jax.__version__, 'python', sys.version.split()[0]);
 assert jax.__version__ == '$JAX', 'the venv has jax ' + jax.__version__ + ', not $JAX: remove $VENV'"
-"$VENV/bin/python" -m pytest -q tests/kernels "$@"
+# every kernel test, the interpreted cases the default suite marks slow included
+"$VENV/bin/python" -m pytest -q tests/kernels -m "slow or not slow" "$@"

@@ -205,6 +205,7 @@ def _lowered_ops():
   return _experiment("lowered_ops")
 
 
+@pytest.mark.slow  # the GPU run's own candidates: experiments/gpu_jax_check.sh
 @pytest.mark.parametrize("m", [1, 16, 256])
 @pytest.mark.parametrize("name", ["w4a16", "w4a8"])
 def test_every_int4_sweep_candidate_lowers_for_cuda(name, m):
@@ -249,6 +250,7 @@ def test_every_w8a8_sweep_candidate_lowers_for_cuda():
   assert bench.hopper_candidates(m) and not failed, "\n".join(failed)
 
 
+@pytest.mark.slow  # the GPU run's own candidates: experiments/gpu_jax_check.sh
 @pytest.mark.parametrize("m", [1, 256])
 def test_profiled_kernels_fit_with_the_profilers_buffer(m):
   """experiments/profile_w4.py's configurations at K = N = 8192 with ``profile_dir``: the

@@ -204,11 +204,36 @@ def case_id(c) -> str:
           + ("-final" if kw.get("epilogue") == "kernel" else ""))
 
 
-@pytest.mark.parametrize("m,k,n,group,kw,layout", W4_CASES, ids=[case_id(c) for c in W4_CASES])
+#: Cases whose interpreted run repeats what another case already checks, the opt-in variant
+#: combined with other tiles or shapes (each variant keeps at least one case in the default
+#: suite): marked ``slow`` on CPU, where the interpreter takes 3-20 s a case. On a GPU they
+#: all run compiled, every case lowers for cuda in the default suite, and
+#: experiments/gpu_jax_check.sh runs the slow ones too before device time.
+INTERPRETED_ONCE = {
+    "w4a16": {"9x512x256-gNone-nk-split", "20x1024x256-g128-kn-split", "4x256x256-g32-nk-split-wgs4",
+              "3x512x256-g64-nk-split-ptx-unpadded", "9x512x256-gNone-kn-split-ptx",
+              "4x512x256-g64-nk-split-ptx-slab-unpadded-wgs4",
+              "20x1024x256-g128-kn-split-natural", "9x512x256-gNone-nk-split-natural-wgs4",
+              "9x1024x256-gNone-kn-split-wgs4-ksplit", "20x1024x256-g128-kn-split-ksplit",
+              "5x512x256-g64-kn-split-final",
+              # interpreted, unpack="ptx" runs the jnp of its ptx_natural twin above
+              "1x512x256-g64-nk-split-ptx-slab-unpadded-wgs4-ksplit-final"},
+    "w4a8": {"20x1024x256-gNone-nk-split", "5x512x256-g64-nk-split-unpadded",
+             "20x1024x256-gNone-kn-split-ptx", "130x512x256-g64-nk-split-ptx-magic"},
+}
+
+
+def interpreted(kernel: str, cases: list) -> list:
+  """``cases`` as parameters, those of ``INTERPRETED_ONCE`` marked slow unless on a GPU."""
+  unknown = INTERPRETED_ONCE[kernel] - {case_id(c) for c in cases}
+  assert not unknown, f"INTERPRETED_ONCE names no {kernel} case {sorted(unknown)}"
+  slow = set() if ON_GPU else INTERPRETED_ONCE[kernel]
+  return [pytest.param(*c, id=case_id(c), marks=[pytest.mark.slow] if case_id(c) in slow else [])
+          for c in cases]
+
+
+@pytest.mark.parametrize("m,k,n,group,kw,layout", interpreted("w4a16", W4_CASES))
 def test_w4a16_matches_reference_and_float64(m, k, n, group, kw, layout):
-  if not ON_GPU and kw.get("unpack") == "ptx" and kw.get("epilogue") == "kernel":
-    pytest.skip("interpreted, unpack='ptx' runs the jnp of the ptx_natural case above it "
-                "(20 s on 2 cores); it is compiled on the GPU and lowered on CPU")
   x, wq = w4_operands(m, k, n, group, seed=m + k + n,
                       scale_dtype=jnp.bfloat16 if group == 128 else jnp.float32)
   w = wq.transpose() if layout == "nk" else wq
@@ -259,7 +284,7 @@ W4A8_CASES = [
 ]
 
 
-@pytest.mark.parametrize("m,k,n,group,kw,layout", W4A8_CASES, ids=[case_id(c) for c in W4A8_CASES])
+@pytest.mark.parametrize("m,k,n,group,kw,layout", interpreted("w4a8", W4A8_CASES))
 def test_w4a8_matches_reference_and_float64(m, k, n, group, kw, layout):
   x, wq = w4_operands(m, k, n, group, seed=m + k + n + 1)
   xa = quantize(x.astype(jnp.float32), QuantSpec(bits=8, channel_axes=(0,)))
