@@ -58,19 +58,18 @@ FORMAT_VERSION = 1
 FILES = "lowbit_files.json"
 
 
+def _sha256(f: pathlib.Path) -> str:
+  h = hashlib.sha256()
+  with f.open("rb") as fh:
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
 def _files(root: pathlib.Path) -> dict[str, dict[str, Any]]:
   """Every file under ``root`` but the list itself: ``{relative path: {"bytes", "sha256"}}``."""
-  out = {}
-  for f in sorted(root.rglob("*")):
-    rel = f.relative_to(root).as_posix()
-    if not f.is_file() or rel == FILES:
-      continue
-    h = hashlib.sha256()
-    with f.open("rb") as fh:
-      for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-        h.update(chunk)
-    out[rel] = {"bytes": f.stat().st_size, "sha256": h.hexdigest()}
-  return out
+  return {f.relative_to(root).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+          for f in sorted(root.rglob("*")) if f.is_file() and f != root / FILES}
 
 
 def _write_files(root: pathlib.Path) -> None:
@@ -93,17 +92,15 @@ def verify_files(path: str | pathlib.Path) -> None:
   if not listed.exists():
     raise ValueError(f"restore: {path} has no {FILES} (the list of the files its save wrote): "
                      "the save did not finish, or the file was removed.")
-  want = json.loads(listed.read_text())
-  have = _files(path)
-  for rel, w in sorted(want.items()):
-    h = have.get(rel)
-    if h is None:
-      raise ValueError(f"restore: {path / rel} is missing (the save wrote {w['bytes']} bytes).")
-    if h["bytes"] != w["bytes"]:
-      raise ValueError(f"restore: {path / rel} has {h['bytes']} bytes, the save wrote "
+  for rel, w in sorted(json.loads(listed.read_text()).items()):
+    f = path / rel
+    if not f.is_file():
+      raise ValueError(f"restore: {f} is missing (the save wrote {w['bytes']} bytes).")
+    if f.stat().st_size != w["bytes"]:
+      raise ValueError(f"restore: {f} has {f.stat().st_size} bytes, the save wrote "
                        f"{w['bytes']} (truncated or overwritten).")
-    if h["sha256"] != w["sha256"]:
-      raise ValueError(f"restore: {path / rel} does not hold the bytes the save wrote "
+    if _sha256(f) != w["sha256"]:
+      raise ValueError(f"restore: {f} does not hold the bytes the save wrote "
                        "(its sha256 differs): the file changed after the save.")
 
 
@@ -314,7 +311,7 @@ def restore_train_state(root: str | pathlib.Path, model: nnx.Module, *optimizers
     step = m.latest_step() if step is None else step
     if step is None:
       raise ValueError(f"restore_train_state: no complete checkpoint under {root}.")
-    if (_step_dir(root, step) / FILES).exists():
+    if (_step_dir(root, step) / FILES).exists():  # saves before the lists have none
       verify_files(_step_dir(root, step))
     template = _train_tree(model, optimizers)
     if extra:

@@ -205,6 +205,17 @@ def _lowered_ops():
   return _experiment("lowered_ops")
 
 
+def cuda_lowering_failures(fn, x, w, candidates, **kw) -> list[str]:
+  """Each of ``candidates`` (Mosaic GPU tiles) that does not lower for cuda, with its error."""
+  failed = []
+  for tiles in candidates:
+    try:
+      lower(fn, x, w, "mosaic_gpu", "cuda", tiles, **kw)
+    except Exception as e:  # noqa: BLE001 - collect them all, then fail
+      failed.append(f"{tiles}: {type(e).__name__}: {str(e)[:200]}")
+  return failed
+
+
 @pytest.mark.slow  # the GPU run's own candidates: experiments/gpu_jax_check.sh
 @pytest.mark.parametrize("m", [1, 16, 256])
 @pytest.mark.parametrize("name", ["w4a16", "w4a8"])
@@ -223,12 +234,8 @@ def test_every_int4_sweep_candidate_lowers_for_cuda(name, m):
     x = jax.eval_shape(lambda a: quantize(a, QuantSpec(bits=8, channel_axes=(0,))),
                        jax.ShapeDtypeStruct((m, k), jnp.float32))
   fn = K.w4a16_matmul if name == "w4a16" else K.w4a8_matmul
-  failed = []
-  for tiles in [K.HopperW4Tiles()] + bench.hopper_w4_candidates(m, name):
-    try:
-      lower(fn, x, wt, "mosaic_gpu", "cuda", tiles, weight_layout="nk")
-    except Exception as e:  # noqa: BLE001 - collect them all, then fail
-      failed.append(f"{tiles}: {type(e).__name__}: {str(e)[:200]}")
+  failed = cuda_lowering_failures(fn, x, wt, [K.HopperW4Tiles()] + bench.hopper_w4_candidates(m, name),
+                                  weight_layout="nk")
   assert not failed, "\n".join(failed)
 
 
@@ -241,12 +248,7 @@ def test_every_w8a8_sweep_candidate_lowers_for_cuda():
   spec8 = lambda axis: QuantSpec(bits=8, channel_axes=(axis,))  # noqa: E731
   w = jax.eval_shape(lambda a: quantize(a, spec8(1)), jax.ShapeDtypeStruct((k, n), jnp.float32))
   x = jax.eval_shape(lambda a: quantize(a, spec8(0)), jax.ShapeDtypeStruct((m, k), jnp.float32))
-  failed = []
-  for tiles in bench.hopper_candidates(m):
-    try:
-      lower(K.w8a8_matmul, x, w, "mosaic_gpu", "cuda", tiles)
-    except Exception as e:  # noqa: BLE001 - collect them all, then fail
-      failed.append(f"{tiles}: {type(e).__name__}: {str(e)[:200]}")
+  failed = cuda_lowering_failures(K.w8a8_matmul, x, w, bench.hopper_candidates(m))
   assert bench.hopper_candidates(m) and not failed, "\n".join(failed)
 
 
