@@ -50,24 +50,19 @@ def count_ops(module_text: str) -> dict[str, collections.Counter]:
   return dict(inline_ptx=asm, arith_vector=arith, loads=loads, other=other)
 
 
-def lower_kernel(kernel: str, tiles_src: str, m: int, kn: int, group: int | None):
-  """The text of each Mosaic GPU module that lowering the call produces."""
+def kernel_call(kernel: str, tiles_src, m: int, kn: int, group: int | None):
+  """``(f, x, w)``: the jitted call of ``kernel`` with ``HopperW4Tiles(tiles_src)`` (or
+  ``HopperTiles``; ``tiles_src`` keyword arguments as text, or the tiles themselves),
+  weight stored K-major (``[kn, kn]``, group ``group``), and abstract ``x [m, kn]`` and
+  ``w`` to trace it with."""
   import jax
   import jax.numpy as jnp
-  from jax.experimental.mosaic.gpu import core
 
   from lowbit import kernels as K
   from lowbit.quant import QuantSpec, quantize
-  captured = []
-  original = core._run_serde_pass
-
-  def capture(module, *a, serialize=True, **kw):
-    if serialize:
-      captured.append(str(module))
-    return original(module, *a, serialize=serialize, **kw)
-
   cls = K.HopperTiles if kernel == "w8a8" else K.HopperW4Tiles
-  tiles = eval(f"cls({tiles_src})", {"cls": cls})  # noqa: S307 - a command-line literal
+  tiles = (eval(f"cls({tiles_src})", {"cls": cls}) if isinstance(tiles_src, str)  # noqa: S307
+           else tiles_src)  # (a command-line literal)
   w = jax.ShapeDtypeStruct((kn, kn), jnp.float32)
   spec = (QuantSpec(bits=8, channel_axes=(1,)) if kernel == "w8a8" else
           QuantSpec(bits=4, channel_axes=(1,), group_size=group, pack=True))
@@ -78,10 +73,25 @@ def lower_kernel(kernel: str, tiles_src: str, m: int, kn: int, group: int | None
   else:
     x = jax.eval_shape(lambda a: quantize(a, QuantSpec(bits=8, channel_axes=(0,))), xf)
     fn = K.w4a8_matmul if kernel == "w4a8" else K.w8a8_matmul
+  f = jax.jit(lambda a, b: fn(a, b, backend="mosaic_gpu", block_sizes=tiles, weight_layout="nk"))
+  return f, x, wq
+
+
+def lower_kernel(kernel: str, tiles_src: str, m: int, kn: int, group: int | None):
+  """The text of each Mosaic GPU module that lowering the call produces."""
+  from jax.experimental.mosaic.gpu import core
+  f, x, wq = kernel_call(kernel, tiles_src, m, kn, group)
+  captured = []
+  original = core._run_serde_pass
+
+  def capture(module, *a, serialize=True, **kw):
+    if serialize:
+      captured.append(str(module))
+    return original(module, *a, serialize=serialize, **kw)
+
   core._run_serde_pass = capture
   try:
-    jax.jit(lambda a, b: fn(a, b, backend="mosaic_gpu", block_sizes=tiles, weight_layout="nk")
-            ).trace(x, wq).lower(lowering_platforms=("cuda",))
+    f.trace(x, wq).lower(lowering_platforms=("cuda",))
   finally:
     core._run_serde_pass = original
   return captured

@@ -1,0 +1,266 @@
+"""The SASS of a Mosaic GPU kernel's main loop, compiled for an H100 on a CPU machine.
+
+    bash experiments/sass_venv.sh        # once: .venv-sass (jax[cuda12] 0.11.2, ptxas, nvdisasm)
+    .venv-sass/bin/python experiments/sass_stats.py w4a16 --tiles 'nibbles="split", unpack="ptx"'
+    .venv-sass/bin/python experiments/sass_stats.py w4a16 --sweep      # the benchmark's candidates
+
+``experiments/lowered_ops.py`` counts what Mosaic GPU lowers a kernel to (LLVM with
+inline PTX); this goes on to the machine code. XLA compiles for a GPU it does not have
+(a deviceless topology from a target description of an H100 SXM, jax's AOT path, with
+the CUDA plugin installed and no driver), Mosaic GPU dumps the kernel's PTX, and ptxas
+(``-arch=sm_90a``) and nvdisasm from NVIDIA's wheels give its registers, spills and
+SASS. For the innermost loop that issues ``HGMMA`` (a compute warpgroup's K-step) it
+prints the instruction mix per step and thread and
+
+    codes/thread/step = sum over distinct register A operands of 64 * K_mma / 128
+    issue floor [us]  = N K ceil(M / tile_m) / (32 codes/thread/step)
+                        * instructions/step / (SMs * 4 schedulers * clock)
+
+the time the SMs' schedulers need just to issue the loop's instructions (one per
+scheduler and clock, every warp busy, no stall): a lower bound that the decode kernels'
+few warps per scheduler do not reach, and the number an instruction saved moves. At
+K = N = 8192, 3x over XLA's bf16 GEMV is 11.3 us on an H200 (docs/kernels.md).
+A count, not a timing: ptxas here (the wheel's, CUDA 13) may schedule differently
+from the one the GPU machine's jax uses; registers and instruction counts are what
+to compare between variants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import math
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+# An H100 SXM as XLA's GPU compiler describes one (xla GpuTargetConfigProto); only the
+# compute capability and the SM count matter to what follows.
+H100_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84929347584
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 9 patch: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+SMS, SCHEDULERS, CLOCK_GHZ = 132, 4, 1.98
+
+_INSN = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_GMMA = re.compile(r"[HI]GMMA\.(\d+)x(\d+)x(\d+)\S*\s+\S+,\s*(\S+?),")  # wgmma: bf16 / int8
+
+
+@dataclasses.dataclass(frozen=True)
+class Insn:
+  addr: int
+  text: str  # predicate, opcode and operands, without the ";"
+
+  @property
+  def opcode(self) -> str:
+    words = self.text.split()
+    return words[1] if words[0].startswith("@") else words[0]
+
+  @property
+  def family(self) -> str:
+    return self.opcode.split(".")[0]
+
+
+def parse_sass(text: str) -> tuple[list[Insn], dict[str, int]]:
+  """``nvdisasm -c`` text -> its instructions in order and each label's address."""
+  insns, labels, pending = [], {}, []
+  for line in text.splitlines():
+    if m := _LABEL.match(line.strip()):
+      pending.append(m.group(1))
+    elif m := _INSN.match(line):
+      insn = Insn(int(m.group(1), 16), m.group(2))
+      for name in pending:
+        labels[name] = insn.addr
+      pending = []
+      insns.append(insn)
+  return insns, labels
+
+
+def hgmma_loop(insns: list[Insn], labels: dict[str, int]) -> list[Insn]:
+  """The body of the innermost loop (a backward branch's target up to the branch) that
+  issues ``HGMMA``: one K-step of a compute warpgroup."""
+  loops = []
+  for insn in insns:
+    m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", insn.text)
+    if m and labels.get(m.group(1), insn.addr + 1) <= insn.addr:
+      body = [i for i in insns if labels[m.group(1)] <= i.addr <= insn.addr]
+      if any(i.family in ("HGMMA", "IGMMA") for i in body):
+        loops.append(body)
+  if not loops:
+    raise ValueError("no loop issues HGMMA / IGMMA: is this a Hopper wgmma kernel?")
+  return min(loops, key=len)
+
+
+def codes_per_step(body: list[Insn]) -> tuple[int, int]:
+  """``(codes, tile_m)``: weight codes one thread converts per step (distinct register A
+  operands, ``64 K_mma / 128`` each) and the token tile (``HGMMA``'s N)."""
+  per_a, tile_m = {}, 0
+  for insn in body:
+    if m := _GMMA.search(insn.text):
+      rows, n, k, a = m.groups()
+      tile_m = max(tile_m, int(n))
+      if a.startswith("R"):
+        per_a[a] = int(rows) * int(k) // 128
+  return sum(per_a.values()), tile_m
+
+
+def issue_floor_us(insns_per_step: int, codes: int, m: int, n: int, k: int, tile_m: int) -> float:
+  """See the module docstring."""
+  warp_steps = n * k * math.ceil(m / tile_m) / (32 * codes)
+  return warp_steps * insns_per_step / (SMS * SCHEDULERS * CLOCK_GHZ * 1e3)
+
+
+def _tool(name: str) -> str:
+  """ptxas / nvdisasm: NVIDIA's wheels in this venv (CUDA 13 reads Mosaic GPU's PTX 9.0),
+  then PATH."""
+  import nvidia  # the wheels' namespace package
+  for base in nvidia.__path__:
+    for cand in sorted(pathlib.Path(base).glob(f"cu[0-9]*/bin/{name}"), reverse=True):
+      return str(cand)
+  found = shutil.which(name)
+  if not found:
+    raise SystemExit(f"{name} not found: run `bash experiments/sass_venv.sh` first")
+  return found
+
+
+def compile_kernel(kernel: str, tiles, m: int, kn: int, group: int | None,
+                   out: pathlib.Path) -> list[pathlib.Path]:
+  """Compile the call for an H100 without a GPU; the Mosaic GPU kernels' PTX under ``out``
+  (``tiles``: as ``lowered_ops.kernel_call`` takes them)."""
+  out.mkdir(parents=True, exist_ok=True)
+  os.environ.update(JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1", MOSAIC_GPU_DUMP_PTX="1",
+                    MOSAIC_GPU_DUMP_TO=str(out))
+  import jax
+  from jax.experimental import topologies
+  sys.path.insert(0, str(pathlib.Path(__file__).parent))
+  import lowered_ops
+  topo = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET,
+                                      topology="1x1x1")
+  mesh = topologies.make_mesh(topo, (1,), ("d",))
+  on_gpu = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  f, x, w = lowered_ops.kernel_call(kernel, tiles, m, kn, group)
+  x, w = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_gpu), (x, w))
+  f.trace(x, w).lower().compile()
+  return sorted(out.glob("*.ptx"))
+
+
+def sass_of(ptx: pathlib.Path) -> tuple[str, str]:
+  """``(ptxas -v report, nvdisasm text)`` of one PTX file."""
+  cubin = ptx.with_suffix(".cubin")
+  report = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)],
+                          capture_output=True, text=True, check=True).stderr
+  sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                        check=True).stdout
+  return report, sass
+
+
+def summarize(report: str, sass: str, m: int, kn: int) -> dict:
+  """Registers, spills and the HGMMA loop's numbers (see the module docstring)."""
+  regs = re.search(r"Used (\d+) registers", report)
+  spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+  insns, labels = parse_sass(sass)
+  body = hgmma_loop(insns, labels)
+  codes, tile_m = codes_per_step(body)
+  mix = collections.Counter(i.family for i in body)
+  # ptxas C7511 ("wgmma.mma_async instructions are serialized due to ..."): each wgmma
+  # waits for the one before it (a WARPGROUP.DEPBAR after every HGMMA in the loop)
+  serialized = re.search(r"wgmma\.mma_async instructions are serialized due to ([^\n]*?) in the",
+                         report)
+  return dict(registers=int(regs.group(1)) if regs else None,
+              wgmma_serialized=serialized.group(1) if serialized else None,
+              spill_bytes=sum(map(int, spills.groups())) if spills else None,
+              loop_insns=len(body), codes_per_step=codes, tile_m=tile_m,
+              insns_per_8_codes=8 * len(body) / codes if codes else None,
+              issue_floor_us=issue_floor_us(len(body), codes, m, kn, kn, tile_m) if codes else None,
+              mix=dict(mix.most_common()))
+
+
+def _line(s: dict) -> str:
+  serial = f"WGMMA SERIALIZED ({s['wgmma_serialized']}); " if s["wgmma_serialized"] else ""
+  head = (f"{serial}{s['registers']} registers, {s['spill_bytes']} bytes spilled; HGMMA loop: "
+          f"{s['loop_insns']} instructions per step and thread")
+  if not s["codes_per_step"]:  # both wgmma operands in shared memory (W8A8): no codes
+    return head
+  return (f"{head}, {s['codes_per_step']} codes ({s['insns_per_8_codes']:.1f} per 8), token "
+          f"tile {s['tile_m']}; issue floor {s['issue_floor_us']:.2f} us")
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("kernel", choices=["w4a16", "w4a8", "w8a8"])
+  ap.add_argument("--tiles", default="", help="HopperW4Tiles / HopperTiles keyword arguments")
+  ap.add_argument("--sweep", action="store_true",
+                  help="every Mosaic GPU candidate experiments/bench_kernels.py --sweep times "
+                       "at this M, a line each")
+  ap.add_argument("--m", type=int, default=1)
+  ap.add_argument("--kn", type=int, default=8192)
+  ap.add_argument("--group", type=int, default=128, help="0: per-channel")
+  ap.add_argument("--keep", type=pathlib.Path, help="keep the PTX, cubin and SASS here")
+  ap.add_argument("--show-loop", action="store_true", help="print the loop's SASS")
+  args = ap.parse_args(argv)
+  if args.sweep:
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    import bench_kernels
+    candidates = (bench_kernels.hopper_candidates(args.m) if args.kernel == "w8a8" else
+                  bench_kernels.hopper_w4_candidates(args.m, args.kernel))
+  else:
+    candidates = [args.tiles]
+  root = args.keep or pathlib.Path(tempfile.mkdtemp(prefix="sass_"))
+  print(f"M = {args.m}, K = N = {args.kn}, group {args.group or 'none'}; an H100 (sm_90a, "
+        f"{SMS} SMs, {CLOCK_GHZ} GHz); ptxas {_tool('ptxas')}")
+  for i, tiles in enumerate(candidates):
+    try:
+      ptxs = compile_kernel(args.kernel, tiles, args.m, args.kn, args.group or None,
+                            root / f"{i:02d}")
+      if not ptxs:
+        raise ValueError("no Mosaic GPU kernel was compiled")
+      for ptx in ptxs:
+        report, sass = sass_of(ptx)
+        ptx.with_suffix(".sass").write_text(sass)
+        s = summarize(report, sass, args.m, args.kn)
+        print(f"{tiles if args.sweep else ptx.stem}: {_line(s)}")
+        print("  " + ", ".join(f"{k} {v}" for k, v in s["mix"].items()))
+        if args.show_loop:
+          insns, labels = parse_sass(sass)
+          for insn in hgmma_loop(insns, labels):
+            print(f"    {insn.addr:05x}  {insn.text}")
+    except Exception as e:  # noqa: BLE001 - a sweep reports each candidate
+      if not args.sweep:
+        raise
+      print(f"{tiles}: {type(e).__name__}: {str(e)[:200]}")
+    sys.stdout.flush()
+  if not args.keep:
+    shutil.rmtree(root)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The venv experiments/sass_stats.py runs in: jax 0.11.2 (the GPU machine's) with its CUDA 12
+# plugin, which compiles for a GPU this machine does not have, and NVIDIA's ptxas and nvdisasm
+# (CUDA 13: Mosaic GPU emits PTX ISA 9.0, which CUDA 12's ptxas refuses). About 5 GB, once.
+#
+#   usage: bash experiments/sass_venv.sh        knobs: PYTHON312, VENV (default .venv-sass)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON312:-}
+if [ -z "$PY" ]; then
+  for c in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do
+    "$c" --version >/dev/null 2>&1 && { PY=$c; break; }
+  done
+fi
+[ -n "$PY" ] || { echo "no python3.12 runs here: set PYTHON312" >&2; exit 2; }
+VENV=${VENV:-.venv-sass}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/pip" install -q -e ".[dev]" "jax[cuda12]==0.11.2" nvidia-cuda-nvcc nvidia-cuda-nvdisasm
+"$VENV/bin/python" -c "import jax; print('jax', jax.__version__)"
