@@ -429,8 +429,8 @@ def split_int4_ptx(w: jax.Array, act: jnp.dtype,
       asm = _pallas.i4_pair_to_bf16_asm()
       lo, hi = np.empty_like(fa.registers), np.empty_like(fa.registers)
       for idx, reg in np.ndenumerate(fa.registers):  # vector<2xi8>: bytes 2c, 2c + 1
-        b = [llvm.zext(i16, llvm.extractelement(reg, mgpu.utils.c(j, i32))) for j in (0, 1)]
-        r = llvm.inline_asm(result, b, asm, "=r,=r,h,h")
+        word = llvm.zext(i32, mgpu.utils.bitcast(reg, i16))  # the 16-bit load as it is
+        r = llvm.inline_asm(result, [word], asm, "=r,=r,r")
         lo[idx], hi[idx] = (mgpu.utils.bitcast(llvm.extractvalue(i32, r, (j,)), bf16x2())
                             for j in (0, 1))
       return tuple(mgpu.FragmentedArray(_registers=r, _layout=dst_layout.to_mgpu(),
@@ -1106,9 +1106,18 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
           def body(idx, *refs):
             *x_refs, w_smem = refs[:n_x + 1]
             s_refs, y = refs[n_x + 1:-1], refs[-1]
+            # Decode-sized token tiles with the PTX unpack read the step's scales before
+            # issuing its wgmmas, so their shared-memory loads wait behind the MMAs, not
+            # after them. Elsewhere the registers held across the MMAs put spill loads
+            # into the loop (128-token tiles; "ops" with 4 warpgroups at 96 registers:
+            # experiments/sass_stats.py), so the scales are read after.
+            early = tm <= 16 and p.ptx
+            scales = step_scales(idx[0], s_refs) if early else None
             parts = dots(pairs_of(*my_tiles(x_refs, w_smem)))
             with jax.named_scope("scale"):
-              for part, sc in zip(parts, step_scales(idx[0], s_refs), strict=True):
+              if not early:
+                scales = step_scales(idx[0], s_refs)
+              for part, sc in zip(parts, scales, strict=True):
                 y = y + group_sum_f32(part) * lax.broadcast_in_dim(sc, (tn, tm), (0,))
             return y
         else:  # one accumulator per half (split: their factors differ) for all of K

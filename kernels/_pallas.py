@@ -208,13 +208,16 @@ def i4_to_bf16_asm(halves: Literal["lo", "hi", "both"]) -> str:
 
 
 def i4_pair_to_bf16_asm() -> str:
-  """The same conversion for two bytes given apart (``$2, $3``: 16-bit registers, each
-  a byte zero-extended, what a 2 x 8-bit shared-memory load gives): ``mov.b32`` packs
-  them into the halves of a word in place of the ``prmt``, then ``$0`` the low nibbles
-  of (byte 2, byte 3), ``$1`` the high ones, as bf16 pairs; 6 instructions besides
-  the constant moves (the Mosaic GPU kernel's ``unpack="ptx_natural"``)."""
-  return ("{\n.reg .b32 lba, lbh, lbone, lboff;\n" + _BF16_CONSTANTS +
-          "mov.b32 lba, {$2, $3};\nshr.b32 lbh, lba, 4;\n"
+  """The same conversion for two bytes in the low half of ``$2`` (a 32-bit register: a
+  16-bit shared-memory load; its high half is not read): one ``prmt`` spreads them into
+  the halves of a word (the first ``prmt`` of ``"both"``), then ``$0`` the low nibbles
+  of (byte 0, byte 1), ``$1`` the high ones, as bf16 pairs; 6 instructions besides the
+  constant moves (the Mosaic GPU kernel's ``unpack="ptx_natural"``). The two bytes given
+  as one register, not as two zero-extended ones, save the kernel two ``PRMT``s per
+  load in the SASS (experiments/sass_stats.py): ptxas does not merge the byte
+  extractions and the ``mov.b32`` pack that two 16-bit operands need."""
+  return ("{\n.reg .b32 lba, lbh, lbz, lbone, lboff;\nmov.b32 lbz, 0;\n" + _BF16_CONSTANTS +
+          "prmt.b32 lba, $2, lbz, 0x4140;\nshr.b32 lbh, lba, 4;\n"
           + _bf16_tail("lba", "lbh", "$0", "$1") + "}")
 
 

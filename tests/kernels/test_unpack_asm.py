@@ -120,12 +120,12 @@ def test_split_int4_to_bf16_asm_gives_both_nibbles():
 
 
 def test_int4_pair_to_bf16_asm_gives_both_nibbles_of_two_bytes():
-  """``HopperW4Tiles(unpack="ptx_natural")``: the two bytes of a 2 x 8-bit load as two
-  16-bit registers (zero-extended); $0 the low nibbles of (byte 0, byte 1), $1 the high
-  ones. Every pair of bytes, both orders."""
+  """``HopperW4Tiles(unpack="ptx_natural")``: the two bytes of a 2 x 8-bit load in the low
+  half of one 32-bit register, whatever its high half holds; $0 the low nibbles of
+  (byte 0, byte 1), $1 the high ones. Every pair of bytes, both orders."""
   words = all_byte_pairs()
-  b0, b1 = words & U32(0xFF), (words >> U32(8)) & U32(0xFF)
-  out = run_ptx(_pallas.i4_pair_to_bf16_asm(), {"$2": b0, "$3": b1})
+  junk = np.random.default_rng(0).integers(0, 1 << 16, words.shape, dtype=np.uint32) << U32(16)
+  out = run_ptx(_pallas.i4_pair_to_bf16_asm(), {"$2": (words & U32(0xFFFF)) | junk})
   for reg, high in (("$0", False), ("$1", True)):
     got = np.stack(_bf16x2_to_f32(out[reg]), -1)
     np.testing.assert_array_equal(got, nibbles(words, high)[:, :2])
