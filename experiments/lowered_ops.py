@@ -50,19 +50,25 @@ def count_ops(module_text: str) -> dict[str, collections.Counter]:
   return dict(inline_ptx=asm, arith_vector=arith, loads=loads, other=other)
 
 
-def kernel_call(kernel: str, tiles_src, m: int, kn: int, group: int | None):
+def kernel_call(kernel: str, tiles_src, m: int, kn: int, group: int | None, *,
+                backend: str = "mosaic_gpu", block_sizes=None):
   """``(f, x, w)``: the jitted call of ``kernel`` with ``HopperW4Tiles(tiles_src)`` (or
   ``HopperTiles``; ``tiles_src`` keyword arguments as text, or the tiles themselves),
   weight stored K-major (``[kn, kn]``, group ``group``), and abstract ``x [m, kn]`` and
-  ``w`` to trace it with."""
+  ``w`` to trace it with. ``backend="gpu"`` with ``block_sizes`` (a ``BlockSizes``): the
+  Pallas Triton kernel instead."""
   import jax
   import jax.numpy as jnp
 
   from lowbit import kernels as K
   from lowbit.quant import QuantSpec, quantize
   cls = K.HopperTiles if kernel == "w8a8" else K.HopperW4Tiles
-  tiles = (eval(f"cls({tiles_src})", {"cls": cls}) if isinstance(tiles_src, str)  # noqa: S307
-           else tiles_src)  # (a command-line literal)
+  if backend != "mosaic_gpu":
+    tiles = block_sizes
+  elif isinstance(tiles_src, str):  # a command-line literal
+    tiles = eval(f"cls({tiles_src})", {"cls": cls})  # noqa: S307
+  else:
+    tiles = tiles_src
   w = jax.ShapeDtypeStruct((kn, kn), jnp.float32)
   spec = (QuantSpec(bits=8, channel_axes=(1,)) if kernel == "w8a8" else
           QuantSpec(bits=4, channel_axes=(1,), group_size=group, pack=True))
@@ -73,7 +79,7 @@ def kernel_call(kernel: str, tiles_src, m: int, kn: int, group: int | None):
   else:
     x = jax.eval_shape(lambda a: quantize(a, QuantSpec(bits=8, channel_axes=(0,))), xf)
     fn = K.w4a8_matmul if kernel == "w4a8" else K.w8a8_matmul
-  f = jax.jit(lambda a, b: fn(a, b, backend="mosaic_gpu", block_sizes=tiles, weight_layout="nk"))
+  f = jax.jit(lambda a, b: fn(a, b, backend=backend, block_sizes=tiles, weight_layout="nk"))
   return f, x, wq
 
 

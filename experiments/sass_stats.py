@@ -3,6 +3,7 @@
     bash experiments/sass_venv.sh        # once: .venv-sass (jax[cuda12] 0.11.2, ptxas, nvdisasm)
     .venv-sass/bin/python experiments/sass_stats.py w4a16 --tiles 'nibbles="split", unpack="ptx"'
     .venv-sass/bin/python experiments/sass_stats.py w4a16 --sweep      # the benchmark's candidates
+    .venv-sass/bin/python experiments/sass_stats.py w4a16 --triton     # the Pallas Triton kernel
 
 ``experiments/lowered_ops.py`` counts what Mosaic GPU lowers a kernel to (LLVM with
 inline PTX); this goes on to the machine code. XLA compiles for a GPU it does not have
@@ -23,6 +24,15 @@ K = N = 8192, 3x over XLA's bf16 GEMV is 11.3 us on an H200 (docs/kernels.md).
 A count, not a timing: ptxas here (the wheel's, CUDA 13) may schedule differently
 from the one the GPU machine's jax uses; registers and instruction counts are what
 to compare between variants.
+
+``--triton``: the Pallas Triton kernel instead (the default GPU path off Hopper's
+Mosaic GPU kernels). jax lowers it to Triton IR (under an abstract H100, as the
+lowering tests do) and Triton's own compiler from PyPI turns that into a cubin, in a
+subprocess (its MLIR beside jaxlib's): an approximation, since XLA compiles the same
+IR with the Triton it bundles, whose version differs. The loop is the one that issues
+``HMMA`` (or ``HGMMA``); the codes a thread converts per step come from the tiles
+(``bn * bk`` packed rows, two codes a byte, over ``32 num_warps`` threads), and it
+counts the plain register moves in the loop (``IMAD.MOV.U32 Rd, RZ, RZ, Rs``).
 """
 
 from __future__ import annotations
@@ -104,18 +114,23 @@ def parse_sass(text: str) -> tuple[list[Insn], dict[str, int]]:
   return insns, labels
 
 
-def hgmma_loop(insns: list[Insn], labels: dict[str, int]) -> list[Insn]:
+MMA_FAMILIES = ("HGMMA", "IGMMA", "HMMA", "IMMA")
+
+
+def hgmma_loop(insns: list[Insn], labels: dict[str, int],
+               families: tuple[str, ...] = ("HGMMA", "IGMMA")) -> list[Insn]:
   """The body of the innermost loop (a backward branch's target up to the branch) that
-  issues ``HGMMA``: one K-step of a compute warpgroup."""
+  issues an instruction of ``families`` (wgmma by default): one K-step of a compute
+  warpgroup."""
   loops = []
   for insn in insns:
     m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", insn.text)
     if m and labels.get(m.group(1), insn.addr + 1) <= insn.addr:
       body = [i for i in insns if labels[m.group(1)] <= i.addr <= insn.addr]
-      if any(i.family in ("HGMMA", "IGMMA") for i in body):
+      if any(i.family in families for i in body):
         loops.append(body)
   if not loops:
-    raise ValueError("no loop issues HGMMA / IGMMA: is this a Hopper wgmma kernel?")
+    raise ValueError(f"no loop issues {' / '.join(families)}: is this a Hopper wgmma kernel?")
   return min(loops, key=len)
 
 
@@ -156,8 +171,7 @@ def compile_kernel(kernel: str, tiles, m: int, kn: int, group: int | None,
   """Compile the call for an H100 without a GPU; the Mosaic GPU kernels' PTX under ``out``
   (``tiles``: as ``lowered_ops.kernel_call`` takes them)."""
   out.mkdir(parents=True, exist_ok=True)
-  os.environ.update(JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1", MOSAIC_GPU_DUMP_PTX="1",
-                    MOSAIC_GPU_DUMP_TO=str(out))
+  os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=str(out))
   import jax
   from jax.experimental import topologies
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -170,6 +184,90 @@ def compile_kernel(kernel: str, tiles, m: int, kn: int, group: int | None,
   x, w = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_gpu), (x, w))
   f.trace(x, w).lower().compile()
   return sorted(out.glob("*.ptx"))
+
+
+_TRITON_COMPILE = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+ttir, warps, stages, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+k = triton.compile(ttir, target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=warps, num_stages=stages))
+open(out + ".ptx", "w").write(k.asm["ptx"])
+open(out + ".cubin", "wb").write(k.asm["cubin"])
+"""
+
+
+def triton_block_sizes(kernel: str, m: int, kn: int, src: str):
+  """``BlockSizes(src)``, or what ``w*_matmul`` picks for a K-major weight."""
+  from lowbit.kernels import _pallas
+
+  from lowbit import kernels as K
+  if src:
+    return eval(f"K.BlockSizes({src})", {"K": K})  # noqa: S307 - a command-line literal
+  return _pallas.default_block_sizes(kernel, "gpu", m, kn, kn, weight_layout="nk")
+
+
+def compile_triton(kernel: str, bs, m: int, kn: int, group: int | None,
+                   out: pathlib.Path) -> list[pathlib.Path]:
+  """Lower the Pallas Triton call (weight stored K-major) for cuda, keep its Triton IR,
+  and compile that with PyPI's Triton for sm_90a; the cubins under ``out``."""
+  import jax
+  from jax._src.pallas.triton import pallas_call_registration as registration
+  from jax.sharding import AbstractDevice, AbstractMesh
+  sys.path.insert(0, str(pathlib.Path(__file__).parent))
+  import lowered_ops
+  out.mkdir(parents=True, exist_ok=True)
+  modules = []
+  original = registration.lowering.lower_jaxpr_to_triton_module
+
+  def capture(*a, **kw):
+    result = original(*a, **kw)
+    modules.append(str(result.module))
+    return result
+
+  f, x, w = lowered_ops.kernel_call(kernel, "", m, kn, group, backend="gpu", block_sizes=bs)
+  h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=SMS, platform="gpu")
+  registration.lowering.lower_jaxpr_to_triton_module = capture
+  try:
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
+      f.trace(x, w).lower(lowering_platforms=("cuda",))
+  finally:
+    registration.lowering.lower_jaxpr_to_triton_module = original
+  cubins = []
+  for i, text in enumerate(modules):
+    ttir = out / f"triton_{i}.ttir"
+    ttir.write_text(text)
+    subprocess.run([sys.executable, "-c", _TRITON_COMPILE, str(ttir), str(bs.num_warps),
+                    str(bs.num_stages), str(out / f"triton_{i}")], check=True,
+                   capture_output=True, text=True)
+    cubins.append(out / f"triton_{i}.cubin")
+  return cubins
+
+
+def triton_summary(sass: str, bs, kernel: str, m: int, kn: int) -> dict:
+  """The MMA loop of a Triton kernel's SASS: instructions, register moves, the mix, and
+  the issue floor with the codes the tiles give a thread per step. Where Triton unrolled
+  the K-loop, the whole kernel's counts over its K-steps (prologue and epilogue in)."""
+  insns, labels = parse_sass(sass)
+  per_byte = 1 if kernel == "w8a8" else 2
+  codes = bs.bn * bs.bk * per_byte // (32 * bs.num_warps)
+  try:
+    body, steps = hgmma_loop(insns, labels, MMA_FAMILIES), 1
+  except ValueError:  # a short K-loop Triton unrolled: the whole kernel, per step
+    steps = kn // per_byte // max(1, bs.split_k) // bs.bk
+    if not any(i.family in MMA_FAMILIES for i in insns) or steps < 1:
+      raise
+    body = insns
+  moves = sum(bool(re.fullmatch(r"(IMAD\.MOV\.U32 R\d+, RZ, RZ|MOV R\d+), R\d+", i.text))
+              for i in body)
+  tile_m = bs.bm  # token rows per program (orient "wx" too: they are its N)
+  per_step = len(body) / steps
+  return dict(loop_insns=round(per_step), unrolled_steps=steps if steps > 1 else None,
+              register_moves=round(moves / steps), codes_per_step=codes,
+              insns_per_8_codes=8 * per_step / codes,
+              issue_floor_us=issue_floor_us(per_step, codes, m, kn, kn, tile_m),
+              mix={k: round(v / steps) for k, v in
+                   collections.Counter(i.family for i in body).most_common() if v >= steps})
 
 
 def sass_of(ptx: pathlib.Path) -> tuple[str, str]:
@@ -213,6 +311,28 @@ def _line(s: dict) -> str:
           f"tile {s['tile_m']}; issue floor {s['issue_floor_us']:.2f} us")
 
 
+def triton_main(args) -> int:
+  """``--triton``: one Pallas Triton kernel's MMA loop."""
+  bs = triton_block_sizes(args.kernel, args.m, args.kn, args.block_sizes)
+  root = args.keep or pathlib.Path(tempfile.mkdtemp(prefix="sass_"))
+  print(f"M = {args.m}, K = N = {args.kn}, group {args.group or 'none'}, weight stored K-major; "
+        f"Triton IR compiled by PyPI's Triton for sm_90a")
+  for cubin in compile_triton(args.kernel, bs, args.m, args.kn, args.group or None, root):
+    sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True,
+                          text=True, check=True).stdout
+    cubin.with_suffix(".sass").write_text(sass)
+    s = triton_summary(sass, bs, args.kernel, args.m, args.kn)
+    where = (f"no loop (Triton unrolled its {s['unrolled_steps']} K-steps): the whole kernel "
+             f"over them" if s["unrolled_steps"] else "MMA loop")
+    print(f"{bs}: {where}: {s['loop_insns']} instructions per step and thread "
+          f"({s['register_moves']} register moves), {s['codes_per_step']} codes "
+          f"({s['insns_per_8_codes']:.1f} per 8); issue floor {s['issue_floor_us']:.2f} us")
+    print("  " + ", ".join(f"{k} {v}" for k, v in s["mix"].items()))
+  if not args.keep:
+    shutil.rmtree(root)
+  return 0
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("kernel", choices=["w4a16", "w4a8", "w8a8"])
@@ -223,9 +343,16 @@ def main(argv=None) -> int:
   ap.add_argument("--m", type=int, default=1)
   ap.add_argument("--kn", type=int, default=8192)
   ap.add_argument("--group", type=int, default=128, help="0: per-channel")
+  ap.add_argument("--triton", action="store_true", help="the Pallas Triton kernel (see above)")
+  ap.add_argument("--block-sizes", default="",
+                  help="--triton: BlockSizes keyword arguments (default: the dispatch's tiles)")
   ap.add_argument("--keep", type=pathlib.Path, help="keep the PTX, cubin and SASS here")
   ap.add_argument("--show-loop", action="store_true", help="print the loop's SASS")
   args = ap.parse_args(argv)
+  # the CUDA plugin's version check needs a driver; compiling for a deviceless GPU does not
+  os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
+  if args.triton:
+    return triton_main(args)
   if args.sweep:
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
     import bench_kernels

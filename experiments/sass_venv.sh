@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The venv experiments/sass_stats.py runs in: jax 0.11.2 (the GPU machine's) with its CUDA 12
 # plugin, which compiles for a GPU this machine does not have, and NVIDIA's ptxas and nvdisasm
-# (CUDA 13: Mosaic GPU emits PTX ISA 9.0, which CUDA 12's ptxas refuses). About 5 GB, once.
+# (CUDA 13: Mosaic GPU emits PTX ISA 9.0, which CUDA 12's ptxas refuses), and Triton from PyPI
+# for --triton. About 5 GB, once.
 #
 #   usage: bash experiments/sass_venv.sh        knobs: PYTHON312, VENV (default .venv-sass)
 set -euo pipefail
@@ -15,5 +16,5 @@ fi
 [ -n "$PY" ] || { echo "no python3.12 runs here: set PYTHON312" >&2; exit 2; }
 VENV=${VENV:-.venv-sass}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/pip" install -q -e ".[dev]" "jax[cuda12]==0.11.2" nvidia-cuda-nvcc nvidia-cuda-nvdisasm
+"$VENV/bin/pip" install -q -e ".[dev]" "jax[cuda12]==0.11.2" nvidia-cuda-nvcc nvidia-cuda-nvdisasm "triton==3.9.0"
 "$VENV/bin/python" -c "import jax; print('jax', jax.__version__)"

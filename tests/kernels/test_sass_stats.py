@@ -110,3 +110,37 @@ def test_a_kernel_without_wgmma_is_refused(ss):
   insns, labels = ss.parse_sass(SASS.replace("HGMMA", "HMMA"))
   with pytest.raises(ValueError, match="no loop issues HGMMA"):
     ss.hgmma_loop(insns, labels)
+
+
+TRITON_UNROLLED = """
+        /*0000*/                   LDSM.16.M88.4 R4, [R2+UR4] ;
+        /*0010*/                   IMAD.MOV.U32 R8, RZ, RZ, R4 ;
+        /*0020*/                   HMMA.16816.F32.BF16 R12, R8, R16, R12 ;
+        /*0030*/                   HMMA.16816.F32.BF16 R12, R8, R18, R12 ;
+        /*0040*/                   IMAD.MOV.U32 R9, RZ, RZ, R5 ;
+        /*0050*/                   IMAD.MOV.U32 R9, RZ, RZ, 0x1 ;
+        /*0060*/                   LOP3.LUT R20, R21, 0xf000f, R22, 0x6a, !PT ;
+        /*0070*/                   HMMA.16816.F32.BF16 R24, R8, R20, R24 ;
+        /*0080*/                   HMMA.16816.F32.BF16 R24, R8, R22, R24 ;
+        /*0090*/                   LOP3.LUT R22, R21, 0xf000f, R22, 0x6a, !PT ;
+        /*00a0*/                   LOP3.LUT R23, R21, 0xf000f, R22, 0x6a, !PT ;
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_triton_counts_register_moves_and_unrolled_k_steps(ss):
+  from lowbit.kernels import BlockSizes
+  bs = BlockSizes(bm=16, bn=128, bk=128, split_k=8, num_warps=4, num_stages=3, k_major=True)
+  # no loop: Triton unrolled K / 2 / split_k / bk = 4 steps; the whole kernel over them
+  s = ss.triton_summary(TRITON_UNROLLED, bs, "w4a16", m=1, kn=8192)
+  assert s["unrolled_steps"] == 4 and s["loop_insns"] == 3  # 12 instructions / 4
+  assert s["codes_per_step"] == 128 * 128 * 2 // 128
+  # plain register moves only (not a constant into a register): 2 over 4 steps
+  assert s["register_moves"] == round(2 / 4)
+  assert s["mix"] == {"HMMA": 1}  # the families found at least once a step
+  looped = TRITON_UNROLLED.replace("EXIT ;", "@P0 BRA `(.L_x_3) ;").replace(
+      "        /*0000*/", ".L_x_3:\n        /*0000*/")
+  s = ss.triton_summary(looped, bs, "w4a16", m=1, kn=8192)
+  assert s["unrolled_steps"] is None and s["loop_insns"] == 12 and s["register_moves"] == 2
+  with pytest.raises(ValueError, match="no loop issues"):
+    ss.triton_summary(TRITON_UNROLLED.replace("HMMA", "HFMA2"), bs, "w4a16", m=1, kn=8192)
