@@ -253,9 +253,11 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
       return []
     # int_sums="magic": the group sums to f32 at full rate (cvt.rn.f32.s32 is 1/8 rate)
     Q = functools.partial(P, int_sums="magic")
+    # halves="apart": one half's group sums live at a time (128-token tiles spill otherwise)
     return [S(tile_m=128), S(tile_m=128, nk_scales="slab"), P(tile_m=128),
             Q(tile_m=128), Q(tile_m=128, nk_scales="slab"), Q(tile_m=64),
-            Q(tile_m=128, split_k=2), S(tile_m=128, split_k=2), S(compute_wgs=4)]
+            Q(tile_m=128, split_k=2), S(tile_m=128, split_k=2), S(compute_wgs=4),
+            S(tile_m=128, halves="apart"), Q(tile_m=128, halves="apart")]
   if kname == "w4a8":  # W4A8 has no decode target (2.15x in run 7): a few, to save GPU time
     return [T(), S(tile_n=128, nk_scales="slab"), P(tile_n=128, nk_scales="slab", int_sums="magic"),
             P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False),

@@ -70,7 +70,8 @@ def profiled_configs(m: int) -> list:
   T, S = K.HopperW4Tiles, functools.partial(K.HopperW4Tiles, nibbles="split")
   if m > 64:  # W4A8's M = 256 target: the int32 -> f32 group sums, the MMA waits
     configs = [("w4a8", S(tile_m=128)), ("w4a8", S(tile_m=128, unpack="ptx")),
-               ("w4a8", S(tile_m=128, unpack="ptx", int_sums="magic"))]
+               ("w4a8", S(tile_m=128, unpack="ptx", int_sums="magic")),
+               ("w4a8", S(tile_m=128, unpack="ptx", int_sums="magic", halves="apart"))]
   else:
     # most telling first (the stage's timeout may cut the list): the default, the one-kernel
     # decode candidate with each of its unpacks (jax 0.11 loads "ptx"'s bytes with ldmatrix),

@@ -577,6 +577,16 @@ class HopperW4Tiles:
       transposed from registers (rows past M skipped), so with
       ``unpack="ptx_natural"``, ``pad_tokens=False`` and ``nk_scales="slab"``
       a decode call is that one kernel and nothing else.
+    halves: grouped weights: how a K-step's two packed halves go through ``wgmma``.
+      ``"together"``: both halves' wgmmas issued, one wait, then both group sums
+      scaled into the f32 total (two sums live beside it). ``"apart"``: each half's
+      issued, waited for and scaled before the next half's, so one group sum is
+      live at a time: at 128-token tiles (W4A8's M = 256 tiles) a warpgroup's
+      two ``[tile_n, 128]`` int32 sums and the f32 total no longer fit its
+      registers together, and every such candidate spilled inside the K-step
+      loop (76-108 bytes, 2-5 spill loads a step; ``experiments/sass_stats.py``);
+      with ``"apart"`` none do, for the same instructions, at the cost of a wait
+      per half instead of per step.
   """
 
   tile_n: int = 64
@@ -594,6 +604,7 @@ class HopperW4Tiles:
   pad_tokens: bool = True
   wg_split: Literal["n", "k"] = "n"
   epilogue: Literal["xla", "kernel"] = "xla"
+  halves: Literal["together", "apart"] = "together"
 
   def __post_init__(self):
     if self.wg_split not in ("n", "k"):
@@ -601,6 +612,8 @@ class HopperW4Tiles:
     if self.wg_split == "k" and self.nibbles != "split":
       raise ValueError("HopperW4Tiles(wg_split='k') splits each pipeline step's K over the "
                        "compute warpgroups for split nibbles only: pass nibbles='split'.")
+    if self.halves not in ("together", "apart"):
+      raise ValueError(f"HopperW4Tiles.halves={self.halves!r}: use 'together' or 'apart'.")
     if self.epilogue not in ("xla", "kernel"):
       raise ValueError(f"HopperW4Tiles.epilogue={self.epilogue!r}: use 'xla' or 'kernel'.")
     if self.int_sums not in ("cvt", "magic"):
@@ -652,6 +665,7 @@ class W4Plan:
   magic: bool = False  # HopperW4Tiles.int_sums == "magic"
   ksplit: bool = False  # HopperW4Tiles.wg_split == "k"
   final: bool = False  # HopperW4Tiles.epilogue == "kernel": the kernel writes [M, N]
+  apart: bool = False  # HopperW4Tiles.halves == "apart": one half's group sums at a time
 
   @property
   def cta_n(self) -> int:
@@ -734,6 +748,10 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
         f"scales, one token tile and no K split (got group_size={group}, "
         f"{'int8' if act_bytes == 1 else 'bf16'} tokens, M={m} in tiles of {tile_m}, "
         f"split_k={tiles.split_k}); use epilogue='xla'.")
+  if tiles.halves == "apart" and group is None:
+    raise ValueError(f"{name}: HopperW4Tiles(halves='apart') scales each half's group sums "
+                     "on its own; per-channel weights keep one accumulator per half over all "
+                     "of K: use halves='together'.")
   split = tiles.split_k
   if split is None:
     split = 1 if final else max(
@@ -752,7 +770,7 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
                 group is not None, tiles.wide_load, act_bytes, tiles.nibbles == "split",
                 tiles.compute_wgs, slab, scale_bytes, ptx=tiles.unpack != "ops",
                 magic=tiles.int_sums == "magic", natural=tiles.unpack == "ptx_natural",
-                ksplit=ksplit, final=final)
+                ksplit=ksplit, final=final, apart=tiles.halves == "apart")
   if plan.grouped and not plan.slab and cta_n > 256:
     raise ValueError(
         f"{name}: {tiles} streams a row of {cta_n} group scales per K-step, more than TMA's "
@@ -1113,7 +1131,16 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             # experiments/sass_stats.py), so the scales are read after.
             early = tm <= 16 and p.ptx
             scales = step_scales(idx[0], s_refs) if early else None
-            parts = dots(pairs_of(*my_tiles(x_refs, w_smem)))
+            pairs = pairs_of(*my_tiles(x_refs, w_smem))
+            if p.apart:  # halves="apart": one half's group sums live at a time
+              with jax.named_scope("scale"):
+                scales = scales or step_scales(idx[0], s_refs)
+              for pair, sc in zip(pairs, scales, strict=True):
+                [part] = dots([pair])
+                with jax.named_scope("scale"):
+                  y = y + group_sum_f32(part) * lax.broadcast_in_dim(sc, (tn, tm), (0,))
+              return y
+            parts = dots(pairs)
             with jax.named_scope("scale"):
               if not early:
                 scales = step_scales(idx[0], s_refs)

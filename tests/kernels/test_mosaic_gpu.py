@@ -188,6 +188,9 @@ W4_CASES = [
                            unpack="ptx_natural", pad_tokens=False, nk_scales="slab"), "nk"),
     (1, 512, 256, 64, dict(nibbles="split", wg_split="k", compute_wgs=4, epilogue="kernel",
                            unpack="ptx", pad_tokens=False, nk_scales="slab"), "nk"),
+    # halves="apart": each half's wgmmas issued, waited for and scaled on their own
+    # (interleaved: the same converted codes against each half's spread tokens)
+    (3, 512, 256, 32, dict(halves="apart"), "nk"),
 ]
 
 
@@ -201,7 +204,8 @@ def case_id(c) -> str:
           + ("-magic" if kw.get("int_sums") == "magic" else "")
           + ("-wgs4" if kw.get("compute_wgs") == 4 else "")
           + ("-ksplit" if kw.get("wg_split") == "k" else "")
-          + ("-final" if kw.get("epilogue") == "kernel" else ""))
+          + ("-final" if kw.get("epilogue") == "kernel" else "")
+          + ("-apart" if kw.get("halves") == "apart" else ""))
 
 
 #: Cases whose interpreted run repeats what another case already checks, the opt-in variant
@@ -219,7 +223,8 @@ INTERPRETED_ONCE = {
               # interpreted, unpack="ptx" runs the jnp of its ptx_natural twin above
               "1x512x256-g64-nk-split-ptx-slab-unpadded-wgs4-ksplit-final"},
     "w4a8": {"20x1024x256-gNone-nk-split", "5x512x256-g64-nk-split-unpadded",
-             "20x1024x256-gNone-kn-split-ptx", "130x512x256-g64-nk-split-ptx-magic"},
+             "20x1024x256-gNone-kn-split-ptx", "130x512x256-g64-nk-split-ptx-magic",
+             "130x512x256-g64-nk-split-ptx-magic-apart"},
 }
 
 
@@ -281,6 +286,11 @@ W4A8_CASES = [
     (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", int_sums="magic", tile_m=128), "nk"),
     (5, 512, 256, 64, dict(nibbles="split", wg_split="k", nk_scales="slab", int_sums="magic",
                            pad_tokens=False), "nk"),  # K split over the warpgroups
+    # halves="apart" (one half's int32 group sums live at a time), and with the M = 256
+    # candidates' 128-token tile (where "together" spills)
+    (5, 512, 256, 64, dict(nibbles="split", halves="apart"), "kn"),
+    (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", int_sums="magic", tile_m=128,
+                             halves="apart"), "nk"),
 ]
 
 
@@ -452,6 +462,10 @@ def test_w4a16_errors_name_the_problem():
     K.HopperW4Tiles(nk_scales="rows")
   with pytest.raises(ValueError, match="use 'cvt' or 'magic'"):
     K.HopperW4Tiles(int_sums="round")
+  with pytest.raises(ValueError, match="use 'together' or 'apart'"):
+    K.HopperW4Tiles(halves="split")
+  with pytest.raises(ValueError, match="halves='apart'.*per-channel weights.*use halves='together'"):
+    K.w4a16_matmul(xp, wp, backend=BACKEND, block_sizes=w4_tiles(halves="apart"))
 
 
 # --- Default dispatch: the Mosaic GPU kernels where the GPU runs put them ahead
