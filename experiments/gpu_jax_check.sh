@@ -15,13 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JAX=${JAX_VERSION:-0.11.2}
-PY=${PYTHON312:-}
-if [ -z "$PY" ]; then  # the first python3.12 that runs (a pyenv shim may not)
-  for c in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do
-    "$c" --version >/dev/null 2>&1 && { PY=$c; break; }
-  done
-fi
-[ -n "$PY" ] || { echo "no python3.12 runs here: set PYTHON312" >&2; exit 2; }
+PY=$(bash experiments/python312.sh)
 VENV=${VENV:-.venv-jax$JAX}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"

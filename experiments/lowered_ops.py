@@ -50,25 +50,20 @@ def count_ops(module_text: str) -> dict[str, collections.Counter]:
   return dict(inline_ptx=asm, arith_vector=arith, loads=loads, other=other)
 
 
-def kernel_call(kernel: str, tiles_src, m: int, kn: int, group: int | None, *,
-                backend: str = "mosaic_gpu", block_sizes=None):
-  """``(f, x, w)``: the jitted call of ``kernel`` with ``HopperW4Tiles(tiles_src)`` (or
-  ``HopperTiles``; ``tiles_src`` keyword arguments as text, or the tiles themselves),
-  weight stored K-major (``[kn, kn]``, group ``group``), and abstract ``x [m, kn]`` and
-  ``w`` to trace it with. ``backend="gpu"`` with ``block_sizes`` (a ``BlockSizes``): the
-  Pallas Triton kernel instead."""
+def kernel_call(kernel: str, tiles, m: int, kn: int, group: int | None, *,
+                backend: str = "mosaic_gpu"):
+  """``(f, x, w)``: the jitted call of ``kernel`` with ``tiles`` (``HopperW4Tiles`` /
+  ``HopperTiles`` keyword arguments as text, or the tiles themselves: a ``BlockSizes``
+  with ``backend="gpu"``, the Pallas Triton kernel), weight stored K-major (``[kn, kn]``,
+  group ``group``), and abstract ``x [m, kn]`` and ``w`` to trace it with."""
   import jax
   import jax.numpy as jnp
 
   from lowbit import kernels as K
   from lowbit.quant import QuantSpec, quantize
-  cls = K.HopperTiles if kernel == "w8a8" else K.HopperW4Tiles
-  if backend != "mosaic_gpu":
-    tiles = block_sizes
-  elif isinstance(tiles_src, str):  # a command-line literal
-    tiles = eval(f"cls({tiles_src})", {"cls": cls})  # noqa: S307
-  else:
-    tiles = tiles_src
+  if isinstance(tiles, str):  # a command-line literal
+    cls = K.HopperTiles if kernel == "w8a8" else K.HopperW4Tiles
+    tiles = eval(f"cls({tiles})", {"cls": cls})  # noqa: S307
   w = jax.ShapeDtypeStruct((kn, kn), jnp.float32)
   spec = (QuantSpec(bits=8, channel_axes=(1,)) if kernel == "w8a8" else
           QuantSpec(bits=4, channel_axes=(1,), group_size=group, pack=True))

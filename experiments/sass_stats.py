@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import math
 import os
 import pathlib
@@ -166,6 +167,15 @@ def _tool(name: str) -> str:
   return found
 
 
+@functools.cache
+def h100_mesh():
+  """A one-device mesh of the deviceless H100 (``H100_TARGET``) the calls compile for."""
+  from jax.experimental import topologies
+  topo = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET,
+                                      topology="1x1x1")
+  return topologies.make_mesh(topo, (1,), ("d",))
+
+
 def compile_kernel(kernel: str, tiles, m: int, kn: int, group: int | None,
                    out: pathlib.Path) -> list[pathlib.Path]:
   """Compile the call for an H100 without a GPU; the Mosaic GPU kernels' PTX under ``out``
@@ -173,13 +183,9 @@ def compile_kernel(kernel: str, tiles, m: int, kn: int, group: int | None,
   out.mkdir(parents=True, exist_ok=True)
   os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=str(out))
   import jax
-  from jax.experimental import topologies
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
   import lowered_ops
-  topo = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET,
-                                      topology="1x1x1")
-  mesh = topologies.make_mesh(topo, (1,), ("d",))
-  on_gpu = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  on_gpu = jax.sharding.NamedSharding(h100_mesh(), jax.sharding.PartitionSpec())
   f, x, w = lowered_ops.kernel_call(kernel, tiles, m, kn, group)
   x, w = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_gpu), (x, w))
   f.trace(x, w).lower().compile()
@@ -213,7 +219,6 @@ def compile_triton(kernel: str, bs, m: int, kn: int, group: int | None,
   and compile that with PyPI's Triton for sm_90a; the cubins under ``out``."""
   import jax
   from jax._src.pallas.triton import pallas_call_registration as registration
-  from jax.sharding import AbstractDevice, AbstractMesh
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
   import lowered_ops
   out.mkdir(parents=True, exist_ok=True)
@@ -225,11 +230,10 @@ def compile_triton(kernel: str, bs, m: int, kn: int, group: int | None,
     modules.append(str(result.module))
     return result
 
-  f, x, w = lowered_ops.kernel_call(kernel, "", m, kn, group, backend="gpu", block_sizes=bs)
-  h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=SMS, platform="gpu")
+  f, x, w = lowered_ops.kernel_call(kernel, bs, m, kn, group, backend="gpu")
   registration.lowering.lower_jaxpr_to_triton_module = capture
-  try:
-    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h100)):
+  try:  # Pallas' Triton lowering asks the (abstract) device for its compute capability
+    with jax.sharding.use_abstract_mesh(h100_mesh().abstract_mesh):
       f.trace(x, w).lower(lowering_platforms=("cuda",))
   finally:
     registration.lowering.lower_jaxpr_to_triton_module = original

@@ -7,13 +7,7 @@
 #   usage: bash experiments/sass_venv.sh        knobs: PYTHON312, VENV (default .venv-sass)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON312:-}
-if [ -z "$PY" ]; then
-  for c in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do
-    "$c" --version >/dev/null 2>&1 && { PY=$c; break; }
-  done
-fi
-[ -n "$PY" ] || { echo "no python3.12 runs here: set PYTHON312" >&2; exit 2; }
+PY=$(bash experiments/python312.sh)
 VENV=${VENV:-.venv-sass}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install -q -e ".[dev]" "jax[cuda12]==0.11.2" nvidia-cuda-nvcc nvidia-cuda-nvdisasm "triton==3.9.0"

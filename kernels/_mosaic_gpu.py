@@ -1129,24 +1129,27 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             # after them. Elsewhere the registers held across the MMAs put spill loads
             # into the loop (128-token tiles; "ops" with 4 warpgroups at 96 registers:
             # experiments/sass_stats.py), so the scales are read after.
-            early = tm <= 16 and p.ptx
-            scales = step_scales(idx[0], s_refs) if early else None
-            pairs = pairs_of(*my_tiles(x_refs, w_smem))
-            if p.apart:  # halves="apart": one half's group sums live at a time
+            # halves="apart" reads them first too (its single live group sum leaves room).
+            def scaled(y, parts, scales):
               with jax.named_scope("scale"):
-                scales = scales or step_scales(idx[0], s_refs)
-              for pair, sc in zip(pairs, scales, strict=True):
-                [part] = dots([pair])
-                with jax.named_scope("scale"):
+                for part, sc in zip(parts, scales, strict=True):
                   y = y + group_sum_f32(part) * lax.broadcast_in_dim(sc, (tn, tm), (0,))
               return y
-            parts = dots(pairs)
-            with jax.named_scope("scale"):
-              if not early:
+
+            early = p.apart or (tm <= 16 and p.ptx)
+            if early:
+              with jax.named_scope("scale"):
                 scales = step_scales(idx[0], s_refs)
-              for part, sc in zip(parts, scales, strict=True):
-                y = y + group_sum_f32(part) * lax.broadcast_in_dim(sc, (tn, tm), (0,))
-            return y
+            pairs = pairs_of(*my_tiles(x_refs, w_smem))
+            if p.apart:  # one half's wgmmas, wait and scaling, then the other's
+              for pair, sc in zip(pairs, scales, strict=True):
+                y = scaled(y, dots([pair]), [sc])
+              return y
+            parts = dots(pairs)
+            if not early:
+              with jax.named_scope("scale"):
+                scales = step_scales(idx[0], s_refs)
+            return scaled(y, parts, scales)
         else:  # one accumulator per half (split: their factors differ) for all of K
           def finish(accs):
             store(sum(a.astype(jnp.float32) * f for a, f in zip(accs, factors, strict=False)))
