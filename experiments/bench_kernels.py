@@ -256,32 +256,30 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
     # halves="apart": one half's group sums live at a time (128-token tiles spill otherwise)
     return [S(tile_m=128), S(tile_m=128, nk_scales="slab"), P(tile_m=128),
             Q(tile_m=128), Q(tile_m=128, nk_scales="slab"), Q(tile_m=64),
-            Q(tile_m=128, split_k=2), S(tile_m=128, split_k=2), S(compute_wgs=4),
-            S(tile_m=128, halves="apart"), Q(tile_m=128, halves="apart")]
-  if kname == "w4a8":  # W4A8 has no decode target (2.15x in run 7): a few, to save GPU time
-    return [T(), S(tile_n=128, nk_scales="slab"), P(tile_n=128, nk_scales="slab", int_sums="magic"),
-            P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False),
-            P(wg_split="k", compute_wgs=4, nk_scales="slab", pad_tokens=False, int_sums="magic")]
-  # runs 5-7: the default and 128-row tiles tie or win; byte loads and split-K 1 or 4 lose
-  return [T(), T(tile_n=128), T(tile_n=128, nk_scales="slab"), S(tile_n=128),
-          S(tile_n=128, nk_scales="slab"), T(compute_wgs=4), S(compute_wgs=4),
-          S(compute_wgs=4, wide_load=False), S(compute_wgs=4, max_concurrent_steps=5),
-          # (4 x 128 rows with streamed scale rows: a 512-wide row, past TMA's 256; not planned)
-          P(), P(tile_n=128), P(compute_wgs=4), P(tile_n=128, nk_scales="slab"),
-          P(compute_wgs=4, nk_scales="slab"),
-          # pad_tokens=False: no XLA pad per call (TMA zero-fills the token tile)
-          P(tile_n=128, nk_scales="slab", pad_tokens=False),
-          P(compute_wgs=4, nk_scales="slab", pad_tokens=False),
-          NAT(tile_n=128, nk_scales="slab", pad_tokens=False),
-          NAT(compute_wgs=4, nk_scales="slab", pad_tokens=False),
-          # wg_split="k" + epilogue="kernel": the call is one kernel (no split-K sum)
-          NAT(wg_split="k", nk_scales="slab", pad_tokens=False, epilogue="kernel"),
-          NAT(wg_split="k", compute_wgs=4, nk_scales="slab", pad_tokens=False, epilogue="kernel"),
-          NAT(wg_split="k", compute_wgs=4, nk_scales="slab", pad_tokens=False),
-          # the same with "ptx": jax 0.11 loads its operand bytes with ldmatrix (4 per step and
-          # thread, 16 PTX blocks of 12 instructions, against "ptx_natural"'s 32 16-bit loads
-          # and 32 blocks of 5); one XLA op, the token reorder, before the kernel
-          P(wg_split="k", compute_wgs=4, nk_scales="slab", pad_tokens=False, epilogue="kernel")]
+            Q(tile_m=128, split_k=2), P(tile_m=128, nk_scales="slab"),
+            P(tile_m=128, halves="apart"), P(tile_m=64)]
+  if kname == "w4a8":  # W4A8 has no decode target (run 8: 2.61x): a few, to save GPU time
+    return [T(), P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False),
+            # two K-steps' wgmmas per wait
+            P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False, steps_per_wait=2),
+            P(tile_n=128, nk_scales="slab", pad_tokens=False),
+            P(wg_split="k", nk_scales="slab", pad_tokens=False, int_sums="magic")]
+  # (compute_wgs=4 hangs compiled, run 8: refused by plan_w4; runs 5-8: byte loads, "ops"
+  # unpacking and split-K 1 or 4 lose.) Run 8's decode best is the one kernel below, 14.2 us
+  # at M = 1 (2.41x): the default, the runner-up, then the one kernel's neighbours.
+  one = dict(wg_split="k", nk_scales="slab", pad_tokens=False)
+  return [T(), NAT(tile_n=128, nk_scales="slab", pad_tokens=False),
+          NAT(**one, epilogue="kernel"),
+          # two K-steps' wgmmas per wait: the next K-step converts while the MMAs run
+          NAT(**one, epilogue="kernel", steps_per_wait=2),
+          NAT(**one, epilogue="kernel", steps_per_wait=2, max_concurrent_steps=3),
+          NAT(tile_n=128, nk_scales="slab", pad_tokens=False, steps_per_wait=2),
+          # deeper pipelines: more weight bytes in flight per SM
+          NAT(**one, epilogue="kernel", max_concurrent_steps=6),
+          # the K split over CTAs too (partials added by XLA): more work items than SMs
+          NAT(**one), NAT(**one, split_k=2),
+          # "ptx": ldmatrix loads of the bytes, the tokens reordered by one XLA op
+          P(**one, epilogue="kernel")]
 
 
 def hopper_fn(tiles, interpret: bool, weight_layout: str = "kn", kname: str = "w4a16"):
@@ -396,6 +394,12 @@ def main(argv=None):
               kernel_fn(fn, None, backend=pallas_backend, weight_layout="nk"), f"{wk}_nk", ak, op)
       if sm90:  # what a converted model (weight_layout="nk") gets by default on this GPU
         for kname, fn, wk, ak, op in KERNELS:
+          # not where the default takes Mosaic GPU tiles that the tests failed (or hung)
+          auto = K._mosaic_gpu.auto_tiles(kname, m, k, n, None if kname == "w8a8" else GROUP,
+                                          "nk")
+          if auto is not None and (kname in off or any(t in repr(auto) for t in args.skip_tiles)):
+            print(f"skipped lowbit_{kname}_auto_nk m={m}: its tiles' tests failed: {auto}")
+            continue
           impls[f"lowbit_{kname}_auto_nk"] = (kernel_fn(fn, None, weight_layout="nk"),
                                               f"{wk}_nk", ak, op)
       if hopper["w8a8"] and m >= (64 if hopper_interp else 256):

@@ -18,13 +18,21 @@ export PYTHONPATH=/tmp/site
 cd /tmp  # import the installed package, not the source tree (kernels/ maps to lowbit.kernels)
 python3 -c "import jax, lowbit.kernels; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 # Tests in parallel processes: no process may preallocate most of the GPU. A test that
-# hangs (a kernel waiting on a barrier that never arrives) is ended by pytest-timeout,
-# where the image has it, so the others still report.
+# hangs (a kernel waiting on a barrier or on registers that never come) is ended by
+# pytest-timeout, where the image has it: its "thread" method ends the worker process (the
+# default, a signal, waits for a CUDA call that never returns; run 8 lost every worker so),
+# xdist reports the test and starts another worker. -v names each test as it ends, so the
+# log says which never did.
 PER_TEST=
-python3 -c "import pytest_timeout" 2>/dev/null && PER_TEST="--timeout ${PER_TEST_TIMEOUT:-90}"
-XLA_PYTHON_CLIENT_PREALLOCATE=false LOWBIT_TEST_BACKEND=gpu timeout ${TEST_TIMEOUT:-150} \
-  python3 -m pytest -q -n ${TEST_WORKERS:-8} --dist load -p no:cacheprovider $PER_TEST \
-  ${KERNEL_TESTS:-"$REPO/tests/kernels/test_matmul_kernels.py" "$REPO/tests/kernels/test_mosaic_gpu.py"} 2>&1 | tee "$OUT/kernel_tests.log" | tail -15
+python3 -c "import pytest_timeout" 2>/dev/null \
+  && PER_TEST="--timeout ${PER_TEST_TIMEOUT:-90} --timeout-method=thread"
+XLA_PYTHON_CLIENT_PREALLOCATE=false LOWBIT_TEST_BACKEND=gpu timeout ${TEST_TIMEOUT:-200} \
+  python3 -m pytest -v -rfE -n ${TEST_WORKERS:-8} --dist load -p no:cacheprovider $PER_TEST \
+  ${KERNEL_TESTS:-"$REPO/tests/kernels/test_matmul_kernels.py" "$REPO/tests/kernels/test_mosaic_gpu.py"} \
+  > "$OUT/kernel_tests.log" 2>&1
+TESTS_RC=$?
+grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$OUT/kernel_tests.log" | tail -25
+[ $TESTS_RC = 124 ] && echo "kernel tests TIMED OUT after ${TEST_TIMEOUT:-200} s (the log lists those that ended)"
 echo "tests done at $(( $(date +%s) - T0 )) s"
 # A Mosaic GPU kernel is benchmarked only if its compiled tests all passed (a kernel that
 # hangs would take the rest of the benchmark with it): the int4 kernel's tests name w4a16,
@@ -34,10 +42,10 @@ if ! grep -qE "[0-9]+ passed" "$LOG"; then
   HOPPER_FLAG="--no-hopper"
 else
   OFF=
-  # (opt-in variants, ids naming split, slab, ptx, natural, magic, unpadded, wgs4, ksplit or
-  # final, are only swept: they do not gate the default rows)
+  # (opt-in variants, ids naming split, slab, ptx, natural, magic, unpadded, wgs4, ksplit,
+  # final or pw2, are only swept: they do not gate the default rows)
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" \
-    | grep -vE "split|slab|ptx|natural|magic|unpadded|wgs4|ksplit|final" \
+    | grep -vE "split|slab|ptx|natural|magic|unpadded|wgs4|ksplit|final|pw2" \
     | grep -qE "w4a16|w4a8|hopper_w4" && OFF="$OFF w4a16 w4a8"
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -vE "w4a16|w4a8|hopper_w4" | grep -q . \
     && OFF="$OFF w8a8"
@@ -47,8 +55,8 @@ fi
 SKIP=
 for v in "slab:nk_scales='slab'" "ptx:unpack='ptx'" "natural:unpack='ptx_natural'" \
          "magic:int_sums='magic'" \
-         "unpadded:pad_tokens=False" "wgs4:compute_wgs=4" "ksplit:wg_split='k'" \
-         "final:epilogue='kernel'"; do
+         "unpadded:pad_tokens=False" "ksplit:wg_split='k'" \
+         "final:epilogue='kernel'" "pw2:steps_per_wait=2"; do
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -q -- "${v%%:*}" && SKIP="$SKIP ${v#*:}"
 done
 SKIP_FLAG=${SKIP:+--skip-tiles$SKIP}

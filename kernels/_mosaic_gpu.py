@@ -212,6 +212,36 @@ def load_slab_column(slab_smem, slab_set, h: int, col) -> jax.Array:
   return load(slab_smem, jnp.asarray(slab_set, jnp.int32), jnp.asarray(col, jnp.int32))
 
 
+#: Registers the warp-specialized pipeline leaves the TMA warpgroup
+#: (``plgpu.emit_pipeline_warp_specialized(memory_registers=...)``), as both kernels pass it.
+MEMORY_REGISTERS = 40
+
+
+def register_split(compute_wgs: int, memory_registers: int = MEMORY_REGISTERS) -> dict:
+  """How a CTA of ``compute_wgs`` compute warpgroups and one TMA warpgroup shares the
+  register file once jax's warp-specialized pipeline has run ``setmaxnreg``.
+
+  ptxas launches every thread of a ``T = 128 (compute_wgs + 1)``-thread CTA with
+  ``launch = min(255, 8 floor(65536 / (8 T)))`` registers; the pipeline then lowers the
+  TMA warpgroup to ``memory_registers`` and raises each compute warpgroup to
+  ``compute = 8 floor(min(256, (512 - memory_registers) / compute_wgs) / 8)`` (jax 0.10 to
+  0.12, ``pipeline._compute_registers``: as if the CTA held all 512 registers a thread-slot
+  of one warpgroup can have). ``setmaxnreg.inc`` takes registers only from those its CTA
+  gave back, and waits for them otherwise: the kernel hangs unless
+  ``compute_wgs * compute + memory_registers <= (compute_wgs + 1) * launch``.
+
+  >>> register_split(2)
+  {'launch': 168, 'compute': 232, 'memory': 40, 'fits': True}
+  >>> register_split(4)  # 4 x 112 + 40 = 488 > 5 x 96 = 480: setmaxnreg.inc never returns
+  {'launch': 96, 'compute': 112, 'memory': 40, 'fits': False}
+  """
+  threads = 128 * (compute_wgs + 1)
+  launch = min(255, 65536 // threads // 8 * 8)
+  compute = int(min(256.0, (512 - memory_registers) / compute_wgs) // 8 * 8)
+  fits = compute_wgs * compute + memory_registers <= (compute_wgs + 1) * launch
+  return dict(launch=launch, compute=compute, memory=memory_registers, fits=fits)
+
+
 def _launch(kernel, out_type, num_sms: int, name: str, interpret: bool,
             profile_dir: str | None = None, compute_wgs: int = 2):
   """The persistent launch both kernels share: one CTA per SM (grid axis ``"sm"``), a TMA
@@ -266,7 +296,7 @@ def w8a8_kernel(xq: jax.Array, xs: jax.Array, w: jax.Array, ws: jax.Array, *,
   def kernel(x_gmem, xs_gmem, w_gmem, ws_gmem, out_gmem):
     def pipeline(body, context):
       return plgpu.emit_pipeline_warp_specialized(
-          body, grid=(k_iters,), memory_registers=40, in_specs=[x_spec, w_spec],
+          body, grid=(k_iters,), memory_registers=MEMORY_REGISTERS, in_specs=[x_spec, w_spec],
           wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=t.max_concurrent_steps,
           compute_context=context)
 
@@ -512,7 +542,10 @@ class HopperW4Tiles:
       layout (16-bit loads, no shuffle).
     compute_wgs: compute warpgroups per CTA, 2 to 4 (a CTA owns
       ``compute_wgs * tile_n`` weight rows): more warps to hide the latency of
-      the conversion and of each step's wgmma, fewer registers each.
+      the conversion and of each step's wgmma, fewer registers each. 4 runs
+      interpreted only: compiled, jax's pipeline splits the registers of a
+      640-thread CTA into more than it is launched with and the kernel hangs
+      (:func:`register_split`; H200 run 8), so :func:`plan_w4` refuses it.
     nibbles: how a byte's two codes reach ``wgmma``. ``"split"``: the bytes
       are loaded as int8 and split in registers, ``16 * lo = byte << 4`` and
       ``16 * hi = byte & 0xF0`` (exact in int8 and bf16; the ``1/16`` goes
@@ -577,6 +610,14 @@ class HopperW4Tiles:
       transposed from registers (rows past M skipped), so with
       ``unpack="ptx_natural"``, ``pad_tokens=False`` and ``nk_scales="slab"``
       a decode call is that one kernel and nothing else.
+    steps_per_wait: K-steps a compute warpgroup converts and issues before it
+      waits for their ``wgmma``s (``nibbles="split"``): a pipeline step carries
+      ``steps_per_wait`` K-steps per warpgroup (times ``compute_wgs`` with
+      ``wg_split="k"``), each converted right before its ``wgmma``s are issued,
+      so a K-step's conversion overlaps the previous one's MMAs and the wait's
+      latency is paid once per ``steps_per_wait`` K-steps; grouped weights then
+      scale each K-step's group sums after that one wait (``2 steps_per_wait``
+      accumulators: at decode, 4 registers a thread each).
     halves: grouped weights: how a K-step's two packed halves go through ``wgmma``.
       ``"together"``: both halves' wgmmas issued, one wait, then both group sums
       scaled into the f32 total (two sums live beside it). ``"apart"``: each half's
@@ -605,6 +646,7 @@ class HopperW4Tiles:
   wg_split: Literal["n", "k"] = "n"
   epilogue: Literal["xla", "kernel"] = "xla"
   halves: Literal["together", "apart"] = "together"
+  steps_per_wait: int = 1
 
   def __post_init__(self):
     if self.wg_split not in ("n", "k"):
@@ -626,6 +668,12 @@ class HopperW4Tiles:
                        "vector loads: pass nibbles='split' and wide_load=True.")
     if self.nk_scales not in ("slab", "transpose"):
       raise ValueError(f"HopperW4Tiles.nk_scales={self.nk_scales!r}: use 'slab' or 'transpose'.")
+    if not isinstance(self.steps_per_wait, int) or self.steps_per_wait < 1:
+      raise ValueError(f"HopperW4Tiles.steps_per_wait={self.steps_per_wait!r} must be a "
+                       "positive integer.")
+    if self.steps_per_wait > 1 and self.nibbles != "split":
+      raise ValueError("HopperW4Tiles(steps_per_wait > 1) issues several K-steps' wgmmas "
+                       "before one wait for split nibbles only: pass nibbles='split'.")
     if self.compute_wgs not in (2, 3, 4):
       raise ValueError(f"HopperW4Tiles.compute_wgs={self.compute_wgs!r}: use 2, 3 or 4.")
     if self.nibbles not in ("split", "interleaved"):
@@ -666,6 +714,7 @@ class W4Plan:
   ksplit: bool = False  # HopperW4Tiles.wg_split == "k"
   final: bool = False  # HopperW4Tiles.epilogue == "kernel": the kernel writes [M, N]
   apart: bool = False  # HopperW4Tiles.halves == "apart": one half's group sums at a time
+  per_wait: int = 1  # HopperW4Tiles.steps_per_wait: K-steps a warpgroup issues per wait
 
   @property
   def cta_n(self) -> int:
@@ -674,9 +723,9 @@ class W4Plan:
 
   @property
   def substeps(self) -> int:
-    """K-steps (``tile_k`` codes each) per pipeline step: one per warpgroup with
-    ``wg_split="k"``."""
-    return self.wgs if self.ksplit else 1
+    """K-steps (``tile_k`` codes each) per pipeline step: ``per_wait``, for each
+    warpgroup with ``wg_split="k"``."""
+    return (self.wgs if self.ksplit else 1) * self.per_wait
 
   @property
   def slab_sets(self) -> int:
@@ -703,7 +752,7 @@ class W4Plan:
 
 def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
             tiles: HopperW4Tiles, act_bytes: int = 2, weight_layout: str = "kn",
-            scale_bytes: int = 4, profiled: bool = False) -> W4Plan:
+            scale_bytes: int = 4, profiled: bool = False, interpret: bool = False) -> W4Plan:
   """Resolve ``tiles`` for the problem, or raise a ``ValueError`` naming the misfit.
 
   A grouped ``"nk"`` weight reads its scales as stored (``nk_scales="slab"``) when
@@ -712,6 +761,8 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
   whole number of 16 bytes (TMA's stride unit); otherwise XLA transposes them.
   ``profiled`` (a call with ``profile_dir``): the pipeline leaves room for the
   profiler's buffer (:func:`profile_smem_bytes`), with fewer stages where it must.
+  Compiled for a GPU (``interpret`` False), the CTA's warpgroups must fit the register
+  file as the pipeline splits it (:func:`register_split`: ``compute_wgs=4`` does not).
   """
   if k % 2:
     raise ValueError(f"{name}: K={k} must be even (two int4 codes per byte).")
@@ -735,10 +786,14 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
   tile_m = tiles.tile_m or min(64, -(-m // 8) * 8)
   num_sms = tiles.num_sms or default_num_sms()
   steps = k // tile_k
-  sub = tiles.compute_wgs if ksplit else 1  # K-steps per pipeline step
+  sub = (tiles.compute_wgs if ksplit else 1) * tiles.steps_per_wait  # K-steps a pipeline step
   if steps % sub:
-    raise ValueError(f"{name}: wg_split='k' needs the {steps} K-steps (K={k}, tile_k={tile_k}) "
-                     f"to be a multiple of compute_wgs={tiles.compute_wgs}.")
+    what = " x ".join(([f"compute_wgs={tiles.compute_wgs}"] if ksplit else [])
+                      + ([f"steps_per_wait={tiles.steps_per_wait}"]
+                         if tiles.steps_per_wait > 1 else []))
+    raise ValueError(f"{name}: {'wg_split=' + repr('k') if ksplit else 'HopperW4Tiles'} needs "
+                     f"the {steps} K-steps (K={k}, tile_k={tile_k}) to be a multiple of "
+                     f"{what}.")
   mt = -(-m // tile_m)
   items = (n // cta_n) * mt
   final = tiles.epilogue == "kernel"
@@ -770,7 +825,8 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
                 group is not None, tiles.wide_load, act_bytes, tiles.nibbles == "split",
                 tiles.compute_wgs, slab, scale_bytes, ptx=tiles.unpack != "ops",
                 magic=tiles.int_sums == "magic", natural=tiles.unpack == "ptx_natural",
-                ksplit=ksplit, final=final, apart=tiles.halves == "apart")
+                ksplit=ksplit, final=final, apart=tiles.halves == "apart",
+                per_wait=tiles.steps_per_wait)
   if plan.grouped and not plan.slab and cta_n > 256:
     raise ValueError(
         f"{name}: {tiles} streams a row of {cta_n} group scales per K-step, more than TMA's "
@@ -787,6 +843,16 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
                      f"M={m}, more than Hopper's {SMEM_BYTES}"
                      + (f" less {reserved_smem} for the profiler" if reserved_smem else "")
                      + "; lower tile_m or tile_k.")
+  regs, wgs = register_split(tiles.compute_wgs), tiles.compute_wgs
+  if not interpret and not regs["fits"]:
+    raise ValueError(
+        f"{name}: HopperW4Tiles(compute_wgs={wgs}) hangs on a GPU: jax's warp-specialized "
+        f"pipeline raises each compute warpgroup to {regs['compute']} registers a thread and "
+        f"leaves the TMA warpgroup {regs['memory']}, {wgs} x {regs['compute']} + "
+        f"{regs['memory']} = {wgs * regs['compute'] + regs['memory']}, more than the "
+        f"{wgs + 1} x {regs['launch']} = {(wgs + 1) * regs['launch']} its "
+        f"{128 * (wgs + 1)}-thread CTA is launched with, so setmaxnreg.inc waits forever "
+        "(seen on an H200, jax 0.11.2). Use compute_wgs=2 or 3 (4 runs interpreted only).")
   return plan
 
 
@@ -912,7 +978,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
     def pipeline(body, context):
       return plgpu.emit_pipeline_warp_specialized(
-          body, grid=(steps,), memory_registers=40, in_specs=specs, wg_axis="wg",
+          body, grid=(steps,), memory_registers=MEMORY_REGISTERS, in_specs=specs, wg_axis="wg",
           num_compute_wgs=p.wgs, max_concurrent_steps=p.stages, compute_context=context)
 
     ignore = lambda *_, **__: None  # noqa: E731 (allocation sizes do not depend on the body)
@@ -938,7 +1004,8 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
     def _scope(allocs, out_smem, slab_smem=None, slab_bar=None, part_bar=None):
       wg = lax.axis_index("wg")
       wn = pl.ds(0, tn) if p.ksplit else pl.ds(wg * tn, tn)  # this warpgroup's rows of cta_n
-      wk = wg if p.ksplit else 0  # and its K-step of each pipeline step
+      # and the first of its p.per_wait K-steps in each pipeline step
+      wk = wg * p.per_wait if p.ksplit else 0
       slab_set = 0 if p.ksplit else wg  # the scale slab it reads
 
       @plgpu.nd_loop((p.split_k * n_iters * mt,), collective_axes="sm")
@@ -973,14 +1040,22 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
           return pl.run_scoped(acc_scope, *[plgpu.ACC((tn, tm), acc_dtype) for _ in pairs])
 
         def my_tiles(x_refs, w_smem):
-          """This warpgroup's K-step of a pipeline step (``wg_split="k"``: columns
-          ``[wg tx, (wg + 1) tx)`` of each token tile and ``[wg tw, ..)`` of the
-          weight tile, whole swizzle tiles); the step itself otherwise."""
-          if not p.ksplit:
-            return x_refs, w_smem
-          xk, wk_cols = pl.ds(wg * tx, tx), pl.ds(wg * tw, tw)
-          x_refs = [x.at[xk, :] if interpret else x.at[:, xk] for x in x_refs]
-          return x_refs, w_smem.at[:, wk_cols]
+          """``[(token tiles, weight tile)]``: this warpgroup's K-steps of a pipeline
+          step, ``wk + j`` for ``j < per_wait`` (columns ``[(wk + j) tx, ..)`` of each
+          token tile and ``[(wk + j) tw, ..)`` of the weight tile, whole swizzle
+          tiles); the step itself when it is one K-step."""
+          if sub == 1:
+            return [(x_refs, w_smem)]
+          out = []
+          for j in range(p.per_wait):
+            xk, wk_cols = pl.ds((wk + j) * tx, tx), pl.ds((wk + j) * tw, tw)
+            out.append(([x.at[xk, :] if interpret else x.at[:, xk] for x in x_refs],
+                        w_smem.at[:, wk_cols]))
+          return out
+
+        def my_pairs(x_refs, w_smem):
+          """``pairs_of`` each of this warpgroup's K-steps, in K order."""
+          return [pair for tiles_j in my_tiles(x_refs, w_smem) for pair in pairs_of(*tiles_j)]
 
         def pairs_of(x_refs, w_smem):
           """``[(A operand thunk, token tile)]`` of one step: this warpgroup's weight rows
@@ -1106,19 +1181,21 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             store(eval_pipeline(jnp.zeros((tn, tm), jnp.float32)))
 
           def step_scales(t, s_refs):
-            """Each half's f32 scales of this warpgroup's K-step of pipeline step ``t``
-            times its factor, ``[tn]``."""
-            if not p.slab:
-              return [r[wk, wn].astype(jnp.float32) * f
-                      for r, f in zip(s_refs, factors, strict=True)]
+            """Each half's f32 scales, ``[tn]``, times its factor, for each of this
+            warpgroup's K-steps of pipeline step ``t`` (the order of ``my_pairs``)."""
             out = []
-            for h in (0, 1):
-              col = h * g_total // 2 + (s * steps + t) * sub + wk - starts[h]
-              if interpret:
-                sl = slab_smem[slab_set, h, :, col]
-              else:
-                sl = load_slab_column(slab_smem, slab_set, h, col)
-              out.append(sl.astype(jnp.float32) * factors[h])
+            for j in range(p.per_wait):
+              if not p.slab:
+                out += [r[wk + j, wn].astype(jnp.float32) * f
+                        for r, f in zip(s_refs, factors, strict=True)]
+                continue
+              for h in (0, 1):
+                col = h * g_total // 2 + (s * steps + t) * sub + wk + j - starts[h]
+                if interpret:
+                  sl = slab_smem[slab_set, h, :, col]
+                else:
+                  sl = load_slab_column(slab_smem, slab_set, h, col)
+                out.append(sl.astype(jnp.float32) * factors[h])
             return out
 
           def body(idx, *refs):
@@ -1140,7 +1217,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             if early:
               with jax.named_scope("scale"):
                 scales = step_scales(idx[0], s_refs)
-            pairs = pairs_of(*my_tiles(x_refs, w_smem))
+            pairs = my_pairs(x_refs, w_smem)
             if p.apart:  # one half's wgmmas, wait and scaling, then the other's
               for pair, sc in zip(pairs, scales, strict=True):
                 y = scaled(y, dots([pair]), [sc])
@@ -1166,10 +1243,11 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
           def body(_, *refs):
             *x_refs, w_smem, accs = refs
-            pairs = pairs_of(*my_tiles(x_refs, w_smem))
+            pairs = my_pairs(x_refs, w_smem)  # per K-step, a pair per accumulator
             if interpret:
-              return tuple(a + d for a, d in zip(accs, dots(pairs), strict=True))
-            mma(pairs, accs)
+              sums = dots(pairs)
+              return tuple(a + sum(sums[i::n_acc]) for i, a in enumerate(accs))
+            mma(pairs, list(accs) * p.per_wait)
             return accs
 
         pipeline(body, context)(*operands(mi, s, cn), allocations=allocs)
@@ -1206,7 +1284,7 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
   (m, k), n = x.shape, wq.shape[1]
   plan = plan_w4(name, m, k, n, group, tiles, act_bytes=jnp.dtype(x.dtype).itemsize,
                  weight_layout=weight_layout, scale_bytes=jnp.dtype(ws.dtype).itemsize,
-                 profiled=bool(profile_dir))
+                 profiled=bool(profile_dir), interpret=interpret)
   tm, h = plan.tile_m, k // 2
   mp = -(-m // tm) * tm
   # HopperW4Tiles.pad_tokens=False: one partial token tile read as it is (TMA fills zeros).
@@ -1247,11 +1325,23 @@ AUTO: dict[str, list[tuple]] = {
     # at M = 4096-8192, where Triton's best is 1.23-1.58x; at M = 256 Triton's K-major
     # tiles win (1.33x vs 1.06x).
     "w8a8": [(2048, None, ("kn", "nk"), HopperTiles())],
-    # Run 6, weight stored K-major: decode 16.0-16.6 us (2.03-2.10x) against Triton's 17.3
-    # (1.95x, 2 us of it the per-call scale transpose Triton no longer does); M = 256:
-    # 51.6 us with split nibbles and 128-token tiles against Triton's 65.0.
-    "w4a8": [(1, 64, ("nk",), HopperW4Tiles(tile_n=128)),
-             (65, 256, ("nk",), HopperW4Tiles(nibbles="split", tile_m=128))],
+    # Run 8 (weight stored K-major, bf16 tokens, group scales): the call is one kernel, the
+    # warpgroups splitting each step's K, codes converted by PTX from 16-bit loads, the
+    # scales read as stored, the output written by the kernel: 14.2 us at M = 1 (2.41x)
+    # and 15.8 at M = 16 (2.36x), against Triton's 21.3 / 22.5 (K-major tiles) in the same
+    # run. Taken for M <= 16 (the token tile the kernel writes whole).
+    "w4a16": [(1, 16, ("nk",), HopperW4Tiles(
+        nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
+        pad_tokens=False, epilogue="kernel"))],
+    # Run 8, weight stored K-major: decode 13.1 us at M = 1 (2.61x) and 14.3 at M = 16
+    # (2.60x) with PTX-converted split nibbles, 128-row tiles, slab scales and full-rate
+    # group-sum conversion, against the earlier default's 16.0 / 18.9 and Triton's 16.3 / 18.0;
+    # M = 256: 41.7 us (1.16x) with PTX-converted split nibbles and 128-token tiles,
+    # against 52.0 with Mosaic's conversion and Triton's 56.6.
+    "w4a8": [(1, 64, ("nk",), HopperW4Tiles(
+                 tile_n=128, nibbles="split", unpack="ptx", nk_scales="slab",
+                 int_sums="magic", pad_tokens=False)),
+             (65, 256, ("nk",), HopperW4Tiles(nibbles="split", unpack="ptx", tile_m=128))],
 }
 
 

@@ -133,6 +133,12 @@ def w4_tiles(**kw) -> K.HopperW4Tiles:
   return K.HopperW4Tiles(**kw) if ON_GPU else K.HopperW4Tiles(num_sms=kw.pop("num_sms", 3), **kw)
 
 
+def hangs_compiled(kw) -> bool:
+  """Tiles whose warpgroups overrun the register file as jax's pipeline splits it
+  (``mg.register_split``): compiled, the kernel would hang, so it is refused."""
+  return not mg.register_split(kw.get("compute_wgs", 2))["fits"]
+
+
 def w4_operands(m, k, n, group, *, seed, scale_dtype=jnp.float32):
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
@@ -191,6 +197,12 @@ W4_CASES = [
     # halves="apart": each half's wgmmas issued, waited for and scaled on their own
     # (interleaved: the same converted codes against each half's spread tokens)
     (3, 512, 256, 32, dict(halves="apart"), "nk"),
+    # steps_per_wait=2: two K-steps' wgmmas per wait, in the one-kernel decode tiles (8
+    # K-steps, 2 pipeline steps of 2 x 2), per-channel, and with streamed scale rows
+    (1, 1024, 256, 64, dict(nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
+                            pad_tokens=False, epilogue="kernel", steps_per_wait=2), "nk"),
+    (9, 1024, 256, None, dict(nibbles="split", unpack="ptx", steps_per_wait=2), "kn"),
+    (20, 1024, 256, 128, dict(nibbles="split", tile_m=16, split_k=2, steps_per_wait=2), "kn"),
 ]
 
 
@@ -205,7 +217,8 @@ def case_id(c) -> str:
           + ("-wgs4" if kw.get("compute_wgs") == 4 else "")
           + ("-ksplit" if kw.get("wg_split") == "k" else "")
           + ("-final" if kw.get("epilogue") == "kernel" else "")
-          + ("-apart" if kw.get("halves") == "apart" else ""))
+          + ("-apart" if kw.get("halves") == "apart" else "")
+          + (f"-pw{kw['steps_per_wait']}" if kw.get("steps_per_wait", 1) > 1 else ""))
 
 
 #: Cases whose interpreted run repeats what another case already checks, the opt-in variant
@@ -221,7 +234,8 @@ INTERPRETED_ONCE = {
               "9x1024x256-gNone-kn-split-wgs4-ksplit", "20x1024x256-g128-kn-split-ksplit",
               "5x512x256-g64-kn-split-final",
               # interpreted, unpack="ptx" runs the jnp of its ptx_natural twin above
-              "1x512x256-g64-nk-split-ptx-slab-unpadded-wgs4-ksplit-final"},
+              "1x512x256-g64-nk-split-ptx-slab-unpadded-wgs4-ksplit-final",
+              "9x1024x256-gNone-kn-split-ptx-pw2", "20x1024x256-g128-kn-split-pw2"},
     "w4a8": {"20x1024x256-gNone-nk-split", "5x512x256-g64-nk-split-unpadded",
              "20x1024x256-gNone-kn-split-ptx", "130x512x256-g64-nk-split-ptx-magic",
              "130x512x256-g64-nk-split-ptx-magic-apart"},
@@ -242,6 +256,10 @@ def test_w4a16_matches_reference_and_float64(m, k, n, group, kw, layout):
   x, wq = w4_operands(m, k, n, group, seed=m + k + n,
                       scale_dtype=jnp.bfloat16 if group == 128 else jnp.float32)
   w = wq.transpose() if layout == "nk" else wq
+  if ON_GPU and hangs_compiled(kw):  # interpreted only: compiled, it would hang the GPU
+    with pytest.raises(ValueError, match="hangs on a GPU"):
+      K.w4a16_matmul(x, w, backend=BACKEND, block_sizes=w4_tiles(**kw), weight_layout=layout)
+    return
   out = K.w4a16_matmul(x, w, out_dtype=jnp.float32, backend=BACKEND, block_sizes=w4_tiles(**kw),
                        weight_layout=layout)
   assert out.shape == (m, n) and out.dtype == jnp.float32
@@ -291,6 +309,9 @@ W4A8_CASES = [
     (5, 512, 256, 64, dict(nibbles="split", halves="apart"), "kn"),
     (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", int_sums="magic", tile_m=128,
                              halves="apart"), "nk"),
+    # steps_per_wait=2 (W4A8's decode tiles, two K-steps per wait, 4 K-steps)
+    (5, 1024, 256, 128, dict(nibbles="split", unpack="ptx", int_sums="magic", nk_scales="slab",
+                             pad_tokens=False, steps_per_wait=2), "nk"),
 ]
 
 
@@ -299,6 +320,10 @@ def test_w4a8_matches_reference_and_float64(m, k, n, group, kw, layout):
   x, wq = w4_operands(m, k, n, group, seed=m + k + n + 1)
   xa = quantize(x.astype(jnp.float32), QuantSpec(bits=8, channel_axes=(0,)))
   w = wq.transpose() if layout == "nk" else wq
+  if ON_GPU and hangs_compiled(kw):  # interpreted only: compiled, it would hang the GPU
+    with pytest.raises(ValueError, match="hangs on a GPU"):
+      K.w4a8_matmul(xa, w, backend=BACKEND, block_sizes=w4_tiles(**kw), weight_layout=layout)
+    return
   out = K.w4a8_matmul(xa, w, out_dtype=jnp.float32, backend=BACKEND, block_sizes=w4_tiles(**kw),
                       weight_layout=layout)
   assert out.shape == (m, n) and out.dtype == jnp.float32
@@ -327,6 +352,10 @@ def test_every_case_lowers_for_cuda_with_the_gpu_runs_tiles(kernel, m, k, n, gro
   w = wq.transpose() if layout == "nk" else wq
   f = jax.jit(lambda a, b: fn(a, b, out_dtype=jnp.float32, backend="mosaic_gpu",
                               block_sizes=K.HopperW4Tiles(**kw), weight_layout=layout))
+  if hangs_compiled(kw):  # refused before lowering, with the registers it would need
+    with pytest.raises(ValueError, match=r"4 x 112 \+ 40 = 488, more than the 5 x 96 = 480"):
+      f.trace(x, w)
+    return
   text = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
   assert f"lowbit_{kernel}_hopper" in text
 
@@ -392,16 +421,43 @@ def test_hopper_w4_nk_scales_slab_where_tma_can_take_it():
 
 def test_warpgroups_splitting_k_share_one_scale_slab():
   """wg_split="k": the warpgroups read the same rows' scales, so the plan holds one slab (not
-  one per warpgroup): the one-kernel decode candidate keeps 4 pipeline stages at M = 1 with
-  bf16 scales, and fits at M = 16 with f32 scales (it did not with 4 slabs)."""
+  one per warpgroup). With 4 warpgroups (interpreted only) the one-kernel decode tiles keep 4
+  pipeline stages at M = 1 with bf16 scales, and fit at M = 16 with f32 scales (they did
+  not with 4 slabs)."""
   one_kernel = K.HopperW4Tiles(nibbles="split", unpack="ptx_natural", wg_split="k", compute_wgs=4,
                                nk_scales="slab", pad_tokens=False, epilogue="kernel")
-  plan = mg.plan_w4("w4a16", 1, 8192, 8192, 128, one_kernel, weight_layout="nk", scale_bytes=2)
+  plan4 = functools.partial(mg.plan_w4, "w4a16", weight_layout="nk", interpret=True)
+  plan = plan4(1, 8192, 8192, 128, one_kernel, scale_bytes=2)
   assert plan.slab_sets == 1 and plan.stages == 4 and plan.smem_bytes() <= mg.SMEM_BYTES
-  assert mg.plan_w4("w4a16", 16, 8192, 8192, 128, one_kernel, weight_layout="nk",
-                    scale_bytes=4).stages == 2
+  assert plan4(16, 8192, 8192, 128, one_kernel, scale_bytes=4).stages == 2
   per_wg = dataclasses.replace(one_kernel, wg_split="n", epilogue="xla")
-  assert mg.plan_w4("w4a16", 1, 8192, 8192, 128, per_wg, weight_layout="nk").slab_sets == 4
+  assert plan4(1, 8192, 8192, 128, per_wg).slab_sets == 4
+  # the 2-warpgroup one-kernel tiles (what a K-major W4A16 decode call takes on Hopper)
+  two = dataclasses.replace(one_kernel, compute_wgs=2)
+  plan = mg.plan_w4("w4a16", 1, 8192, 8192, 128, two, weight_layout="nk", scale_bytes=2)
+  assert plan.slab_sets == 1 and plan.substeps == 2 and plan.smem_bytes() <= mg.SMEM_BYTES
+
+
+def test_register_split_mirrors_jax_pipeline_and_refuses_what_would_hang():
+  """``register_split`` reproduces the registers jax's warp-specialized pipeline asks for
+  (its private ``_compute_registers``, where this jax has it) and ptxas' launch count;
+  4 compute warpgroups ask for more than a 640-thread CTA holds, which hung the H200 (run
+  8), so compiled tiles with them are refused before anything is lowered, interpreted
+  ones are not."""
+  from jax._src.pallas.mosaic_gpu import pipeline
+  for wgs in (2, 3, 4):
+    split = mg.register_split(wgs)
+    if hasattr(pipeline, "_compute_registers"):
+      assert split["compute"] == pipeline._compute_registers(mg.MEMORY_REGISTERS, wgs)
+    assert split["fits"] == (wgs != 4)
+  assert mg.register_split(2)["launch"] == 168  # 384 threads: what ptxas reported (SASS)
+  assert mg.register_split(4)["launch"] == 96  # 640 threads
+  tiles4 = K.HopperW4Tiles(compute_wgs=4)
+  with pytest.raises(ValueError, match=r"compute_wgs=4\) hangs on a GPU.*Use compute_wgs=2 or 3"):
+    mg.plan_w4("w4a16", 1, 8192, 8192, 128, tiles4, weight_layout="nk")
+  assert mg.plan_w4("w4a16", 1, 8192, 8192, 128, tiles4, weight_layout="nk", interpret=True)
+  mg.plan_w4("w4a16", 1, 8192, 3072, 128, K.HopperW4Tiles(compute_wgs=3),
+             weight_layout="nk")  # 3 x 152 + 40 = 496 <= 4 x 128: compiles
 
 
 def test_w4a16_errors_name_the_problem():
@@ -481,19 +537,30 @@ def test_auto_tiles_follow_the_measured_table(monkeypatch):
   assert auto("w8a8", 2048, 4096, 14336, None, "nk") == HopperTiles()
   assert auto("w8a8", 256, 8192, 8192, None, "nk") is None  # Triton's K-major tiles win
   assert auto("w8a8", 8192, 8192, 8000, None, "kn") is None  # N not a multiple of 256
-  assert auto("w4a8", 1, 8192, 8192, 128, "nk") == K.HopperW4Tiles(tile_n=128)
-  assert auto("w4a8", 256, 8192, 8192, 128, "nk") == K.HopperW4Tiles(nibbles="split", tile_m=128)
+  # run 8's fastest: W4A8 decode, W4A8 at M = 256, W4A16 decode as one kernel
+  P = functools.partial(K.HopperW4Tiles, nibbles="split", unpack="ptx")
+  w4a8_decode = P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False)
+  one_kernel = K.HopperW4Tiles(nibbles="split", unpack="ptx_natural", wg_split="k",
+                               nk_scales="slab", pad_tokens=False, epilogue="kernel")
+  assert auto("w4a8", 1, 8192, 8192, 128, "nk") == w4a8_decode
+  assert auto("w4a8", 64, 4096, 14336, 128, "nk") == w4a8_decode
+  assert auto("w4a8", 256, 8192, 8192, 128, "nk") == P(tile_m=128)
   assert auto("w4a8", 16, 8192, 8192, 128, "kn") is None  # would transpose per call
   assert auto("w4a8", 512, 8192, 8192, 128, "nk") is None
   assert auto("w4a8", 16, 8192, 8192, 256, "nk") is None  # group 256: the kernel cannot
-  assert auto("w4a16", 1, 8192, 8192, 128, "nk") is None  # Triton ties or wins
+  assert auto("w4a16", 1, 8192, 8192, 128, "nk") == one_kernel
+  assert auto("w4a16", 16, 4096, 14336, 128, "nk") == one_kernel
+  assert auto("w4a16", 17, 8192, 8192, 128, "nk") is None  # past one token tile: Triton
+  assert auto("w4a16", 1, 8192, 8192, 128, "kn") is None
+  assert auto("w4a16", 1, 8192, 8192, None, "nk") is None  # per-channel: no kernel epilogue
+  assert auto("w4a16", 1, 8448, 8192, 128, "nk") is None  # 33 K-steps: 2 warpgroups cannot
 
 
 def test_wrappers_take_the_auto_tiles_only_without_backend_or_tiles(monkeypatch):
   from lowbit.kernels import _mosaic_gpu
   calls = []
 
-  def spy(x, wq, ws, group, *, tiles, interpret, name, kernel_name, weight_layout):
+  def spy(x, wq, ws, group, *, tiles, interpret, name, kernel_name, weight_layout, **kw):
     calls.append(tiles)
     assert weight_layout == "nk"
     return jnp.zeros((x.shape[0], wq.shape[1]), jnp.float32)
@@ -502,11 +569,19 @@ def test_wrappers_take_the_auto_tiles_only_without_backend_or_tiles(monkeypatch)
   x, wq = w4_operands(7, 768, 256, 64, seed=11)  # shapes of this test only: fresh traces
   xa = quantize(x.astype(jnp.float32), QuantSpec(bits=8, channel_axes=(0,)))
   K.w4a8_matmul(xa, wq.transpose(), weight_layout="nk")
-  assert calls == [K.HopperW4Tiles(tile_n=128)]
+  w4a8_tiles = _mosaic_gpu.AUTO["w4a8"][0][3]
+  assert calls == [w4a8_tiles]
   out = K.w4a8_matmul(xa, wq.transpose(), weight_layout="nk", backend="interpret")
-  assert calls == [K.HopperW4Tiles(tile_n=128)]  # a named backend is kept
+  assert calls == [w4a8_tiles]  # a named backend is kept
   ref = K.w4a8.reference(xa, wq, out_dtype=jnp.float32)
   assert rel(out, np.asarray(ref, np.float64)) < 1e-2
+  # W4A16: bf16 tokens take the one-kernel tiles; f32 tokens stay off the bf16-only kernel
+  K.w4a16_matmul(x.astype(jnp.bfloat16), wq.transpose(), weight_layout="nk")
+  assert calls == [w4a8_tiles, _mosaic_gpu.AUTO["w4a16"][0][3]]
+  out = K.w4a16_matmul(x.astype(jnp.float32), wq.transpose(), weight_layout="nk")
+  assert len(calls) == 2 and out.dtype == jnp.float32
+  ref = K.w4a16.reference(x.astype(jnp.float32), wq, out_dtype=jnp.float32)
+  assert rel(out, np.asarray(ref, np.float64)) < 1e-5
 
 
 def test_profile_summary_of_a_trace():
