@@ -273,7 +273,6 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
           # two K-steps' wgmmas per wait: the next K-step converts while the MMAs run
           NAT(**one, epilogue="kernel", steps_per_wait=2),
           NAT(**one, epilogue="kernel", steps_per_wait=2, max_concurrent_steps=3),
-          NAT(tile_n=128, nk_scales="slab", pad_tokens=False, steps_per_wait=2),
           # deeper pipelines: more weight bytes in flight per SM
           NAT(**one, epilogue="kernel", max_concurrent_steps=6),
           # the K split over CTAs too (partials added by XLA): more work items than SMs

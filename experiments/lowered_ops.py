@@ -65,8 +65,10 @@ def kernel_call(kernel: str, tiles, m: int, kn: int, group: int | None, *,
     cls = K.HopperTiles if kernel == "w8a8" else K.HopperW4Tiles
     tiles = eval(f"cls({tiles})", {"cls": cls})  # noqa: S307
   w = jax.ShapeDtypeStruct((kn, kn), jnp.float32)
+  # int4: bf16 scales, as the benchmark and the profile time them (f32 until 2026-11-28)
   spec = (QuantSpec(bits=8, channel_axes=(1,)) if kernel == "w8a8" else
-          QuantSpec(bits=4, channel_axes=(1,), group_size=group, pack=True))
+          QuantSpec(bits=4, channel_axes=(1,), group_size=group, pack=True,
+                    scale_dtype=jnp.bfloat16))
   wq = jax.eval_shape(lambda a: quantize(a, spec).transpose(), w)
   xf = jax.ShapeDtypeStruct((m, kn), jnp.float32)
   if kernel == "w4a16":

@@ -192,8 +192,11 @@ W4_CASES = [
     (5, 512, 256, 64, dict(nibbles="split", epilogue="kernel"), "kn"),
     (1, 512, 256, 64, dict(nibbles="split", wg_split="k", compute_wgs=4, epilogue="kernel",
                            unpack="ptx_natural", pad_tokens=False, nk_scales="slab"), "nk"),
-    (1, 512, 256, 64, dict(nibbles="split", wg_split="k", compute_wgs=4, epilogue="kernel",
+    (1, 512, 256, 64, dict(nibbles="split", wg_split="k", epilogue="kernel",
                            unpack="ptx", pad_tokens=False, nk_scales="slab"), "nk"),
+    # the W4A16 decode default (_mosaic_gpu.AUTO) as it is, 5 tokens in a tile of 8
+    (5, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
+                           pad_tokens=False, epilogue="kernel"), "nk"),
     # halves="apart": each half's wgmmas issued, waited for and scaled on their own
     # (interleaved: the same converted codes against each half's spread tokens)
     (3, 512, 256, 32, dict(halves="apart"), "nk"),
@@ -234,11 +237,13 @@ INTERPRETED_ONCE = {
               "9x1024x256-gNone-kn-split-wgs4-ksplit", "20x1024x256-g128-kn-split-ksplit",
               "5x512x256-g64-kn-split-final",
               # interpreted, unpack="ptx" runs the jnp of its ptx_natural twin above
-              "1x512x256-g64-nk-split-ptx-slab-unpadded-wgs4-ksplit-final",
+              "1x512x256-g64-nk-split-ptx-slab-unpadded-ksplit-final",
+              # 4 compute warpgroups run interpreted only (refused compiled): in the slow set
+              "1x512x256-g64-nk-split-natural-slab-unpadded-wgs4-ksplit-final",
               "9x1024x256-gNone-kn-split-ptx-pw2", "20x1024x256-g128-kn-split-pw2"},
     "w4a8": {"20x1024x256-gNone-nk-split", "5x512x256-g64-nk-split-unpadded",
              "20x1024x256-gNone-kn-split-ptx", "130x512x256-g64-nk-split-ptx-magic",
-             "130x512x256-g64-nk-split-ptx-magic-apart"},
+             "130x512x256-g64-nk-split-ptx-magic-apart", "130x512x256-g64-nk-split-ptx"},
 }
 
 
@@ -309,6 +314,10 @@ W4A8_CASES = [
     (5, 512, 256, 64, dict(nibbles="split", halves="apart"), "kn"),
     (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", int_sums="magic", tile_m=128,
                              halves="apart"), "nk"),
+    # the W4A8 defaults (_mosaic_gpu.AUTO) as they are: decode, and 128-token tiles
+    (5, 512, 256, 64, dict(nibbles="split", unpack="ptx", tile_n=128, nk_scales="slab",
+                           int_sums="magic", pad_tokens=False), "nk"),
+    (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", tile_m=128), "nk"),
     # steps_per_wait=2 (W4A8's decode tiles, two K-steps per wait, 4 K-steps)
     (5, 1024, 256, 128, dict(nibbles="split", unpack="ptx", int_sums="magic", nk_scales="slab",
                              pad_tokens=False, steps_per_wait=2), "nk"),
@@ -554,6 +563,10 @@ def test_auto_tiles_follow_the_measured_table(monkeypatch):
   assert auto("w4a16", 1, 8192, 8192, 128, "kn") is None
   assert auto("w4a16", 1, 8192, 8192, None, "nk") is None  # per-channel: no kernel epilogue
   assert auto("w4a16", 1, 8448, 8192, 128, "nk") is None  # 33 K-steps: 2 warpgroups cannot
+  # every default's tiles, as they are, among the cases compiled on a GPU
+  for kernel, cases in (("w4a16", W4_CASES), ("w4a8", W4A8_CASES)):
+    for *_, tiles in _mosaic_gpu.AUTO[kernel]:
+      assert any(K.HopperW4Tiles(**c[4]) == tiles for c in cases), (kernel, tiles)
 
 
 def test_wrappers_take_the_auto_tiles_only_without_backend_or_tiles(monkeypatch):
