@@ -391,11 +391,14 @@ def main(argv=None):
         for kname, fn, wk, ak, op in KERNELS:
           impls[f"lowbit_{kname}_nk"] = (
               kernel_fn(fn, None, backend=pallas_backend, weight_layout="nk"), f"{wk}_nk", ak, op)
+      # the Mosaic GPU tiles (or None: Triton) the default dispatch takes at this point
+      auto_of = {kname: K._mosaic_gpu.auto_tiles(kname, m, k, n,
+                                                 None if kname == "w8a8" else GROUP, "nk")
+                 for kname, *_ in KERNELS}
       if sm90:  # what a converted model (weight_layout="nk") gets by default on this GPU
         for kname, fn, wk, ak, op in KERNELS:
           # not where the default takes Mosaic GPU tiles that the tests failed (or hung)
-          auto = K._mosaic_gpu.auto_tiles(kname, m, k, n, None if kname == "w8a8" else GROUP,
-                                          "nk")
+          auto = auto_of[kname]
           if auto is not None and (kname in off or any(t in repr(auto) for t in args.skip_tiles)):
             print(f"skipped lowbit_{kname}_auto_nk m={m}: its tiles' tests failed: {auto}")
             continue
@@ -480,8 +483,7 @@ def main(argv=None):
             layout = "nk" if name.endswith("_nk") else "kn"
             bs = K._pallas.resolve_block_sizes(kname, "gpu", m, k, n, None, layout)
             if "_auto" in name:
-              bs = K._mosaic_gpu.auto_tiles(kname, m, k, n, None if kname == "w8a8" else GROUP,
-                                            "nk") or bs
+              bs = auto_of[kname] or bs
           row["block_sizes"] = str(bs)
         rows.append(row)
         print(json.dumps(row), flush=True)

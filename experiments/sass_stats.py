@@ -50,6 +50,8 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # lowered_ops, bench_kernels
+
 # An H100 SXM as XLA's GPU compiler describes one (xla GpuTargetConfigProto); only the
 # compute capability and the SM count matter to what follows.
 H100_TARGET = """
@@ -183,7 +185,6 @@ def compile_kernel(kernel: str, tiles, m: int, kn: int, group: int | None,
   out.mkdir(parents=True, exist_ok=True)
   os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=str(out))
   import jax
-  sys.path.insert(0, str(pathlib.Path(__file__).parent))
   import lowered_ops
   on_gpu = jax.sharding.NamedSharding(h100_mesh(), jax.sharding.PartitionSpec())
   f, x, w = lowered_ops.kernel_call(kernel, tiles, m, kn, group)
@@ -218,9 +219,8 @@ def compile_triton(kernel: str, bs, m: int, kn: int, group: int | None,
   """Lower the Pallas Triton call (weight stored K-major) for cuda, keep its Triton IR,
   and compile that with PyPI's Triton for sm_90a; the cubins under ``out``."""
   import jax
-  from jax._src.pallas.triton import pallas_call_registration as registration
-  sys.path.insert(0, str(pathlib.Path(__file__).parent))
   import lowered_ops
+  from jax._src.pallas.triton import pallas_call_registration as registration
   out.mkdir(parents=True, exist_ok=True)
   modules = []
   original = registration.lowering.lower_jaxpr_to_triton_module
@@ -274,14 +274,18 @@ def triton_summary(sass: str, bs, kernel: str, m: int, kn: int) -> dict:
                    collections.Counter(i.family for i in body).most_common() if v >= steps})
 
 
+def disasm(cubin: pathlib.Path) -> str:
+  """``nvdisasm -c`` of a cubin."""
+  return subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                        check=True).stdout
+
+
 def sass_of(ptx: pathlib.Path) -> tuple[str, str]:
   """``(ptxas -v report, nvdisasm text)`` of one PTX file."""
   cubin = ptx.with_suffix(".cubin")
   report = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)],
                           capture_output=True, text=True, check=True).stderr
-  sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
-                        check=True).stdout
-  return report, sass
+  return report, disasm(cubin)
 
 
 def summarize(report: str, sass: str, m: int, kn: int) -> dict:
@@ -322,8 +326,7 @@ def triton_main(args) -> int:
   print(f"M = {args.m}, K = N = {args.kn}, group {args.group or 'none'}, weight stored K-major; "
         f"Triton IR compiled by PyPI's Triton for sm_90a")
   for cubin in compile_triton(args.kernel, bs, args.m, args.kn, args.group or None, root):
-    sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True,
-                          text=True, check=True).stdout
+    sass = disasm(cubin)
     cubin.with_suffix(".sass").write_text(sass)
     s = triton_summary(sass, bs, args.kernel, args.m, args.kn)
     where = (f"no loop (Triton unrolled its {s['unrolled_steps']} K-steps): the whole kernel "
@@ -358,7 +361,6 @@ def main(argv=None) -> int:
   if args.triton:
     return triton_main(args)
   if args.sweep:
-    sys.path.insert(0, str(pathlib.Path(__file__).parent))
     import bench_kernels
     candidates = (bench_kernels.hopper_candidates(args.m) if args.kernel == "w8a8" else
                   bench_kernels.hopper_w4_candidates(args.m, args.kernel))

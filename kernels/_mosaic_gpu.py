@@ -788,12 +788,10 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
   steps = k // tile_k
   sub = (tiles.compute_wgs if ksplit else 1) * tiles.steps_per_wait  # K-steps a pipeline step
   if steps % sub:
-    what = " x ".join(([f"compute_wgs={tiles.compute_wgs}"] if ksplit else [])
-                      + ([f"steps_per_wait={tiles.steps_per_wait}"]
-                         if tiles.steps_per_wait > 1 else []))
-    raise ValueError(f"{name}: {'wg_split=' + repr('k') if ksplit else 'HopperW4Tiles'} needs "
-                     f"the {steps} K-steps (K={k}, tile_k={tile_k}) to be a multiple of "
-                     f"{what}.")
+    per_step = ([f"compute_wgs={tiles.compute_wgs}"] if ksplit else []) + (
+        [f"steps_per_wait={tiles.steps_per_wait}"] if tiles.steps_per_wait > 1 else [])
+    raise ValueError(f"{name}: the {steps} K-steps (K={k}, tile_k={tile_k}) need to be a "
+                     f"multiple of {' x '.join(per_step)}, the K-steps of a pipeline step.")
   mt = -(-m // tile_m)
   items = (n // cta_n) * mt
   final = tiles.epilogue == "kernel"
