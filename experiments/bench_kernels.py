@@ -270,6 +270,13 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
   one = dict(wg_split="k", nk_scales="slab", pad_tokens=False)
   return [T(), NAT(tile_n=128, nk_scales="slab", pad_tokens=False),
           NAT(**one, epilogue="kernel"),
+          # mma="sync": warp MMAs (m16n8k16, Marlin's) instead of m64n8k16 wgmmas, whose
+          # issue run 8's profile timed at ~46 clocks each; the one kernel so, with two
+          # K-steps a pipeline step, a deeper pipeline, and 128 rows a warpgroup
+          NAT(**one, epilogue="kernel", mma="sync"),
+          NAT(**one, epilogue="kernel", mma="sync", steps_per_wait=2),
+          NAT(**one, epilogue="kernel", mma="sync", max_concurrent_steps=6),
+          NAT(tile_n=128, nk_scales="slab", pad_tokens=False, mma="sync"),
           # two K-steps' wgmmas per wait: the next K-step converts while the MMAs run
           NAT(**one, epilogue="kernel", steps_per_wait=2),
           NAT(**one, epilogue="kernel", steps_per_wait=2, max_concurrent_steps=3),

@@ -43,9 +43,9 @@ if ! grep -qE "[0-9]+ passed" "$LOG"; then
 else
   OFF=
   # (opt-in variants, ids naming split, slab, ptx, natural, magic, unpadded, wgs4, ksplit,
-  # final or pw2, are only swept: they do not gate the default rows)
+  # final, pw2 or sync, are only swept: they do not gate the default rows)
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" \
-    | grep -vE "split|slab|ptx|natural|magic|unpadded|wgs4|ksplit|final|pw2" \
+    | grep -vE "split|slab|ptx|natural|magic|unpadded|wgs4|ksplit|final|pw2|sync" \
     | grep -qE "w4a16|w4a8|hopper_w4" && OFF="$OFF w4a16 w4a8"
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -vE "w4a16|w4a8|hopper_w4" | grep -q . \
     && OFF="$OFF w8a8"
@@ -56,7 +56,7 @@ SKIP=
 for v in "slab:nk_scales='slab'" "ptx:unpack='ptx'" "natural:unpack='ptx_natural'" \
          "magic:int_sums='magic'" \
          "unpadded:pad_tokens=False" "ksplit:wg_split='k'" \
-         "final:epilogue='kernel'" "pw2:steps_per_wait=2"; do
+         "final:epilogue='kernel'" "pw2:steps_per_wait=2" "sync:mma='sync'"; do
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -q -- "${v%%:*}" && SKIP="$SKIP ${v#*:}"
 done
 SKIP_FLAG=${SKIP:+--skip-tiles$SKIP}

@@ -74,11 +74,13 @@ def profiled_configs(m: int) -> list:
                ("w4a8", S(tile_m=128, unpack="ptx", int_sums="magic", halves="apart"))]
   else:
     # most telling first (the stage's timeout may cut the list): the one kernel that run 8
-    # timed fastest at decode (14.2 us), it with two K-steps per wgmma wait (untimed), the
+    # timed fastest at decode (14.2 us), it with warp MMAs (mma="sync", untimed: its
+    # "issue" against the wgmma one's), with two K-steps per wgmma wait (untimed), the
     # old default, the one kernel with "ptx" (ldmatrix loads), the runner-up (128-row tiles
     # per warpgroup), then W4A8's decode best and default (compute_wgs=4 hangs: refused)
     one_kernel = dict(pad_tokens=False, wg_split="k", epilogue="kernel", nk_scales="slab")
     configs = [("w4a16", S(unpack="ptx_natural", **one_kernel)),
+               ("w4a16", S(unpack="ptx_natural", mma="sync", **one_kernel)),
                ("w4a16", S(unpack="ptx_natural", steps_per_wait=2, **one_kernel)),
                ("w4a16", T()),
                ("w4a16", S(unpack="ptx", **one_kernel)),

@@ -137,16 +137,25 @@ def hgmma_loop(insns: list[Insn], labels: dict[str, int],
   return min(loops, key=len)
 
 
-def codes_per_step(body: list[Insn]) -> tuple[int, int]:
-  """``(codes, tile_m)``: weight codes one thread converts per step (distinct register A
-  operands, ``64 K_mma / 128`` each) and the token tile (``HGMMA``'s N)."""
-  per_a, tile_m = {}, 0
+def codes_per_step(body: list[Insn], m: int) -> tuple[int, int]:
+  """``(codes, tile_m)``: weight codes one thread converts per step and the token tile.
+  ``wgmma``: distinct register A operands, ``64 K_mma / 128`` codes each, the tile is
+  ``HGMMA``'s N. A warp's ``HMMA.16816`` (``HopperW4Tiles(mma="sync")``): 8 codes a
+  thread per instruction and 8-token tile, the tile M rounded up to 8 (the kernel's
+  default ``tile_m``; register A operands are reused across chunks, so they are not
+  counted)."""
+  per_a, tile_m, hmma = {}, 0, 0
   for insn in body:
-    if m := _GMMA.search(insn.text):
-      rows, n, k, a = m.groups()
+    if m_ := _GMMA.search(insn.text):
+      rows, n, k, a = m_.groups()
       tile_m = max(tile_m, int(n))
       if a.startswith("R"):
         per_a[a] = int(rows) * int(k) // 128
+    elif insn.opcode.startswith("HMMA.16816"):
+      hmma += 1
+  if hmma:
+    tile_m = min(64, -(-m // 8) * 8)
+    return 8 * hmma // (tile_m // 8), tile_m
   return sum(per_a.values()), tile_m
 
 
@@ -289,12 +298,12 @@ def sass_of(ptx: pathlib.Path) -> tuple[str, str]:
 
 
 def summarize(report: str, sass: str, m: int, kn: int) -> dict:
-  """Registers, spills and the HGMMA loop's numbers (see the module docstring)."""
+  """Registers, spills and the MMA loop's numbers (see the module docstring)."""
   regs = re.search(r"Used (\d+) registers", report)
   spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
   insns, labels = parse_sass(sass)
-  body = hgmma_loop(insns, labels)
-  codes, tile_m = codes_per_step(body)
+  body = hgmma_loop(insns, labels, MMA_FAMILIES)
+  codes, tile_m = codes_per_step(body, m)
   mix = collections.Counter(i.family for i in body)
   # ptxas C7511 ("wgmma.mma_async instructions are serialized due to ..."): each wgmma
   # waits for the one before it (a WARPGROUP.DEPBAR after every HGMMA in the loop)
@@ -311,7 +320,7 @@ def summarize(report: str, sass: str, m: int, kn: int) -> dict:
 
 def _line(s: dict) -> str:
   serial = f"WGMMA SERIALIZED ({s['wgmma_serialized']}); " if s["wgmma_serialized"] else ""
-  head = (f"{serial}{s['registers']} registers, {s['spill_bytes']} bytes spilled; HGMMA loop: "
+  head = (f"{serial}{s['registers']} registers, {s['spill_bytes']} bytes spilled; MMA loop: "
           f"{s['loop_insns']} instructions per step and thread")
   if not s["codes_per_step"]:  # both wgmma operands in shared memory (W8A8): no codes
     return head
@@ -383,7 +392,7 @@ def main(argv=None) -> int:
         print("  " + ", ".join(f"{k} {v}" for k, v in s["mix"].items()))
         if args.show_loop:
           insns, labels = parse_sass(sass)
-          for insn in hgmma_loop(insns, labels):
+          for insn in hgmma_loop(insns, labels, MMA_FAMILIES):
             print(f"    {insn.addr:05x}  {insn.text}")
     except Exception as e:  # noqa: BLE001 - a sweep reports each candidate
       if not args.sweep:

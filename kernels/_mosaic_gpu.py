@@ -487,6 +487,153 @@ def split_int4_ptx(w: jax.Array, act: jnp.dtype,
   return convert16(w)
 
 
+def mma_sync_a_registers(block: int, chunk: int) -> tuple[tuple[int, ...], ...]:
+  """The ``WGMMA_LAYOUT`` registers of a bf16 ``[rows, cols]`` array that form the A
+  fragment of ``mma.sync.m16n8k16`` for 64-row block ``block`` and K-chunk ``chunk``
+  (columns ``16 chunk ..``), in PTX's order ``a0 .. a3``.
+
+  A thread (warp ``w``, lane ``4 g + t``) holds in register ``(b, c8, 0, 0, r8, 0, 0, 0,
+  0)`` the pair at row ``64 b + 16 w + 8 r8 + g``, columns ``8 c8 + 2t, 8 c8 + 2t + 1``
+  (the layout's tiling: ``tests/kernels/test_mma_sync.py`` checks it against Mosaic
+  GPU's). PTX's A fragment of a warp's ``16 x 16`` slice: ``a0`` row ``g`` columns
+  ``2t, 2t + 1``; ``a1`` row ``g + 8``; ``a2`` row ``g``, columns ``+ 8``; ``a3`` row
+  ``g + 8``, columns ``+ 8``: the warp's 16 rows of the block are its ``m16`` tile.
+
+  >>> [(r[1], r[4]) for r in mma_sync_a_registers(0, 1)]  # (8-column block, row half)
+  [(2, 0), (2, 1), (3, 0), (3, 1)]
+  """
+  return tuple((block, 2 * chunk + i // 2, 0, 0, i % 2, 0, 0, 0, 0) for i in range(4))
+
+
+def mma_sync_b_parts(tile: int, chunk: int, upper: int, width: int) -> tuple[int, int]:
+  """``(bytes, chunk16)``: the lane-independent parts of :func:`mma_sync_b_offset` (with
+  ``col0 = 0``): the byte offset of the 1024-byte tile and the 16-byte chunk of a row that
+  the word's unswizzled position falls in."""
+  col = 16 * chunk + 8 * upper
+  return tile * (width // 64) * 1024 + col // 64 * 1024, col % 64 // 8
+
+
+def mma_sync_b_offset(g: int, t: int, tile: int, chunk: int, upper: int, col0: int,
+                      width: int) -> int:
+  """Byte offset, in a token tile's shared-memory buffer, of the 32-bit word a lane
+  (``g = lane // 4``, ``t = lane % 4``) loads as register ``upper`` (``b0``: 0,
+  ``b1``: 1) of the B fragment of ``mma.sync.m16n8k16`` for token tile ``tile``
+  (tokens ``8 tile ..``) and K-chunk ``chunk`` of the K-step at column ``col0``.
+
+  The word holds ``x[r, c], x[r, c + 1]``, ``r = 8 tile + g``, ``c = col0 + 16 chunk
+  + 8 upper + 2t`` (PTX's B fragment, ``B[k, n] = x[n, k]``: ``b0`` rows ``k = 2t,
+  2t + 1`` of column ``n = g``, ``b1`` rows ``k + 8``). The buffer, bf16
+  ``[tm, width]``, is stored as TMA writes it for the ``wgmma`` kernel: ``8 x 64``
+  tiles of 1024 bytes, row-major over ``(tm / 8, width / 64)``, each with the 128-byte
+  swizzle (16-byte chunk ``j`` of row ``i`` at chunk ``j ^ i``). ``col0`` a multiple
+  of 64. :func:`mma_sync_bf16` computes the same sum from :func:`mma_sync_b_parts`.
+
+  >>> [mma_sync_b_offset(g, 0, 0, 0, 0, 0, 256) for g in range(3)]  # chunk 0 of rows 0-2
+  [0, 144, 288]
+  """
+  tile_bytes, chunk16 = mma_sync_b_parts(tile, chunk, upper, width)
+  return col0 // 64 * 1024 + tile_bytes + g * 128 + (chunk16 ^ g) * 16 + 4 * t
+
+
+def mma_sync_ldmatrix_offset(lane: int, tile: int, pair: int, col0: int, width: int) -> int:
+  """Byte offset of the 16-byte row that ``lane`` gives ``ldmatrix.m8n8.x4`` (matrix ``i =
+  lane // 8``, row ``lane % 8``) so that it returns the B fragments of K-chunks ``2 pair``
+  and ``2 pair + 1``: matrix ``i`` is chunk ``2 pair + i // 2``'s ``b{i % 2}`` for the 8
+  tokens of ``tile``, and ``ldmatrix`` hands lane ``(g, t)`` elements ``2t, 2t + 1`` of
+  row ``g`` of each, the words :func:`mma_sync_b_offset` names.
+
+  >>> [mma_sync_ldmatrix_offset(lane, 0, 0, 0, 256) for lane in (0, 1, 8, 16)]
+  [0, 144, 16, 32]
+  """
+  i = lane // 8
+  return mma_sync_b_offset(lane % 8, 0, tile, 2 * pair + i // 2, i % 2, col0, width)
+
+
+def mma_sync_bf16(a: jax.Array, x_ref, col0, tm: int) -> jax.Array:
+  """``a @ x[:, col0 : col0 + cols]^T`` by ``mma.sync.m16n8k16`` (f32 sums), inside a
+  Mosaic GPU kernel (``plgpu.inline_mgpu``): ``a`` bf16 ``[rows, cols]`` in
+  ``WGMMA_LAYOUT`` (rows 64 or 128, cols a multiple of 16), ``x_ref`` the token
+  tile's shared-memory buffer, bf16 ``[tm, width]`` as :func:`mma_sync_b_offset`
+  reads it, ``col0`` an int32 scalar. Returns f32 ``[rows, tm]`` in ``WGMMA_LAYOUT``.
+
+  Each warp multiplies its own 16 rows of each 64-row block (its A registers as they
+  are: :func:`mma_sync_a_registers`) by every 8-token tile, loading the tokens' B
+  fragments itself (one ``ldmatrix.x4`` per two chunks and token tile,
+  :func:`mma_sync_ldmatrix_offset`; each warp loads the same words); two accumulator
+  chains per output tile (even and odd chunks), added at the end. The accumulators come
+  out in PTX's C fragment order, which is the ``WGMMA_LAYOUT`` of the ``[rows, tm]``
+  result: ``c0, c1`` row ``g``, ``c2, c3`` row ``g + 8``, columns ``2t, 2t + 1`` of the
+  token tile. No warpgroup fence or wait: the MMAs are per warp and their results
+  scoreboarded like any register."""
+  import jax.experimental.mosaic.gpu as mgpu
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm, nvvm, vector
+
+  rows, cols = a.shape
+  chunks, blocks, tiles = cols // 16, rows // 64, tm // 8
+  layout = plgpu.Layout.WGMMA
+  out = plgpu.ShapeDtypeStruct((rows, tm), jnp.float32, layout)
+
+  @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType(_tiled(64, 16)), _wgmma_row_layout()),
+                     return_type=out)
+  def run(_, fa, ref, col):
+    i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+    c = lambda v: mgpu.utils.c(v, i32)  # noqa: E731
+    width = ir.MemRefType(ref.type).shape[1] * 64  # the tiled buffer: [tm/8, width/64, 8, 64]
+    lane = arith.andi(mgpu.utils.thread_idx(), c(31))
+    row, mat = arith.andi(lane, c(7)), arith.shrui(lane, c(3))
+    i8 = ir.IntegerType.get_signless(8)
+    base = mgpu.utils.getelementptr(  # the K-step's first 1024-byte tile
+        mgpu.utils.memref_ptr(ref), [arith.muli(arith.shrui(col.registers.item(), c(6)), c(1024))],
+        i8)
+    # mma_sync_ldmatrix_offset: for chunk pair p, 16-byte chunk (2p mod 8) + mat of the row,
+    # swizzled (xor the row), in the pair's 1024-byte tile (the pair never crosses one)
+    row128 = arith.muli(row, c(128))
+    swizzled = {lo: arith.addi(row128, arith.shli(arith.xori(arith.addi(mat, c(lo)), row), c(4)))
+                for lo in (0, 4)}
+    x4 = ir.Attribute.parse("#nvvm.ld_st_matrix_shape<m=8, n=8>")
+
+    def b_words(tile, pair):
+      """The B fragments ``(b0, b1)`` of chunks ``2 pair`` and ``2 pair + 1``: one
+      ``ldmatrix.x4`` (a 16-byte row per lane)."""
+      tile_bytes, chunk16 = mma_sync_b_parts(tile, 2 * pair, 0, width)
+      offset = arith.addi(swizzled[chunk16], c(tile_bytes)) if tile_bytes else swizzled[chunk16]
+      ptr = mgpu.utils.getelementptr(base, [offset], i8)
+      got = nvvm.ldmatrix(ptr, layout=nvvm.MMALayout.row, num=4, shape=x4,
+                          elt_type=nvvm.LdStMatrixEltType.B16)
+      return [llvm.extractvalue(i32, got, [k]) for k in range(4)]
+
+    asm = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, "
+           "{$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
+    acc_t = llvm.StructType.get_literal([f32] * 4)
+    zero = arith.constant(f32, 0.0)
+    bwords = {}
+    for q in range(tiles):
+      for pair in range(chunks // 2):
+        w = b_words(q, pair)
+        for k in range(4):
+          bwords[q, 2 * pair + k // 2, k % 2] = w[k]
+    regs = np.empty(layout.to_mgpu().registers_shape((rows, tm)), object)
+    for blk in range(blocks):
+      a_words = [[mgpu.utils.bitcast(fa.registers[idx], i32) for idx in mma_sync_a_registers(blk, j)]
+                 for j in range(chunks)]
+      for q in range(tiles):
+        chains = [[zero] * 4, [zero] * 4]
+        for j in range(chunks):
+          acc = chains[j % 2]
+          r = llvm.inline_asm(acc_t, [*a_words[j], bwords[q, j, 0], bwords[q, j, 1], *acc], asm,
+                              "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f")
+          chains[j % 2] = [llvm.extractvalue(f32, r, (i,)) for i in range(4)]
+        d = [arith.addf(e, o) for e, o in zip(*chains, strict=True)]
+        vec2 = ir.VectorType.get((2,), f32)
+        for r8 in (0, 1):
+          regs[blk, q, 0, 0, r8, 0, 0, 0, 0] = vector.from_elements(vec2, d[2 * r8:2 * r8 + 2])
+    return mgpu.FragmentedArray(_registers=regs, _layout=layout.to_mgpu(), _is_signed=None)
+
+  return run(a, x_ref, jnp.asarray(col0, jnp.int32))
+
+
 def store_transposed(z: jax.Array, ref, m: int) -> None:
   """``ref[j, i] = z[i, j]`` for ``j < m``: ``z`` ``[rows, cols]`` in ``WGMMA_LAYOUT``
   (a warpgroup's sums, weight rows by tokens), ``ref`` a global ``[>= m, rows]`` slice
@@ -618,6 +765,17 @@ class HopperW4Tiles:
       latency is paid once per ``steps_per_wait`` K-steps; grouped weights then
       scale each K-step's group sums after that one wait (``2 steps_per_wait``
       accumulators: at decode, 4 registers a thread each).
+    mma: the tensor-core instruction (W4A16, ``unpack="ptx_natural"``, tokens in tiles
+      of at most 32). ``"wgmma"``: Hopper's warpgroup MMA, ``m64n8k16`` with the
+      converted codes from registers, issued by the warpgroup, then waited for.
+      ``"sync"``: each warp issues ``mma.sync.m16n8k16`` (Ampere's warp MMA, which
+      Hopper runs too) on its 16 rows of the same registers, against the tokens'
+      fragments it loads from the token tile itself (:func:`mma_sync_bf16`): the
+      instruction Marlin's decode kernels use. At decode every ``wgmma`` is a
+      ``64 x 8 x 16`` product whatever M is, and run 8's profile timed their issue at
+      ~46 clocks each (0.75 us for a step's 32); whether the warp MMAs are cheaper
+      there is what the next GPU run's sweep times. Interpreted, both are the same
+      ``jnp.dot``.
     halves: grouped weights: how a K-step's two packed halves go through ``wgmma``.
       ``"together"``: both halves' wgmmas issued, one wait, then both group sums
       scaled into the f32 total (two sums live beside it). ``"apart"``: each half's
@@ -647,6 +805,7 @@ class HopperW4Tiles:
   epilogue: Literal["xla", "kernel"] = "xla"
   halves: Literal["together", "apart"] = "together"
   steps_per_wait: int = 1
+  mma: Literal["wgmma", "sync"] = "wgmma"
 
   def __post_init__(self):
     if self.wg_split not in ("n", "k"):
@@ -671,6 +830,12 @@ class HopperW4Tiles:
     if not isinstance(self.steps_per_wait, int) or self.steps_per_wait < 1:
       raise ValueError(f"HopperW4Tiles.steps_per_wait={self.steps_per_wait!r} must be a "
                        "positive integer.")
+    if self.mma not in ("wgmma", "sync"):
+      raise ValueError(f"HopperW4Tiles.mma={self.mma!r}: use 'wgmma' or 'sync'.")
+    if self.mma == "sync" and self.unpack != "ptx_natural":
+      raise ValueError("HopperW4Tiles(mma='sync') multiplies the bf16 codes of "
+                       "unpack='ptx_natural' (W4A16): pass nibbles='split', "
+                       "unpack='ptx_natural'.")
     if self.steps_per_wait > 1 and self.nibbles != "split":
       raise ValueError("HopperW4Tiles(steps_per_wait > 1) issues several K-steps' wgmmas "
                        "before one wait for split nibbles only: pass nibbles='split'.")
@@ -715,6 +880,7 @@ class W4Plan:
   final: bool = False  # HopperW4Tiles.epilogue == "kernel": the kernel writes [M, N]
   apart: bool = False  # HopperW4Tiles.halves == "apart": one half's group sums at a time
   per_wait: int = 1  # HopperW4Tiles.steps_per_wait: K-steps a warpgroup issues per wait
+  sync: bool = False  # HopperW4Tiles.mma == "sync": warp MMAs (mma.sync), not wgmma
 
   @property
   def cta_n(self) -> int:
@@ -801,6 +967,12 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
         f"scales, one token tile and no K split (got group_size={group}, "
         f"{'int8' if act_bytes == 1 else 'bf16'} tokens, M={m} in tiles of {tile_m}, "
         f"split_k={tiles.split_k}); use epilogue='xla'.")
+  if tiles.mma == "sync" and (act_bytes != 2 or tile_k % 128 or tile_m > 32):
+    raise ValueError(
+        f"{name}: HopperW4Tiles(mma='sync') multiplies bf16 tokens (W4A16) in tiles of at "
+        f"most 32, K-steps of a multiple of 128 codes (the 128-byte swizzle its loads "
+        f"assume); got {'int8' if act_bytes == 1 else 'bf16'} tokens, tile_m={tile_m}, "
+        f"tile_k={tile_k}. Use mma='wgmma'.")
   if tiles.halves == "apart" and group is None:
     raise ValueError(f"{name}: HopperW4Tiles(halves='apart') scales each half's group sums "
                      "on its own; per-channel weights keep one accumulator per half over all "
@@ -824,7 +996,7 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
                 tiles.compute_wgs, slab, scale_bytes, ptx=tiles.unpack != "ops",
                 magic=tiles.int_sums == "magic", natural=tiles.unpack == "ptx_natural",
                 ksplit=ksplit, final=final, apart=tiles.halves == "apart",
-                per_wait=tiles.steps_per_wait)
+                per_wait=tiles.steps_per_wait, sync=tiles.mma == "sync")
   if plan.grouped and not plan.slab and cta_n > 256:
     raise ValueError(
         f"{name}: {tiles} streams a row of {cta_n} group scales per K-step, more than TMA's "
@@ -1028,32 +1200,42 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             plgpu.wgmma_wait(0)
 
         def dots(pairs):
-          """``[a() @ b for (a, b_smem) in pairs]``, f32 or int32."""
+          """``[a() @ b for (a, b_smem) in pairs]``, f32 or int32 (``mma="sync"``: ``b`` is
+          ``(token buffer, K-step column)``, :func:`mma_sync_bf16`)."""
           if interpret:
             return [jnp.dot(a(), b[...], preferred_element_type=acc_dtype) for a, b in pairs]
+          if p.sync:
+            codes = [a() for a, _ in pairs]
+            with jax.named_scope("issue"):
+              return [mma_sync_bf16(c, ref, col0, tm)
+                      for c, (_, (ref, col0)) in zip(codes, pairs, strict=True)]
 
           def acc_scope(*acc_refs):
             mma(pairs, acc_refs)
             return [r[...] for r in acc_refs]
           return pl.run_scoped(acc_scope, *[plgpu.ACC((tn, tm), acc_dtype) for _ in pairs])
 
+        sync = p.sync and not interpret  # token tiles as (whole buffer, K-step column)
+
         def my_tiles(x_refs, w_smem):
-          """``[(token tiles, weight tile)]``: this warpgroup's K-steps of a pipeline
-          step, ``wk + j`` for ``j < per_wait`` (columns ``[(wk + j) tx, ..)`` of each
-          token tile and ``[(wk + j) tw, ..)`` of the weight tile, whole swizzle
-          tiles); the step itself when it is one K-step."""
+          """``[(token tiles, weight tile, column)]``: this warpgroup's K-steps of a
+          pipeline step, ``wk + j`` for ``j < per_wait`` (columns ``[(wk + j) tx, ..)``
+          of each token tile and ``[(wk + j) tw, ..)`` of the weight tile, whole swizzle
+          tiles; ``mma="sync"`` compiled: the token buffers whole, the column beside);
+          the step itself when it is one K-step."""
           if sub == 1:
-            return [(x_refs, w_smem)]
+            return [(x_refs, w_smem, 0)]
           out = []
           for j in range(p.per_wait):
             xk, wk_cols = pl.ds((wk + j) * tx, tx), pl.ds((wk + j) * tw, tw)
-            out.append(([x.at[xk, :] if interpret else x.at[:, xk] for x in x_refs],
-                        w_smem.at[:, wk_cols]))
+            xs = x_refs if sync else [x.at[xk, :] if interpret else x.at[:, xk] for x in x_refs]
+            out.append((xs, w_smem.at[:, wk_cols], (wk + j) * tx))
           return out
 
         def my_pairs(x_refs, w_smem):
           """``pairs_of`` each of this warpgroup's K-steps, in K order."""
-          return [pair for tiles_j in my_tiles(x_refs, w_smem) for pair in pairs_of(*tiles_j)]
+          return [(a, (x, col0) if sync else x) for xs, w, col0 in my_tiles(x_refs, w_smem)
+                  for a, x in pairs_of(xs, w)]
 
         def pairs_of(x_refs, w_smem):
           """``[(A operand thunk, token tile)]`` of one step: this warpgroup's weight rows
@@ -1230,7 +1412,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             store(sum(a.astype(jnp.float32) * f for a, f in zip(accs, factors, strict=False)))
 
           def context(eval_pipeline):
-            if interpret:
+            if interpret or p.sync:  # sums as values (mma="sync": in registers, no wgmma)
               finish(eval_pipeline((jnp.zeros((tn, tm), acc_dtype),) * n_acc))
               return
 
@@ -1242,7 +1424,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
           def body(_, *refs):
             *x_refs, w_smem, accs = refs
             pairs = my_pairs(x_refs, w_smem)  # per K-step, a pair per accumulator
-            if interpret:
+            if interpret or p.sync:
               sums = dots(pairs)
               return tuple(a + sum(sums[i::n_acc]) for i, a in enumerate(accs))
             mma(pairs, list(accs) * p.per_wait)

@@ -206,6 +206,19 @@ W4_CASES = [
                             pad_tokens=False, epilogue="kernel", steps_per_wait=2), "nk"),
     (9, 1024, 256, None, dict(nibbles="split", unpack="ptx", steps_per_wait=2), "kn"),
     (20, 1024, 256, 128, dict(nibbles="split", tile_m=16, split_k=2, steps_per_wait=2), "kn"),
+    # mma="sync": each warp's mma.sync on the same registers, its token fragments loaded by
+    # itself (interpreted: the same jnp.dot; tests/kernels/test_mma_sync.py models the
+    # lanes): the decode default so, two token tiles (16) with K split, per-channel with
+    # 128-row tiles, and two K-steps per pipeline step and warpgroup
+    (5, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
+                           pad_tokens=False, epilogue="kernel", mma="sync"), "nk"),
+    (20, 1024, 256, 128, dict(nibbles="split", unpack="ptx_natural", tile_m=16, split_k=2,
+                              mma="sync"), "kn"),
+    (9, 512, 256, None, dict(nibbles="split", unpack="ptx_natural", tile_n=128, num_sms=2,
+                             mma="sync"), "nk"),
+    (1, 1024, 256, 64, dict(nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
+                            pad_tokens=False, epilogue="kernel", steps_per_wait=2, mma="sync"),
+     "nk"),
 ]
 
 
@@ -221,7 +234,8 @@ def case_id(c) -> str:
           + ("-ksplit" if kw.get("wg_split") == "k" else "")
           + ("-final" if kw.get("epilogue") == "kernel" else "")
           + ("-apart" if kw.get("halves") == "apart" else "")
-          + (f"-pw{kw['steps_per_wait']}" if kw.get("steps_per_wait", 1) > 1 else ""))
+          + (f"-pw{kw['steps_per_wait']}" if kw.get("steps_per_wait", 1) > 1 else "")
+          + ("-sync" if kw.get("mma") == "sync" else ""))
 
 
 #: Cases whose interpreted run repeats what another case already checks, the opt-in variant
@@ -240,7 +254,10 @@ INTERPRETED_ONCE = {
               "1x512x256-g64-nk-split-ptx-slab-unpadded-ksplit-final",
               # 4 compute warpgroups run interpreted only (refused compiled): in the slow set
               "1x512x256-g64-nk-split-natural-slab-unpadded-wgs4-ksplit-final",
-              "9x1024x256-gNone-kn-split-ptx-pw2", "20x1024x256-g128-kn-split-pw2"},
+              "9x1024x256-gNone-kn-split-ptx-pw2", "20x1024x256-g128-kn-split-pw2",
+              # mma="sync" interpreted is its wgmma twin's jnp: one case stays in the suite
+              "20x1024x256-g128-kn-split-natural-sync", "9x512x256-gNone-nk-split-natural-sync",
+              "1x1024x256-g64-nk-split-natural-slab-unpadded-ksplit-final-pw2-sync"},
     "w4a8": {"20x1024x256-gNone-nk-split", "5x512x256-g64-nk-split-unpadded",
              "20x1024x256-gNone-kn-split-ptx", "130x512x256-g64-nk-split-ptx-magic",
              "130x512x256-g64-nk-split-ptx-magic-apart", "130x512x256-g64-nk-split-ptx"},
@@ -531,6 +548,20 @@ def test_w4a16_errors_name_the_problem():
     K.HopperW4Tiles(halves="split")
   with pytest.raises(ValueError, match="halves='apart'.*per-channel weights.*use halves='together'"):
     K.w4a16_matmul(xp, wp, backend=BACKEND, block_sizes=w4_tiles(halves="apart"))
+  # mma="sync": bf16 codes of unpack="ptx_natural", bf16 tokens, token tiles <= 32,
+  # K-steps of whole 128-byte swizzle rows
+  with pytest.raises(ValueError, match="use 'wgmma' or 'sync'"):
+    K.HopperW4Tiles(mma="hmma")
+  with pytest.raises(ValueError, match="mma='sync'.*pass nibbles='split', unpack='ptx_natural'"):
+    K.HopperW4Tiles(nibbles="split", unpack="ptx", mma="sync")
+  sync = functools.partial(w4_tiles, nibbles="split", unpack="ptx_natural", mma="sync")
+  with pytest.raises(ValueError, match="mma='sync'.*got int8 tokens"):
+    K.w4a8_matmul(xa, wq, backend=BACKEND, block_sizes=sync())
+  with pytest.raises(ValueError, match="mma='sync'.*tile_m=64.*Use mma='wgmma'"):
+    K.w4a16_matmul(jnp.zeros((64, 512), jnp.bfloat16), wq, backend=BACKEND, block_sizes=sync())
+  x32, w32 = w4_operands(4, 512, 256, 32, seed=10)
+  with pytest.raises(ValueError, match="mma='sync'.*tile_k=64"):
+    K.w4a16_matmul(x32, w32, backend=BACKEND, block_sizes=sync())
 
 
 # --- Default dispatch: the Mosaic GPU kernels where the GPU runs put them ahead

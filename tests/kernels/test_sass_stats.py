@@ -77,11 +77,21 @@ def test_codes_count_each_register_a_operand_once(ss):
   insns, labels = ss.parse_sass(SASS)
   body = ss.hgmma_loop(insns, labels)
   # R92 and R32: two A fragments of 64 x 16 bf16, 8 per thread each
-  assert ss.codes_per_step(body) == (16, 8)
+  assert ss.codes_per_step(body, 1) == (16, 8)
   int8 = [ss.Insn(0, "IGMMA.64x8x32.S8.S8 R24, R40, gdesc[UR12], RZ, !UPT"),
           ss.Insn(16, "IGMMA.64x8x32.S8.S8 R24, R48, gdesc[UR36], R24"),
           ss.Insn(32, "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24")]  # A in shared memory
-  assert ss.codes_per_step(int8) == (32, 128)
+  assert ss.codes_per_step(int8, 1) == (32, 128)
+
+
+def test_warp_mmas_count_8_codes_each_per_token_tile(ss):
+  # HopperW4Tiles(mma="sync"): each HMMA.16816 is 16 x 16 codes of a warp (8 a thread)
+  # against one 8-token tile; A registers are reused across chunks, so instructions count
+  hmma = [ss.Insn(16 * i, f"HMMA.16816.F32.BF16 R{4 * i}, R24, R{40 + 2 * i}, RZ") for i in range(4)]
+  assert ss.codes_per_step(hmma, 1) == (32, 8)
+  assert ss.codes_per_step(hmma, 16) == (16, 16)  # two token tiles: each A twice
+  insns, labels = ss.parse_sass(SASS.replace("HGMMA", "HMMA"))
+  assert ss.hgmma_loop(insns, labels, ss.MMA_FAMILIES)  # the loop a warp-MMA kernel has
 
 
 def test_issue_floor_is_warp_instructions_over_the_schedulers(ss):
