@@ -277,6 +277,9 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
           NAT(**one, epilogue="kernel", mma="sync", steps_per_wait=2),
           NAT(**one, epilogue="kernel", mma="sync", max_concurrent_steps=6),
           NAT(tile_n=128, nk_scales="slab", pad_tokens=False, mma="sync"),
+          # wg_split="steps": 3 compute warpgroups (4 hang) taking K-steps in turn, 12 deep
+          NAT(**dict(one, wg_split="steps"), compute_wgs=3, epilogue="kernel"),
+          NAT(**dict(one, wg_split="steps"), compute_wgs=3, epilogue="kernel", mma="sync"),
           # two K-steps' wgmmas per wait: the next K-step converts while the MMAs run
           NAT(**one, epilogue="kernel", steps_per_wait=2),
           NAT(**one, epilogue="kernel", steps_per_wait=2, max_concurrent_steps=3),

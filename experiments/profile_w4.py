@@ -75,12 +75,15 @@ def profiled_configs(m: int) -> list:
   else:
     # most telling first (the stage's timeout may cut the list): the one kernel that run 8
     # timed fastest at decode (14.2 us), it with warp MMAs (mma="sync", untimed: its
-    # "issue" against the wgmma one's), with two K-steps per wgmma wait (untimed), the
+    # "issue" against the wgmma one's), with 3 warpgroups taking K-steps in turn
+    # (wg_split="steps", untimed), with two K-steps per wgmma wait (untimed), the
     # old default, the one kernel with "ptx" (ldmatrix loads), the runner-up (128-row tiles
     # per warpgroup), then W4A8's decode best and default (compute_wgs=4 hangs: refused)
     one_kernel = dict(pad_tokens=False, wg_split="k", epilogue="kernel", nk_scales="slab")
     configs = [("w4a16", S(unpack="ptx_natural", **one_kernel)),
                ("w4a16", S(unpack="ptx_natural", mma="sync", **one_kernel)),
+               ("w4a16", S(unpack="ptx_natural", **dict(one_kernel, wg_split="steps"),
+                           compute_wgs=3)),
                ("w4a16", S(unpack="ptx_natural", steps_per_wait=2, **one_kernel)),
                ("w4a16", T()),
                ("w4a16", S(unpack="ptx", **one_kernel)),

@@ -678,8 +678,8 @@ class HopperW4Tiles:
       ``tile_k == 2 * group_size``.
     split_k: work items per output tile along K (partial sums added in f32 by
       XLA); ``None``: as many as keep every SM busy.
-    max_concurrent_steps: pipeline depth; ``None``: the most (up to 4) that
-      fit in shared memory.
+    max_concurrent_steps: pipeline depth; ``None``: the most (up to 4; with
+      ``wg_split="steps"`` up to ``4 compute_wgs``) that fit in shared memory.
     num_sms: CTAs launched (persistent); ``None``: the device's SM count.
     wide_load: W4A16: load the int4 codes 8 per 32-bit shared-memory access
       (the layout Mosaic GPU makes for 4 -> 16-bit upcasts, then a relayout
@@ -748,7 +748,11 @@ class HopperW4Tiles:
       carries ``compute_wgs`` K-steps), their partial sums added in shared
       memory at the end of the work item: ``compute_wgs`` times more work items
       for the same warps, so a decode call fills the SMs without splitting K
-      over CTAs (which leaves XLA a reduction to run).
+      over CTAs (which leaves XLA a reduction to run). ``"steps"``: the same
+      sharing of rows, but a pipeline step carries one K-step (``steps_per_wait``)
+      and warpgroup ``w`` takes the steps ``t = w mod compute_wgs`` (the others pass
+      them by): any count of K-steps, so 3 compute warpgroups (3 warps a scheduler
+      where 2 leave the decode kernel latency-bound; 4 hang) divide K = 8192's 32.
     epilogue: ``"xla"``: the kernel writes f32 partial sums ``[split_k, N, M]``
       and XLA adds the K-splits, transposes and casts (one small fusion per
       call). ``"kernel"`` (W4A16, grouped, one token tile, no K split across
@@ -801,17 +805,17 @@ class HopperW4Tiles:
   unpack: Literal["ops", "ptx", "ptx_natural"] = "ops"
   int_sums: Literal["cvt", "magic"] = "cvt"
   pad_tokens: bool = True
-  wg_split: Literal["n", "k"] = "n"
+  wg_split: Literal["n", "k", "steps"] = "n"
   epilogue: Literal["xla", "kernel"] = "xla"
   halves: Literal["together", "apart"] = "together"
   steps_per_wait: int = 1
   mma: Literal["wgmma", "sync"] = "wgmma"
 
   def __post_init__(self):
-    if self.wg_split not in ("n", "k"):
-      raise ValueError(f"HopperW4Tiles.wg_split={self.wg_split!r}: use 'n' or 'k'.")
-    if self.wg_split == "k" and self.nibbles != "split":
-      raise ValueError("HopperW4Tiles(wg_split='k') splits each pipeline step's K over the "
+    if self.wg_split not in ("n", "k", "steps"):
+      raise ValueError(f"HopperW4Tiles.wg_split={self.wg_split!r}: use 'n', 'k' or 'steps'.")
+    if self.wg_split != "n" and self.nibbles != "split":
+      raise ValueError(f"HopperW4Tiles(wg_split={self.wg_split!r}) splits K over the "
                        "compute warpgroups for split nibbles only: pass nibbles='split'.")
     if self.halves not in ("together", "apart"):
       raise ValueError(f"HopperW4Tiles.halves={self.halves!r}: use 'together' or 'apart'.")
@@ -876,7 +880,8 @@ class W4Plan:
   ptx: bool = False  # HopperW4Tiles.unpack "ptx" or "ptx_natural"
   natural: bool = False  # HopperW4Tiles.unpack == "ptx_natural" (W4A16: no token reorder)
   magic: bool = False  # HopperW4Tiles.int_sums == "magic"
-  ksplit: bool = False  # HopperW4Tiles.wg_split == "k"
+  ksplit: bool = False  # HopperW4Tiles.wg_split "k" or "steps": the warpgroups share rows
+  rr: bool = False  # HopperW4Tiles.wg_split == "steps": warpgroup w takes steps w mod wgs
   final: bool = False  # HopperW4Tiles.epilogue == "kernel": the kernel writes [M, N]
   apart: bool = False  # HopperW4Tiles.halves == "apart": one half's group sums at a time
   per_wait: int = 1  # HopperW4Tiles.steps_per_wait: K-steps a warpgroup issues per wait
@@ -891,7 +896,7 @@ class W4Plan:
   def substeps(self) -> int:
     """K-steps (``tile_k`` codes each) per pipeline step: ``per_wait``, for each
     warpgroup with ``wg_split="k"``."""
-    return (self.wgs if self.ksplit else 1) * self.per_wait
+    return (self.wgs if self.ksplit and not self.rr else 1) * self.per_wait
 
   @property
   def slab_sets(self) -> int:
@@ -942,7 +947,7 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
                      f"{2 * group} for grouped weights.")
   if k % tile_k:
     raise ValueError(f"{name}: K={k} is not a multiple of the K-step tile_k={tile_k}.")
-  ksplit = tiles.wg_split == "k"
+  ksplit, rr = tiles.wg_split != "n", tiles.wg_split == "steps"
   cta_n = tiles.tile_n if ksplit else tiles.compute_wgs * tiles.tile_n
   if n % cta_n:
     raise ValueError(f"{name}: N={n} is not a multiple of the CTA's {cta_n} weight rows "
@@ -952,9 +957,10 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
   tile_m = tiles.tile_m or min(64, -(-m // 8) * 8)
   num_sms = tiles.num_sms or default_num_sms()
   steps = k // tile_k
-  sub = (tiles.compute_wgs if ksplit else 1) * tiles.steps_per_wait  # K-steps a pipeline step
+  # K-steps a pipeline step
+  sub = (tiles.compute_wgs if ksplit and not rr else 1) * tiles.steps_per_wait
   if steps % sub:
-    per_step = ([f"compute_wgs={tiles.compute_wgs}"] if ksplit else []) + (
+    per_step = ([f"compute_wgs={tiles.compute_wgs}"] if ksplit and not rr else []) + (
         [f"steps_per_wait={tiles.steps_per_wait}"] if tiles.steps_per_wait > 1 else [])
     raise ValueError(f"{name}: the {steps} K-steps (K={k}, tile_k={tile_k}) need to be a "
                      f"multiple of {' x '.join(per_step)}, the K-steps of a pipeline step.")
@@ -983,7 +989,7 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
         s for s in range(1, steps // sub + 1)
         if (steps // sub) % s == 0 and (s == 1 or items * s <= num_sms))
   if steps % (split * sub):
-    what = f"pipeline steps of {sub} K-steps" if ksplit else "K-steps"
+    what = f"pipeline steps of {sub} K-steps" if sub > 1 else "K-steps"
     raise ValueError(f"{name}: split_k={split} does not divide the {steps // sub} {what} "
                      f"(K={k}, tile_k={tile_k}).")
   slab = 0
@@ -991,11 +997,14 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
     slab = -(-(steps // split) // 8) * 8  # 16 bytes at least: TMA's narrowest box row
     # TMA also needs the slab inside the array and a row stride of whole 16 bytes.
     slab = slab if slab <= k // group and (k // group * scale_bytes) % 16 == 0 else 0
-  plan = W4Plan(tiles.tile_n, tile_m, tile_k, split, tiles.max_concurrent_steps or 4, num_sms,
+  # pipeline depth: up to 4 steps; wg_split="steps" carries one K-step a step where "k"
+  # carries compute_wgs, so it takes up to 4 compute_wgs for the same K-steps in flight
+  depth = tiles.max_concurrent_steps or 4 * (tiles.compute_wgs if rr else 1)
+  plan = W4Plan(tiles.tile_n, tile_m, tile_k, split, depth, num_sms,
                 group is not None, tiles.wide_load, act_bytes, tiles.nibbles == "split",
                 tiles.compute_wgs, slab, scale_bytes, ptx=tiles.unpack != "ops",
                 magic=tiles.int_sums == "magic", natural=tiles.unpack == "ptx_natural",
-                ksplit=ksplit, final=final, apart=tiles.halves == "apart",
+                ksplit=ksplit, rr=rr, final=final, apart=tiles.halves == "apart",
                 per_wait=tiles.steps_per_wait, sync=tiles.mma == "sync")
   if plan.grouped and not plan.slab and cta_n > 256:
     raise ValueError(
@@ -1175,7 +1184,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
       wg = lax.axis_index("wg")
       wn = pl.ds(0, tn) if p.ksplit else pl.ds(wg * tn, tn)  # this warpgroup's rows of cta_n
       # and the first of its p.per_wait K-steps in each pipeline step
-      wk = wg * p.per_wait if p.ksplit else 0
+      wk = wg * p.per_wait if p.ksplit and not p.rr else 0
       slab_set = 0 if p.ksplit else wg  # the scale slab it reads
 
       @plgpu.nd_loop((p.split_k * n_iters * mt,), collective_axes="sm")
@@ -1381,6 +1390,13 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
           def body(idx, *refs):
             *x_refs, w_smem = refs[:n_x + 1]
             s_refs, y = refs[n_x + 1:-1], refs[-1]
+            if p.rr:  # wg_split="steps": this warpgroup's steps only, the others passed by
+              return lax.cond(idx[0] % p.wgs == wg,
+                              lambda y: step(idx, x_refs, w_smem, s_refs, y), lambda y: y, y)
+            return step(idx, x_refs, w_smem, s_refs, y)
+
+          def step(idx, x_refs, w_smem, s_refs, y):
+            """``y`` plus this warpgroup's K-steps of pipeline step ``idx``, scaled."""
             # Decode-sized token tiles with the PTX unpack read the step's scales before
             # issuing its wgmmas, so their shared-memory loads wait behind the MMAs, not
             # after them. Elsewhere the registers held across the MMAs put spill loads
@@ -1421,13 +1437,18 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
               finish([r[...] for r in acc_refs])
             pl.run_scoped(_accs, *[plgpu.ACC((tn, tm), acc_dtype) for _ in range(n_acc)])
 
-          def body(_, *refs):
+          def body(idx, *refs):
             *x_refs, w_smem, accs = refs
-            pairs = my_pairs(x_refs, w_smem)  # per K-step, a pair per accumulator
+            mine = idx[0] % p.wgs == wg  # wg_split="steps": this warpgroup's steps only
             if interpret or p.sync:
-              sums = dots(pairs)
-              return tuple(a + sum(sums[i::n_acc]) for i, a in enumerate(accs))
-            mma(pairs, list(accs) * p.per_wait)
+              def add(accs):
+                sums = dots(my_pairs(x_refs, w_smem))  # per K-step, a pair per accumulator
+                return tuple(a + sum(sums[i::n_acc]) for i, a in enumerate(accs))
+              return lax.cond(mine, add, lambda accs: accs, accs) if p.rr else add(accs)
+
+            def issue():
+              mma(my_pairs(x_refs, w_smem), list(accs) * p.per_wait)
+            pl.when(mine)(issue) if p.rr else issue()
             return accs
 
         pipeline(body, context)(*operands(mi, s, cn), allocations=allocs)

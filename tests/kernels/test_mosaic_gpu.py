@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -219,6 +220,16 @@ W4_CASES = [
     (1, 1024, 256, 64, dict(nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
                             pad_tokens=False, epilogue="kernel", steps_per_wait=2, mma="sync"),
      "nk"),
+    # wg_split="steps": warpgroup w takes pipeline steps w mod compute_wgs (one K-step each),
+    # so 3 warpgroups divide K's 8 K-steps too: grouped with 2, per-channel with 3, the
+    # decode one kernel with 3 (and with mma="sync"), K-steps 3, 3 and 2
+    (5, 1024, 256, 64, dict(nibbles="split", wg_split="steps"), "kn"),
+    (9, 1024, 256, None, dict(nibbles="split", wg_split="steps", compute_wgs=3), "kn"),
+    (5, 1024, 256, 64, dict(nibbles="split", unpack="ptx_natural", wg_split="steps", compute_wgs=3,
+                            nk_scales="slab", pad_tokens=False, epilogue="kernel"), "nk"),
+    (1, 2048, 256, 128, dict(nibbles="split", unpack="ptx_natural", wg_split="steps",
+                             compute_wgs=3, nk_scales="slab", pad_tokens=False, epilogue="kernel",
+                             mma="sync"), "nk"),
 ]
 
 
@@ -230,8 +241,9 @@ def case_id(c) -> str:
           + ("-slab" if kw.get("nk_scales") == "slab" else "")
           + ("-unpadded" if kw.get("pad_tokens") is False else "")
           + ("-magic" if kw.get("int_sums") == "magic" else "")
-          + ("-wgs4" if kw.get("compute_wgs") == 4 else "")
+          + (f"-wgs{kw['compute_wgs']}" if kw.get("compute_wgs", 2) != 2 else "")
           + ("-ksplit" if kw.get("wg_split") == "k" else "")
+          + ("-steps" if kw.get("wg_split") == "steps" else "")
           + ("-final" if kw.get("epilogue") == "kernel" else "")
           + ("-apart" if kw.get("halves") == "apart" else "")
           + (f"-pw{kw['steps_per_wait']}" if kw.get("steps_per_wait", 1) > 1 else "")
@@ -257,11 +269,20 @@ INTERPRETED_ONCE = {
               "9x1024x256-gNone-kn-split-ptx-pw2", "20x1024x256-g128-kn-split-pw2",
               # mma="sync" interpreted is its wgmma twin's jnp: one case stays in the suite
               "20x1024x256-g128-kn-split-natural-sync", "9x512x256-gNone-nk-split-natural-sync",
-              "1x1024x256-g64-nk-split-natural-slab-unpadded-ksplit-final-pw2-sync"},
+              "1x1024x256-g64-nk-split-natural-slab-unpadded-ksplit-final-pw2-sync",
+              "1x2048x256-g128-nk-split-natural-slab-unpadded-wgs3-steps-final-sync"},
     "w4a8": {"20x1024x256-gNone-nk-split", "5x512x256-g64-nk-split-unpadded",
              "20x1024x256-gNone-kn-split-ptx", "130x512x256-g64-nk-split-ptx-magic",
              "130x512x256-g64-nk-split-ptx-magic-apart", "130x512x256-g64-nk-split-ptx"},
 }
+
+
+#: jax 0.10's GPU interpreter deadlocks on group-scaled weights with 3 compute warpgroups
+#: (two threads wait at barriers forever, whatever wg_split; per-channel runs): such cases
+#: run interpreted from jax 0.11 on (experiments/gpu_jax_check.sh, the GPU's jax), lower
+#: for cuda under either, and run compiled on the GPU.
+INTERPRETER_DEADLOCKS = (not ON_GPU and jax.__version_info__ < (0, 11)
+                         and "interpreter deadlocks under jax 0.10 (3 warpgroups, group scales)")
 
 
 def interpreted(kernel: str, cases: list) -> list:
@@ -269,8 +290,13 @@ def interpreted(kernel: str, cases: list) -> list:
   unknown = INTERPRETED_ONCE[kernel] - {case_id(c) for c in cases}
   assert not unknown, f"INTERPRETED_ONCE names no {kernel} case {sorted(unknown)}"
   slow = set() if ON_GPU else INTERPRETED_ONCE[kernel]
-  return [pytest.param(*c, id=case_id(c), marks=[pytest.mark.slow] if case_id(c) in slow else [])
-          for c in cases]
+
+  def marks(c):
+    out = [pytest.mark.slow] if case_id(c) in slow else []
+    if INTERPRETER_DEADLOCKS and c[4].get("compute_wgs") == 3 and c[3] is not None:
+      out.append(pytest.mark.skip(reason=INTERPRETER_DEADLOCKS))
+    return out
+  return [pytest.param(*c, id=case_id(c), marks=marks(c)) for c in cases]
 
 
 @pytest.mark.parametrize("m,k,n,group,kw,layout", interpreted("w4a16", W4_CASES))
@@ -517,6 +543,10 @@ def test_w4a16_errors_name_the_problem():
   # wg_split="k" and epilogue="kernel": what they take, and the fix when they cannot
   with pytest.raises(ValueError, match="for split nibbles only: pass nibbles='split'"):
     K.HopperW4Tiles(wg_split="k")
+  with pytest.raises(ValueError, match="wg_split='steps'.*pass nibbles='split'"):
+    K.HopperW4Tiles(wg_split="steps")
+  with pytest.raises(ValueError, match="use 'n', 'k' or 'steps'"):
+    K.HopperW4Tiles(nibbles="split", wg_split="m")
   with pytest.raises(ValueError, match="K-steps .* to be a multiple of compute_wgs=4"):
     K.w4a16_matmul(x, wq, backend=BACKEND,  # K = 512, group 128: 2 K-steps
                    block_sizes=w4_tiles(nibbles="split", wg_split="k", compute_wgs=4))
