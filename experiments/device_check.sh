@@ -26,13 +26,13 @@ python3 -c "import jax, lowbit.kernels; print('jax', jax.__version__, jax.device
 PER_TEST=
 python3 -c "import pytest_timeout" 2>/dev/null \
   && PER_TEST="--timeout ${PER_TEST_TIMEOUT:-90} --timeout-method=thread"
-XLA_PYTHON_CLIENT_PREALLOCATE=false LOWBIT_TEST_BACKEND=gpu timeout ${TEST_TIMEOUT:-200} \
+XLA_PYTHON_CLIENT_PREALLOCATE=false LOWBIT_TEST_BACKEND=gpu timeout ${TEST_TIMEOUT:-240} \
   python3 -m pytest -v -rfE -n ${TEST_WORKERS:-8} --dist load -p no:cacheprovider $PER_TEST \
   ${KERNEL_TESTS:-"$REPO/tests/kernels/test_matmul_kernels.py" "$REPO/tests/kernels/test_mosaic_gpu.py"} \
   > "$OUT/kernel_tests.log" 2>&1
 TESTS_RC=$?
 grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$OUT/kernel_tests.log" | tail -25
-[ $TESTS_RC = 124 ] && echo "kernel tests TIMED OUT after ${TEST_TIMEOUT:-200} s (the log lists those that ended)"
+[ $TESTS_RC = 124 ] && echo "kernel tests TIMED OUT after ${TEST_TIMEOUT:-240} s (the log lists those that ended)"
 echo "tests done at $(( $(date +%s) - T0 )) s"
 # A Mosaic GPU kernel is benchmarked only if its compiled tests all passed (a kernel that
 # hangs would take the rest of the benchmark with it): the int4 kernel's tests name w4a16,

@@ -267,9 +267,13 @@ INTERPRETED_ONCE = {
               # 4 compute warpgroups run interpreted only (refused compiled): in the slow set
               "1x512x256-g64-nk-split-natural-slab-unpadded-wgs4-ksplit-final",
               "9x1024x256-gNone-kn-split-ptx-pw2", "20x1024x256-g128-kn-split-pw2",
-              # mma="sync" interpreted is its wgmma twin's jnp: one case stays in the suite
+              # mma="sync" interpreted is its wgmma twin's jnp (the default suite keeps its
+              # lowering for cuda and tests/kernels/test_mma_sync.py's lane-level model)
+              "5x512x256-g64-nk-split-natural-slab-unpadded-ksplit-final-sync",
               "20x1024x256-g128-kn-split-natural-sync", "9x512x256-gNone-nk-split-natural-sync",
               "1x1024x256-g64-nk-split-natural-slab-unpadded-ksplit-final-pw2-sync",
+              # wg_split="steps": the per-channel case with 3 warpgroups stays in the suite
+              "5x1024x256-g64-kn-split-steps",
               "1x2048x256-g128-nk-split-natural-slab-unpadded-wgs3-steps-final-sync"},
     "w4a8": {"20x1024x256-gNone-nk-split", "5x512x256-g64-nk-split-unpadded",
              "20x1024x256-gNone-kn-split-ptx", "130x512x256-g64-nk-split-ptx-magic",
