@@ -26,6 +26,8 @@ def tiny(tmp_path, **kw):
   return ablation.AblationConfig(**base)
 
 
+@pytest.mark.slow  # ~110 s of CPU: the default suite's budget (tests/test_package.py runs
+# the README's ablation command end to end on a tiny budget in the default suite)
 def test_smoke_run_writes_everything_and_reruns_bit_identically(tmp_path):
   d1 = ablation.run(tiny(tmp_path, workdir=str(tmp_path / "a")), quiet=True)
   # the rerun (same seed) covers the stochastic parts: training, calibration sampling, GPTQ, QAT

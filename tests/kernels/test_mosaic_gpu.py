@@ -274,8 +274,14 @@ INTERPRETED_ONCE = {
               "1x1024x256-g64-nk-split-natural-slab-unpadded-ksplit-final-pw2-sync",
               # wg_split="steps": the per-channel case with 3 warpgroups stays in the suite
               "5x1024x256-g64-kn-split-steps",
+              # a slow day (2026-11-28: the suite took 11 min): variants another default
+              # case covers (steps_per_wait=2 and halves="apart" in W4A8's, ptx + slab in
+              # the W4A8 and W4A16 defaults' own tiles)
+              "1x1024x256-g64-nk-split-natural-slab-unpadded-ksplit-final-pw2",
+              "3x512x256-g32-nk-apart", "5x512x256-g64-nk-split-ptx-slab",
               "1x2048x256-g128-nk-split-natural-slab-unpadded-wgs3-steps-final-sync"},
     "w4a8": {"20x1024x256-gNone-nk-split", "5x512x256-g64-nk-split-unpadded",
+             "20x1024x256-g128-nk-slab", "5x512x256-g64-kn-split",
              "20x1024x256-gNone-kn-split-ptx", "130x512x256-g64-nk-split-ptx-magic",
              "130x512x256-g64-nk-split-ptx-magic-apart", "130x512x256-g64-nk-split-ptx"},
 }
