@@ -279,10 +279,11 @@ INTERPRETED_ONCE = {
               # the W4A8 and W4A16 defaults' own tiles)
               "1x1024x256-g64-nk-split-natural-slab-unpadded-ksplit-final-pw2",
               "3x512x256-g32-nk-apart", "5x512x256-g64-nk-split-ptx-slab",
-              "20x1024x256-g128-nk",
+              "20x1024x256-g128-nk", "5x512x256-g64-nk-split", "3x512x256-g64-nk-split-slab-ksplit",
               "1x2048x256-g128-nk-split-natural-slab-unpadded-wgs3-steps-final-sync"},
     "w4a8": {"20x1024x256-gNone-nk-split", "5x512x256-g64-nk-split-unpadded",
              "20x1024x256-g128-nk-slab", "5x512x256-g64-kn-split", "20x1024x256-gNone-kn",
+             "5x512x256-g64-nk-split-ptx-slab-magic",
              "20x1024x256-gNone-kn-split-ptx", "130x512x256-g64-nk-split-ptx-magic",
              "130x512x256-g64-nk-split-ptx-magic-apart", "130x512x256-g64-nk-split-ptx"},
 }
