@@ -760,9 +760,9 @@ def test_hopper_w4_split_register_order_matches_the_token_reorder():
 
 
 def test_hopper_w4_split_variant_table_of_the_report():
-  """experiments/kernels_report.py: per variant field, the best correct candidate with the
-  default value against the best with the other value (fields a repr leaves out are the
-  defaults; other tiles and wrong outputs are ignored)."""
+  """experiments/kernels_report.py: per variant field and value other than the default, the
+  best correct candidate with that value against the best with any other value (fields a
+  repr leaves out are the defaults; other tiles and wrong outputs are ignored)."""
   import importlib.util
   import pathlib
   path = pathlib.Path(__file__).parents[2] / "experiments" / "kernels_report.py"
@@ -784,3 +784,16 @@ def test_hopper_w4_split_variant_table_of_the_report():
   assert "| 20.0 | 12.0 | 1.67 |" in rows["unpack='ptx'"]  # default "ops": T() at 20.0
   assert "| 12.0 | 15.0 | 0.80 |" in rows["int_sums='magic'"]  # a variant can lose
   assert "| 15.0 | 12.0 | 1.25 |" in rows["compute_wgs='4'"]
+  # the decode levers of the next sweep each get their row, a third value its own
+  d = dict(nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
+           pad_tokens=False, epilogue="kernel")
+  cands = [(T(**d), 14.0), (T(**d, mma="sync"), 11.0), (T(**d, steps_per_wait=2), 15.0),
+           (T(**{**d, "wg_split": "steps"}, compute_wgs=3), 12.0), (T(**d, halves="apart"), 16.0)]
+  sweeps = [dict(m=1, kernel="w4a16", block_sizes=repr(t), us=us) for t, us in cands]
+  rows = {r.split("|")[3].strip(): r for r in kr._w4_variants(sweeps)[2:]}
+  assert "| 12.0 | 11.0 | 1.09 |" in rows["mma='sync'"]
+  assert "| 11.0 | 15.0 | 0.73 |" in rows["steps_per_wait='2'"]
+  assert "| 11.0 | 12.0 | 0.92 |" in rows["wg_split='steps'"]  # against "k" at 11.0
+  assert "| 12.0 | 11.0 | 1.09 |" in rows["wg_split='k'"]  # against "steps": no "n" here
+  assert "| 11.0 | 12.0 | 0.92 |" in rows["compute_wgs='3'"]
+  assert "| 11.0 | 16.0 | 0.69 |" in rows["halves='apart'"]
