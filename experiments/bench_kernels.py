@@ -254,7 +254,11 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
     # int_sums="magic": the group sums to f32 at full rate (cvt.rn.f32.s32 is 1/8 rate)
     Q = functools.partial(P, int_sums="magic")
     # halves="apart": one half's group sums live at a time (128-token tiles spill otherwise)
-    return [S(tile_m=128), S(tile_m=128, nk_scales="slab"), P(tile_m=128),
+    # pingpong: the warpgroups take turns at wgmma, one scaling while the other's MMAs run
+    # (run 8's default first, then it with turns, with the magic sums and halves apart)
+    return [P(tile_m=128), P(tile_m=128, pingpong=True), Q(tile_m=128, pingpong=True),
+            P(tile_m=128, halves="apart", pingpong=True),
+            S(tile_m=128), S(tile_m=128, nk_scales="slab"),
             Q(tile_m=128), Q(tile_m=128, nk_scales="slab"), Q(tile_m=64),
             Q(tile_m=128, split_k=2), P(tile_m=128, nk_scales="slab"),
             P(tile_m=128, halves="apart"), P(tile_m=64)]
@@ -263,7 +267,8 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
             # two K-steps' wgmmas per wait
             P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False, steps_per_wait=2),
             P(tile_n=128, nk_scales="slab", pad_tokens=False),
-            P(wg_split="k", nk_scales="slab", pad_tokens=False, int_sums="magic")]
+            P(wg_split="k", nk_scales="slab", pad_tokens=False, int_sums="magic"),
+            P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False, pingpong=True)]
   # (compute_wgs=4 hangs compiled, run 8: refused by plan_w4; runs 5-8: byte loads, "ops"
   # unpacking and split-K 1 or 4 lose.) Run 8's decode best is the one kernel below, 14.2 us
   # at M = 1 (2.41x): the default, the runner-up, then the one kernel's neighbours.
@@ -280,6 +285,9 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
           # wg_split="steps": 3 compute warpgroups (4 hang) taking K-steps in turn, 12 deep
           NAT(**dict(one, wg_split="steps"), compute_wgs=3, epilogue="kernel"),
           NAT(**dict(one, wg_split="steps"), compute_wgs=3, epilogue="kernel", mma="sync"),
+          # pingpong: the two warpgroups' K-steps take turns at wgmma instead of issuing at
+          # once (run 8 timed the issue of the two's m64n8k16s together at ~46 clocks each)
+          NAT(**one, epilogue="kernel", pingpong=True),
           # two K-steps' wgmmas per wait: the next K-step converts while the MMAs run
           NAT(**one, epilogue="kernel", steps_per_wait=2),
           NAT(**one, epilogue="kernel", steps_per_wait=2, max_concurrent_steps=3),

@@ -43,9 +43,9 @@ if ! grep -qE "[0-9]+ passed" "$LOG"; then
 else
   OFF=
   # (opt-in variants, ids naming split, slab, ptx, natural, magic, unpadded, wgs4, ksplit,
-  # final, pw2, sync, steps or wgs3, are only swept: they do not gate the default rows)
+  # final, pw2, sync, steps, wgs3 or pp, are only swept: they do not gate the default rows)
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" \
-    | grep -vE "split|slab|ptx|natural|magic|unpadded|wgs4|ksplit|final|pw2|sync|steps|wgs3" \
+    | grep -vE "split|slab|ptx|natural|magic|unpadded|wgs4|ksplit|final|pw2|sync|steps|wgs3|-pp]" \
     | grep -qE "w4a16|w4a8|hopper_w4" && OFF="$OFF w4a16 w4a8"
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -vE "w4a16|w4a8|hopper_w4" | grep -q . \
     && OFF="$OFF w8a8"
@@ -57,7 +57,7 @@ for v in "slab:nk_scales='slab'" "ptx:unpack='ptx'" "natural:unpack='ptx_natural
          "magic:int_sums='magic'" \
          "unpadded:pad_tokens=False" "ksplit:wg_split='k'" \
          "final:epilogue='kernel'" "pw2:steps_per_wait=2" "sync:mma='sync'" \
-         "steps:wg_split='steps'" "wgs3:compute_wgs=3"; do
+         "steps:wg_split='steps'" "wgs3:compute_wgs=3" "-pp]:pingpong=True"; do
   grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -q -- "${v%%:*}" && SKIP="$SKIP ${v#*:}"
 done
 SKIP_FLAG=${SKIP:+--skip-tiles$SKIP}

@@ -69,7 +69,11 @@ def profiled_configs(m: int) -> list:
   from lowbit import kernels as K
   T, S = K.HopperW4Tiles, functools.partial(K.HopperW4Tiles, nibbles="split")
   if m > 64:  # W4A8's M = 256 target: the int32 -> f32 group sums, the MMA waits
-    configs = [("w4a8", S(tile_m=128)), ("w4a8", S(tile_m=128, unpack="ptx")),
+    # (the default, then it with the warpgroups taking turns at wgmma, untimed: does one
+    # scale while the other's MMAs run? first, as the stage's timeout may cut the list)
+    configs = [("w4a8", S(tile_m=128, unpack="ptx")),
+               ("w4a8", S(tile_m=128, unpack="ptx", pingpong=True)),
+               ("w4a8", S(tile_m=128)),
                ("w4a8", S(tile_m=128, unpack="ptx", int_sums="magic")),
                ("w4a8", S(tile_m=128, unpack="ptx", int_sums="magic", halves="apart"))]
   else:
@@ -85,6 +89,7 @@ def profiled_configs(m: int) -> list:
                ("w4a16", S(unpack="ptx_natural", **dict(one_kernel, wg_split="steps"),
                            compute_wgs=3)),
                ("w4a16", S(unpack="ptx_natural", steps_per_wait=2, **one_kernel)),
+               ("w4a16", S(unpack="ptx_natural", pingpong=True, **one_kernel)),
                ("w4a16", T()),
                ("w4a16", S(unpack="ptx", **one_kernel)),
                ("w4a16", S(tile_n=128, unpack="ptx_natural", nk_scales="slab", pad_tokens=False)),

@@ -230,6 +230,11 @@ W4_CASES = [
     (1, 2048, 256, 128, dict(nibbles="split", unpack="ptx_natural", wg_split="steps",
                              compute_wgs=3, nk_scales="slab", pad_tokens=False, epilogue="kernel",
                              mma="sync"), "nk"),
+    # pingpong: the warpgroups take turns at wgmma; the decode default's tiles (K split over
+    # the warpgroups), and a ring of 3 (per-channel: jax 0.10's interpreter runs it)
+    (5, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
+                           pad_tokens=False, epilogue="kernel", pingpong=True), "nk"),
+    (9, 512, 384, None, dict(nibbles="split", compute_wgs=3, pingpong=True), "kn"),
 ]
 
 
@@ -247,7 +252,8 @@ def case_id(c) -> str:
           + ("-final" if kw.get("epilogue") == "kernel" else "")
           + ("-apart" if kw.get("halves") == "apart" else "")
           + (f"-pw{kw['steps_per_wait']}" if kw.get("steps_per_wait", 1) > 1 else "")
-          + ("-sync" if kw.get("mma") == "sync" else ""))
+          + ("-sync" if kw.get("mma") == "sync" else "")
+          + ("-pp" if kw.get("pingpong") else ""))
 
 
 #: Cases whose interpreted run repeats what another case already checks, the opt-in variant
@@ -285,12 +291,16 @@ INTERPRETED_ONCE = {
              "20x1024x256-g128-nk-slab", "5x512x256-g64-kn-split", "20x1024x256-gNone-kn",
              "5x512x256-g64-nk-split-ptx-slab-magic",
              "20x1024x256-gNone-kn-split-ptx", "130x512x256-g64-nk-split-ptx-magic",
-             "130x512x256-g64-nk-split-ptx-magic-apart", "130x512x256-g64-nk-split-ptx"},
+             "130x512x256-g64-nk-split-ptx-magic-apart", "130x512x256-g64-nk-split-ptx",
+             # pingpong: the small default-tile case stays; two turns a step (apart) and
+             # the 128-token tiles run on purpose
+             "130x512x256-g64-nk-split-ptx-pp", "5x512x256-g64-kn-split-apart-pp"},
 }
 
 
 #: jax 0.10's GPU interpreter deadlocks on group-scaled weights with 3 compute warpgroups
-#: (two threads wait at barriers forever, whatever wg_split; per-channel runs): such cases
+#: (two threads wait at barriers forever, whatever wg_split; per-channel runs, except with
+#: the warpgroups taking turns, pingpong=True, which passes the turn by barriers): such cases
 #: run interpreted from jax 0.11 on (experiments/gpu_jax_check.sh, the GPU's jax), lower
 #: for cuda under either, and run compiled on the GPU.
 INTERPRETER_DEADLOCKS = (not ON_GPU and jax.__version_info__ < (0, 11)
@@ -305,7 +315,8 @@ def interpreted(kernel: str, cases: list) -> list:
 
   def marks(c):
     out = [pytest.mark.slow] if case_id(c) in slow else []
-    if INTERPRETER_DEADLOCKS and c[4].get("compute_wgs") == 3 and c[3] is not None:
+    if (INTERPRETER_DEADLOCKS and c[4].get("compute_wgs") == 3
+        and (c[3] is not None or c[4].get("pingpong"))):
       out.append(pytest.mark.skip(reason=INTERPRETER_DEADLOCKS))
     return out
   return [pytest.param(*c, id=case_id(c), marks=marks(c)) for c in cases]
@@ -376,6 +387,11 @@ W4A8_CASES = [
     # steps_per_wait=2 (W4A8's decode tiles, two K-steps per wait, 4 K-steps)
     (5, 1024, 256, 128, dict(nibbles="split", unpack="ptx", int_sums="magic", nk_scales="slab",
                              pad_tokens=False, steps_per_wait=2), "nk"),
+    # pingpong (the warpgroups take turns at wgmma): with the M = 256 default's tiles, small
+    # and as they are, and with two turns a step (halves="apart")
+    (5, 512, 256, 64, dict(nibbles="split", unpack="ptx", pingpong=True), "nk"),
+    (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", tile_m=128, pingpong=True), "nk"),
+    (5, 512, 256, 64, dict(nibbles="split", halves="apart", pingpong=True), "kn"),
 ]
 
 
@@ -605,6 +621,13 @@ def test_w4a16_errors_name_the_problem():
   x32, w32 = w4_operands(4, 512, 256, 32, seed=10)
   with pytest.raises(ValueError, match="mma='sync'.*tile_k=64"):
     K.w4a16_matmul(x32, w32, backend=BACKEND, block_sizes=sync())
+  # pingpong: turns at wgmma, within pipeline steps that every warpgroup takes
+  with pytest.raises(ValueError, match="pingpong=1: use True or False"):
+    K.HopperW4Tiles(pingpong=1)
+  with pytest.raises(ValueError, match="pingpong=True.*use mma='wgmma' \\(got 'sync'\\)"):
+    K.HopperW4Tiles(nibbles="split", unpack="ptx_natural", mma="sync", pingpong=True)
+  with pytest.raises(ValueError, match="pingpong=True.*wg_split 'n' or 'k' \\(got 'steps'\\)"):
+    K.HopperW4Tiles(nibbles="split", wg_split="steps", pingpong=True)
 
 
 # --- Default dispatch: the Mosaic GPU kernels where the GPU runs put them ahead
