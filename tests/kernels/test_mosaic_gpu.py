@@ -399,7 +399,7 @@ W4A8_CASES = [
                              pad_tokens=False, steps_per_wait=2), "nk"),
     # pingpong (the warpgroups take turns at wgmma): with the M = 256 default's tiles, small
     # and as they are, and with two turns a step (halves="apart")
-    (5, 512, 256, 64, dict(nibbles="split", unpack="ptx", pingpong=True), "nk"),
+    (3, 256, 128, 64, dict(nibbles="split", unpack="ptx", pingpong=True), "nk"),
     (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", tile_m=128, pingpong=True), "nk"),
     (5, 512, 256, 64, dict(nibbles="split", halves="apart", pingpong=True), "kn"),
 ]
