@@ -1108,8 +1108,9 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   shared-memory operands (the interpreter's ``wgmma`` takes no register operand).
   ``profile_dir``: see :func:`_launch`; each step's regions are ``load`` (codes from
   shared memory), ``unpack`` (to wgmma's registers), ``issue``, ``wait`` (the
-  wgmmas), ``scale`` (grouped) and ``turn`` (``pingpong``: waiting for this warpgroup's
-  turn at wgmma).
+  wgmmas), ``scale_load`` and ``scale`` (grouped: reading the step's scales, applying
+  them; run 8's profiles had one ``scale`` region for both) and ``turn`` (``pingpong``:
+  waiting for this warpgroup's turn at wgmma).
   """
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -1466,8 +1467,8 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
               return y
 
             early = p.apart or (tm <= 16 and p.ptx)
-            if early:
-              with jax.named_scope("scale"):
+            if early:  # (profile region "scale_load": run 8's "scale" held it too)
+              with jax.named_scope("scale_load"):
                 scales = step_scales(idx[0], s_refs)
             pairs = my_pairs(x_refs, w_smem)
             if p.apart:  # one half's wgmmas, wait and scaling, then the other's
@@ -1476,7 +1477,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
               return y
             parts = dots(pairs)
             if not early:
-              with jax.named_scope("scale"):
+              with jax.named_scope("scale_load"):
                 scales = step_scales(idx[0], s_refs)
             return scaled(y, parts, scales)
         else:  # one accumulator per half (split: their factors differ) for all of K
