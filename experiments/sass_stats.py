@@ -124,17 +124,22 @@ def hgmma_loop(insns: list[Insn], labels: dict[str, int],
                families: tuple[str, ...] = ("HGMMA", "IGMMA")) -> list[Insn]:
   """The body of the innermost loop (a backward branch's target up to the branch) that
   issues an instruction of ``families`` (wgmma by default): one K-step of a compute
-  warpgroup."""
+  warpgroup. Of the spans that issue any, the one with the most such instructions, then
+  the shortest: a barrier's retry block placed after the kernel's code branches back into
+  the middle of the K-step (``HopperW4Tiles(pingpong=True)``'s turn waits), a span
+  holding part of the step's MMAs and code that is not in the loop (an ``EXIT``, which
+  no loop body holds)."""
   loops = []
   for insn in insns:
     m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", insn.text)
     if m and labels.get(m.group(1), insn.addr + 1) <= insn.addr:
       body = [i for i in insns if labels[m.group(1)] <= i.addr <= insn.addr]
-      if any(i.family in families for i in body):
-        loops.append(body)
+      mmas = sum(i.family in families for i in body)
+      if mmas and not any(i.family == "EXIT" for i in body):
+        loops.append((-mmas, len(body), body))
   if not loops:
     raise ValueError(f"no loop issues {' / '.join(families)}: is this a Hopper wgmma kernel?")
-  return min(loops, key=len)
+  return min(loops, key=lambda t: t[:2])[2]
 
 
 def codes_per_step(body: list[Insn], m: int) -> tuple[int, int]:

@@ -73,6 +73,27 @@ def test_the_k_step_loop_is_the_innermost_one_that_issues_wgmma(ss):
   assert body[0].opcode == "SYNCS.PHASECHK.TRANS64.TRYWAIT" and body[-1].opcode == "BRA"
 
 
+# HopperW4Tiles(pingpong=True, halves="apart"): a turn barrier waited on between the two
+# halves' wgmmas, its retry stub placed after the loop (before the outer loop's end) and
+# branching back into the step: a shorter span than the step's that holds one of its MMAs.
+TURN = SASS.replace("""        /*00b0*/                   HGMMA.64x8x16.F32.BF16 R24, R92, gdesc[UR16], RZ, !UPT, gsb0 ;
+""", """.L_x_30:
+        /*00b0*/                   HGMMA.64x8x16.F32.BF16 R24, R92, gdesc[UR16], RZ, !UPT, gsb0 ;
+""").replace("""        /*00f0*/                   BAR.SYNC.DEFER_BLOCKING R0, 0x80 ;
+""", """        /*00f0*/                   BAR.SYNC.DEFER_BLOCKING R0, 0x80 ;
+        /*00f8*/                   BRA `(.L_x_30) ;
+""")
+
+
+def test_a_retry_stub_into_the_step_is_not_taken_for_the_loop(ss):
+  insns, labels = ss.parse_sass(TURN)
+  body = ss.hgmma_loop(insns, labels)
+  assert [i.addr for i in body] == list(range(0x40, 0xF0, 0x10))  # the step, all 3 HGMMAs
+  # the rule it replaced (the shortest span with any wgmma) took the stub's
+  spans = [[i for i in insns if labels[".L_x_30"] <= i.addr <= 0xF8]]
+  assert len(spans[0]) < len(body) and sum(i.family == "HGMMA" for i in spans[0]) == 1
+
+
 def test_codes_count_each_register_a_operand_once(ss):
   insns, labels = ss.parse_sass(SASS)
   body = ss.hgmma_loop(insns, labels)
