@@ -76,13 +76,10 @@ def test_the_k_step_loop_is_the_innermost_one_that_issues_wgmma(ss):
 # HopperW4Tiles(pingpong=True, halves="apart"): a turn barrier waited on between the two
 # halves' wgmmas, its retry stub placed after the loop (before the outer loop's end) and
 # branching back into the step: a shorter span than the step's that holds one of its MMAs.
-TURN = SASS.replace("""        /*00b0*/                   HGMMA.64x8x16.F32.BF16 R24, R92, gdesc[UR16], RZ, !UPT, gsb0 ;
-""", """.L_x_30:
-        /*00b0*/                   HGMMA.64x8x16.F32.BF16 R24, R92, gdesc[UR16], RZ, !UPT, gsb0 ;
-""").replace("""        /*00f0*/                   BAR.SYNC.DEFER_BLOCKING R0, 0x80 ;
-""", """        /*00f0*/                   BAR.SYNC.DEFER_BLOCKING R0, 0x80 ;
-        /*00f8*/                   BRA `(.L_x_30) ;
-""")
+_STEP3 = "        /*00b0*/                   HGMMA.64x8x16.F32.BF16 R24, R92, gdesc[UR16], RZ, "
+_BAR = "        /*00f0*/                   BAR.SYNC.DEFER_BLOCKING R0, 0x80 ;\n"
+TURN = SASS.replace(_STEP3, ".L_x_30:\n" + _STEP3).replace(
+    _BAR, _BAR + "        /*00f8*/                   BRA `(.L_x_30) ;\n")
 
 
 def test_a_retry_stub_into_the_step_is_not_taken_for_the_loop(ss):
