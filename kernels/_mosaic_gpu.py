@@ -913,10 +913,15 @@ class W4Plan:
     return self.tile_n if self.ksplit else self.wgs * self.tile_n
 
   @property
+  def k_in_step(self) -> bool:
+    """``wg_split="k"``: a pipeline step carries a K-step (``per_wait``) per warpgroup."""
+    return self.ksplit and not self.rr
+
+  @property
   def substeps(self) -> int:
     """K-steps (``tile_k`` codes each) per pipeline step: ``per_wait``, for each
     warpgroup with ``wg_split="k"``."""
-    return (self.wgs if self.ksplit and not self.rr else 1) * self.per_wait
+    return (self.wgs if self.k_in_step else 1) * self.per_wait
 
   @property
   def slab_sets(self) -> int:
@@ -977,10 +982,10 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
   tile_m = tiles.tile_m or min(64, -(-m // 8) * 8)
   num_sms = tiles.num_sms or default_num_sms()
   steps = k // tile_k
-  # K-steps a pipeline step
-  sub = (tiles.compute_wgs if ksplit and not rr else 1) * tiles.steps_per_wait
+  k_in_step = tiles.wg_split == "k"  # W4Plan.k_in_step; sub is W4Plan.substeps
+  sub = (tiles.compute_wgs if k_in_step else 1) * tiles.steps_per_wait
   if steps % sub:
-    per_step = ([f"compute_wgs={tiles.compute_wgs}"] if ksplit and not rr else []) + (
+    per_step = ([f"compute_wgs={tiles.compute_wgs}"] if k_in_step else []) + (
         [f"steps_per_wait={tiles.steps_per_wait}"] if tiles.steps_per_wait > 1 else [])
     raise ValueError(f"{name}: the {steps} K-steps (K={k}, tile_k={tile_k}) need to be a "
                      f"multiple of {' x '.join(per_step)}, the K-steps of a pipeline step.")
@@ -1221,8 +1226,12 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
           plgpu.barrier_arrive(turn_bar.at[(wg + 1) % p.wgs])
       wn = pl.ds(0, tn) if p.ksplit else pl.ds(wg * tn, tn)  # this warpgroup's rows of cta_n
       # and the first of its p.per_wait K-steps in each pipeline step
-      wk = wg * p.per_wait if p.ksplit and not p.rr else 0
+      wk = wg * p.per_wait if p.k_in_step else 0
       slab_set = 0 if p.ksplit else wg  # the scale slab it reads
+
+      def my_step(idx):
+        """``wg_split="steps"``: whether pipeline step ``idx`` is this warpgroup's."""
+        return idx[0] % p.wgs == wg
 
       @plgpu.nd_loop((p.split_k * n_iters * mt,), collective_axes="sm")
       def _items(info):
@@ -1448,7 +1457,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             *x_refs, w_smem = refs[:n_x + 1]
             s_refs, y = refs[n_x + 1:-1], refs[-1]
             if p.rr:  # wg_split="steps": this warpgroup's steps only, the others passed by
-              return lax.cond(idx[0] % p.wgs == wg,
+              return lax.cond(my_step(idx),
                               lambda y: step(idx, x_refs, w_smem, s_refs, y), lambda y: y, y)
             return step(idx, x_refs, w_smem, s_refs, y)
 
@@ -1496,16 +1505,15 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
           def body(idx, *refs):
             *x_refs, w_smem, accs = refs
-            mine = idx[0] % p.wgs == wg  # wg_split="steps": this warpgroup's steps only
-            if interpret or p.sync:
+            if interpret or p.sync:  # wg_split="steps": this warpgroup's steps only
               def add(accs):
                 sums = dots(my_pairs(x_refs, w_smem))  # per K-step, a pair per accumulator
                 return tuple(a + sum(sums[i::n_acc]) for i, a in enumerate(accs))
-              return lax.cond(mine, add, lambda accs: accs, accs) if p.rr else add(accs)
+              return lax.cond(my_step(idx), add, lambda accs: accs, accs) if p.rr else add(accs)
 
             def issue():
               mma(in_turn(my_pairs(x_refs, w_smem)), list(accs) * p.per_wait)
-            pl.when(mine)(issue) if p.rr else issue()
+            pl.when(my_step(idx))(issue) if p.rr else issue()
             return accs
 
         pipeline(body, context)(*operands(mi, s, cn), allocations=allocs)

@@ -87,8 +87,8 @@ def test_a_retry_stub_into_the_step_is_not_taken_for_the_loop(ss):
   body = ss.hgmma_loop(insns, labels)
   assert [i.addr for i in body] == list(range(0x40, 0xF0, 0x10))  # the step, all 3 HGMMAs
   # the rule it replaced (the shortest span with any wgmma) took the stub's
-  spans = [[i for i in insns if labels[".L_x_30"] <= i.addr <= 0xF8]]
-  assert len(spans[0]) < len(body) and sum(i.family == "HGMMA" for i in spans[0]) == 1
+  stub = [i for i in insns if labels[".L_x_30"] <= i.addr <= 0xF8]
+  assert len(stub) < len(body) and sum(i.family == "HGMMA" for i in stub) == 1
 
 
 def test_codes_count_each_register_a_operand_once(ss):
