@@ -291,7 +291,11 @@ INTERPRETED_ONCE = {
               # 1.3-1.6x faster test by test): turns (W4A8's small pingpong case stays) and
               # 3 warpgroups taking steps (lowered; run under 0.11.2 by gpu_jax_check.sh)
               "5x512x256-g64-nk-split-natural-slab-unpadded-ksplit-final-pp",
-              "9x1024x256-gNone-kn-split-wgs3-steps"},
+              "9x1024x256-gNone-kn-split-wgs3-steps",
+              # (CI's pytest 10:49 on 2026-11-28 07:20 UTC) the first tiles' interleaved
+              # grouped path, which 3x256x256-g32-kn keeps in the suite (the bf16 output
+              # check: the decode default's g64 case)
+              "5x512x256-g64-kn"},
     "w4a8": {"20x1024x256-gNone-nk-split", "5x512x256-g64-nk-split-unpadded",
              "20x1024x256-g128-nk-slab", "5x512x256-g64-kn-split", "20x1024x256-gNone-kn",
              "5x512x256-g64-nk-split-ptx-slab-magic",
