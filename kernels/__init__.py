@@ -58,7 +58,8 @@ def kernel_for(w: QArray, act_spec: QuantSpec | None) -> str | None:
 
 def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
             act_params: QuantParams | None = None,
-            implementation: Implementation | None = None, out_dtype=None,
+            implementation: Implementation | None = None,
+            out_dtype: jax.typing.DTypeLike | None = None,
             block_sizes: BlockSizes | HopperTiles | HopperW4Tiles | None = None,
             weight_layout: str = "kn") -> jax.Array:
   """``y = q_a(x) @ dequantize(w)`` through the fastest correct path.

@@ -19,6 +19,7 @@ import pathlib
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -31,10 +32,12 @@ TEST_PLAYS = ("macbeth", "much_ado_about_nothing", "richard_iii", "henry_vi_part
 
 
 def default_cache() -> pathlib.Path:
+  """Where downloads are kept: ``$LOWBIT_CACHE``, else ``~/.cache/lowbit``."""
   return pathlib.Path(os.environ.get("LOWBIT_CACHE", pathlib.Path.home() / ".cache" / "lowbit"))
 
 
 def sha256(path: pathlib.Path) -> str:
+  """Hex SHA-256 of a file, read in 1 MiB chunks (the checksums in ``../shared/DATA.md``)."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -55,13 +58,17 @@ class CharCorpus:
 
   @property
   def vocab_size(self) -> int:
+    """Number of distinct characters (token ids ``0 .. vocab_size - 1``)."""
     return len(self.chars)
 
   def encode(self, text: str) -> np.ndarray:
+    """``text`` as int32 token ids ``[len(text)]``; a character outside the vocabulary raises
+    ``KeyError``."""
     table = {c: i for i, c in enumerate(self.chars)}
     return np.array([table[c] for c in text], np.int32)
 
-  def decode(self, ids) -> str:
+  def decode(self, ids: Iterable[int]) -> str:
+    """The text of token ids (inverse of :meth:`encode`)."""
     return "".join(self.chars[int(i)] for i in ids)
 
 

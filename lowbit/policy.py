@@ -70,9 +70,11 @@ class PrecisionRule:
           "act specs, or keep_float=True.")
 
   def matches(self, path: str) -> bool:
+    """Whether the rule's regex matches the whole module path (``re.fullmatch``)."""
     return re.fullmatch(self.module_path, path) is not None
 
   def describe(self) -> str:
+    """Short name of the rule's precisions, ``"w4 g128 / a8 per-token"`` or ``"float"``."""
     if self.keep_float:
       return "float"
     return f"{describe_spec(self.weight, 'w')} / {describe_spec(self.act, 'a')}"
@@ -150,14 +152,17 @@ class PrecisionPolicy:
   # -- serialization ---------------------------------------------------------
 
   def to_dict(self) -> dict[str, Any]:
+    """The policy as plain JSON types, with ``format_version``; :meth:`from_dict` inverts it."""
     return {"format_version": FORMAT_VERSION, "allow_unused": self.allow_unused,
             "rules": [_rule_to_dict(r) for r in self.rules]}
 
   def to_json(self, **kw) -> str:
+    """:meth:`to_dict` as JSON text (``kw`` go to ``json.dumps``, e.g. ``indent=2``)."""
     return json.dumps(self.to_dict(), **kw)
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "PrecisionPolicy":
+    """The policy :meth:`to_dict` wrote; another format version or an unknown key raises."""
     v = d.get("format_version")
     if v != FORMAT_VERSION:
       raise ValueError(f"PrecisionPolicy: format_version={v!r}; this lowbit reads {FORMAT_VERSION}.")
@@ -168,6 +173,7 @@ class PrecisionPolicy:
 
   @classmethod
   def from_json(cls, text: str) -> "PrecisionPolicy":
+    """The policy :meth:`to_json` wrote (``from_json(p.to_json()) == p``)."""
     return cls.from_dict(json.loads(text))
 
 
@@ -231,6 +237,7 @@ def load(path: str | pathlib.Path) -> PrecisionPolicy:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+  """The rows of :meth:`PrecisionPolicy.explain` as an aligned text table with a total row."""
   head = ["module path", "rule", "weight", "act", "params", "bytes (converted)"]
   body = [[r["path"], "-" if r["rule"] is None else str(r["rule"]), r["weight"], r["act"],
            f"{r['params']:,}", f"{r['bytes']:,}"] for r in rows]

@@ -38,7 +38,7 @@ so results are exact on any mesh, and checkpoints keep the one packed format.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lowbit.nn.surgery import flat_variables, quantizable_layers
+
+if TYPE_CHECKING:
+  from lowbit.quant import QArray, QuantParams, QuantSpec
 
 Axes = tuple[str | None, ...]
 
@@ -284,9 +287,10 @@ def _suffixes(path: str):
 # --------------------------------------------------------------------------- per-shard kernels
 
 
-def tp_qmatmul(x: jax.Array, w, mesh: Mesh, kind: str, *, axis: str = "model",
-               batch_axis: str | None = "data", act_spec=None, act_params=None,
-               implementation=None, out_dtype=None) -> jax.Array:
+def tp_qmatmul(x: jax.Array, w: QArray, mesh: Mesh, kind: str, *, axis: str = "model",
+               batch_axis: str | None = "data", act_spec: QuantSpec | None = None,
+               act_params: QuantParams | None = None, implementation: str | None = None,
+               out_dtype: jax.typing.DTypeLike | None = None) -> jax.Array:
   """``qmatmul`` with each device running the kernel on its own block of ``w`` (``shard_map``).
 
   ``kind="column"``: ``w [K, N]`` split along N over ``axis``; every device
@@ -379,7 +383,7 @@ def tp_qmatmul(x: jax.Array, w, mesh: Mesh, kind: str, *, axis: str = "model",
 
 
 def make_mesh(shape: tuple[int, ...] = (-1, 1), names: tuple[str, ...] = ("data", "model"),
-              devices=None) -> Mesh:
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A device mesh whose axes are *automatic* (GSPMD propagation), as lowbit's sharding expects.
 
   ``jax.make_mesh`` defaults to explicit-sharding axes on newer jax, where a

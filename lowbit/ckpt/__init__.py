@@ -40,7 +40,7 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,9 @@ import lowbit
 from lowbit.nn.layers import QValue
 from lowbit.nn.surgery import flat_variables, quantizable_layers
 from lowbit.sharding import partition_specs
+
+if TYPE_CHECKING:
+  from lowbit.policy import PrecisionPolicy
 
 FORMAT_VERSION = 1
 #: The list of the save's files (relative path -> bytes and sha256), at the checkpoint's root.
@@ -130,7 +133,7 @@ def _checkpointer(compression: bool = True) -> ocp.Checkpointer:
       meta=ocp.JsonCheckpointHandler()))
 
 
-def save(path: str | pathlib.Path, model: nnx.Module, *, policy=None,
+def save(path: str | pathlib.Path, model: nnx.Module, *, policy: PrecisionPolicy | None = None,
          compression: bool = True, overwrite: bool = False) -> pathlib.Path:
   """Save ``model``'s state and metadata to ``path`` (a directory it creates).
 
@@ -176,7 +179,8 @@ def read_meta(path: str | pathlib.Path) -> dict[str, Any]:
     raise ValueError(f"restore: cannot read the metadata of {path}: {e}") from e
 
 
-def restore(path: str | pathlib.Path, abstract_model: nnx.Module, *, policy=None,
+def restore(path: str | pathlib.Path, abstract_model: nnx.Module, *,
+            policy: PrecisionPolicy | None = None,
             mesh: jax.sharding.Mesh | None = None, rules: dict[str, str] | None = None,
             verify: bool = True) -> nnx.Module:
   """Restore into ``abstract_model`` (from ``nnx.eval_shape``); checks before reading.

@@ -69,22 +69,27 @@ class TransformerConfig:
 
   @property
   def kv_heads(self) -> int:
+    """Key/value heads: ``n_kv_heads`` (grouped-query attention) or ``n_heads``."""
     return self.n_kv_heads or self.n_heads
 
   @property
   def head_dim(self) -> int:
+    """``d_model / n_heads``."""
     return self.d_model // self.n_heads
 
   @property
   def ff(self) -> int:
+    """MLP hidden width: ``d_ff`` or ``4 d_model``."""
     return self.d_ff or 4 * self.d_model
 
   @classmethod
   def gpt2(cls, **kw) -> "TransformerConfig":
+    """GPT-2's choices (LayerNorm, GELU MLP, learned positions, biases); ``kw`` override."""
     return cls(**{**dict(norm="layernorm", mlp="gelu", pos="learned", use_bias=True), **kw})
 
   @classmethod
   def llama(cls, **kw) -> "TransformerConfig":
+    """LLaMA's choices (RMSNorm, SwiGLU, RoPE, no biases, tied embeddings); ``kw`` override."""
     return cls(**{**dict(norm="rmsnorm", mlp="swiglu", pos="rope", use_bias=False,
                          tie_embeddings=True), **kw})
 

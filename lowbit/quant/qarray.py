@@ -55,14 +55,17 @@ class QArray:
 
   @property
   def packed(self) -> bool:
+    """Whether ``qvalue`` holds two int4 codes a byte (halves of ``pack_axis``)."""
     return self.pack_axis is not None
 
   @property
   def symmetric(self) -> bool:
+    """Whether there is no zero point: ``dequantize = codes * scale``."""
     return self.zero_point is None
 
   @property
   def ndim(self) -> int:
+    """Rank of the logical (unpacked) ``shape``."""
     return len(self.shape)
 
   @property
@@ -82,6 +85,7 @@ class QArray:
 
   @property
   def bytes_per_element(self) -> float:
+    """``nbytes / prod(shape)``: 0.5 plus the scales' share for packed int4."""
     return self.nbytes / int(np.prod(self.shape))
 
   def transpose(self) -> QArray:

@@ -214,6 +214,8 @@ class Layout:
 
   @property
   def scale_shape(self) -> tuple[int, ...]:
+    """Shape of the scales: ``shape[a]`` on channel axes, ``ceil(shape[a] / group_size)``
+    on the group axis, 1 elsewhere (broadcast against :attr:`block_shape`'s groups)."""
     out = []
     for a, d in enumerate(self.shape):
       if a in self.channel_axes:
@@ -241,4 +243,5 @@ class Layout:
 
   @property
   def elements_per_scale(self) -> int:
+    """Tensor elements sharing one scale: ``prod(shape) / prod(scale_shape)``."""
     return int(np.prod(self.shape)) // int(np.prod(self.scale_shape))
