@@ -14,6 +14,7 @@ import dataclasses
 import math
 import pathlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -104,6 +105,7 @@ class Point:
   rules: tuple[PrecisionRule, ...] | None = None
 
   def policy(self) -> PrecisionPolicy:
+    """The point's policy: its ``rules``, else one rule ``.*`` with its weight and act specs."""
     rules = self.rules or (PrecisionRule(".*", self.weight, self.act),)
     return PrecisionPolicy(rules, allow_unused=True)
 
@@ -151,12 +153,14 @@ POINTS = _points()
 # --------------------------------------------------------------------------- data and model
 
 def load_corpus(cfg: AblationConfig) -> data.CharCorpus:
+  """The run's corpus: the complete Shakespeare (downloaded, checksummed) or ``cfg.data``'s file."""
   if cfg.data == "shakespeare":
     return data.shakespeare_complete()
   return data.text_file(cfg.data, cfg.data_sha256)
 
 
 def model_config(cfg: AblationConfig, vocab: int) -> TransformerConfig:
+  """The float model the run trains, sized by ``cfg`` (nanoGPT's choices, below)."""
   # nanoGPT: LayerNorm, exact GELU, learned positions, tied embeddings, no biases
   return TransformerConfig.gpt2(vocab_size=vocab, d_model=cfg.d_model, n_layers=cfg.n_layers,
                                 n_heads=cfg.n_heads, max_len=cfg.context, use_bias=False,
@@ -169,25 +173,33 @@ def eval_windows(tokens: np.ndarray, n_tokens: int, context: int) -> np.ndarray:
   return np.stack([tokens[i * context: i * context + context + 1] for i in range(w)])
 
 
-def batches_of(windows: np.ndarray, size: int):
+def batches_of(windows: np.ndarray, size: int) -> Iterator[tuple[jax.Array, jax.Array]]:
+  """``(inputs, targets)`` of ``size`` windows at a time: ``windows[:, :-1]``, ``windows[:, 1:]``."""
   for i in range(0, len(windows), size):
     w = jnp.asarray(windows[i:i + size])
     yield w[:, :-1], w[:, 1:]
 
 
-def train_batch(tokens: np.ndarray, key, batch: int, context: int):
+def train_batch(tokens: np.ndarray, key: jax.Array, batch: int,
+                context: int) -> tuple[jax.Array, jax.Array]:
+  """``batch`` random windows of ``context + 1`` tokens: inputs and next-token targets, int32
+  ``[batch, context]`` each."""
   ix = jax.random.randint(key, (batch,), 0, len(tokens) - context - 1)
   idx = ix[:, None] + jnp.arange(context + 1)[None]
   w = jnp.asarray(tokens)[idx]
   return w[:, :-1], w[:, 1:]
 
 
-def lm_loss(model, batch):
+def lm_loss(model: nnx.Module, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Mean next-token cross-entropy, ``-mean(log softmax(model(x))[y])`` (nats per token)."""
   x, y = batch
   return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
 
-def train_float(cfg, corpus, log, quiet) -> nnx.Module:
+def train_float(cfg: AblationConfig, corpus: data.CharCorpus, log: harness.MetricsLog,
+                quiet: bool) -> tuple[nnx.Module, float]:
+  """Train the float model (AdamW, warmup then cosine decay, clipped gradients), logging
+  each step's loss; returns the model and the training time in seconds."""
   model = Transformer(model_config(cfg, corpus.vocab_size), rngs=nnx.Rngs(cfg.seed))
   sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
   tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
@@ -207,7 +219,9 @@ def train_float(cfg, corpus, log, quiet) -> nnx.Module:
 
 # --------------------------------------------------------------------------- one grid point
 
-def quantize_point(point: Point, fmodel, cfg, corpus, log, quiet, val) -> tuple[nnx.Module, dict]:
+def quantize_point(point: Point, fmodel: nnx.Module, cfg: AblationConfig, corpus: data.CharCorpus,
+                   log: harness.MetricsLog, quiet: bool,
+                   val: np.ndarray) -> tuple[nnx.Module, dict]:
   """PTQ (and QAT) for one point; returns the fake-quant model and extra metrics."""
   policy = point.policy()
   extra: dict[str, Any] = {}
@@ -231,7 +245,8 @@ def quantize_point(point: Point, fmodel, cfg, corpus, log, quiet, val) -> tuple[
   return qm, extra
 
 
-def fine_tune(model, cfg, corpus, log, quiet, name: str, learn_quant: bool) -> None:
+def fine_tune(model: nnx.Module, cfg: AblationConfig, corpus: data.CharCorpus,
+              log: harness.MetricsLog, quiet: bool, name: str, learn_quant: bool) -> None:
   """``cfg.qat_steps`` steps on the training text, the same batches for every caller
   (so QAT and the float fine-tune control see identical data)."""
   w, q = make_optimizers(model, optax.adamw(cfg.qat_lr, weight_decay=0.0),
@@ -244,17 +259,23 @@ def fine_tune(model, cfg, corpus, log, quiet, name: str, learn_quant: bool) -> N
     log.write(phase="qat", point=name, step=i, loss=float(loss))
 
 
-def evaluate(model, reference, windows, batch, quiet) -> dict:
+def evaluate(model: nnx.Module, reference: nnx.Module, windows: np.ndarray, batch: int,
+             quiet: bool) -> dict:
+  """``model``'s loss on ``windows`` and its KL divergence from ``reference``'s predictions
+  (:func:`lowbit.ptq.compare`), ``batch`` windows a call."""
   fwd = nnx.jit(lambda m, x: m(x))
   return ptq.compare(model, reference, list(batches_of(windows, batch)),
                      logits_fn=lambda m, b: fwd(m, b[0]), progress=not quiet)
 
 
-def model_bytes(model) -> int:
+def model_bytes(model: nnx.Module) -> int:
+  """Bytes of every array in the model's state (packed int4 counted as stored)."""
   return int(sum(v.get_value().nbytes for _, v in nnx.to_flat_state(nnx.state(model))))
 
 
-def quantized_bits(converted, policy) -> float:
+def quantized_bits(converted: nnx.Module, policy: PrecisionPolicy) -> float:
+  """Stored bits per weight of the quantized layers, ``8 * bytes / params`` (scales
+  included; 32.0 when no layer is quantized)."""
   rows = policy.explain(converted, print_table=False)
   q = [r for r in rows if r["weight"] != "w-float"]
   return 8 * sum(r["bytes"] for r in q) / max(sum(r["params"] for r in q), 1) if q else 32.0
@@ -262,7 +283,9 @@ def quantized_bits(converted, policy) -> float:
 
 # --------------------------------------------------------------------------- sensitivity
 
-def sensitivity_and_search(fmodel, cfg, corpus, log, quiet, float_val, val) -> dict:
+def sensitivity_and_search(fmodel: nnx.Module, cfg: AblationConfig, corpus: data.CharCorpus,
+                           log: harness.MetricsLog, quiet: bool, float_val: float,
+                           val: np.ndarray) -> dict:
   """Int4 sensitivity per layer, then greedy mixed policies for average-bit targets.
 
   Sensitivity of a layer = validation loss increase when it alone is int4
@@ -308,6 +331,9 @@ def sensitivity_and_search(fmodel, cfg, corpus, log, quiet, float_val, val) -> d
 # --------------------------------------------------------------------------- the run
 
 def run(cfg: AblationConfig, *, quiet: bool = False) -> pathlib.Path:
+  """The whole ablation: train (or restore) the float model, then every grid point's PTQ /
+  QAT, evaluation, conversion and bytes, the sensitivity search if asked; writes
+  ``config.json``, ``metrics.jsonl`` and the results into a new run directory, returned."""
   unknown = [g for g in cfg.grid if g not in POINTS]
   if unknown:
     raise ValueError(f"unknown grid point(s) {unknown}; known: {sorted(POINTS)}.")

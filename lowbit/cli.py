@@ -62,6 +62,7 @@ def ablate(args: argparse.Namespace) -> int:
 
 
 def report_cmd(args: argparse.Namespace) -> int:
+  """``lowbit report``: the markdown report and plots of ablation results (exit code 0)."""
   from lowbit import report
   out = report.write_report(args.results, args.out)
   print(f"report: {out}")
@@ -69,6 +70,8 @@ def report_cmd(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """The ``lowbit`` command: parse ``argv`` (default ``sys.argv[1:]``), run the subcommand,
+  return its exit code."""
   ap = argparse.ArgumentParser(prog="lowbit", description="lowbit: int8/int4 quantization for JAX")
   sub = ap.add_subparsers(dest="cmd", required=True)
   d = sub.add_parser("demo", help="quantize a weight matrix; print error and bytes")

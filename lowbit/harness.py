@@ -22,7 +22,7 @@ import typing
 from typing import Any
 
 
-def load_config(path: str | pathlib.Path, overrides: list[str] | None = None):
+def load_config(path: str | pathlib.Path, overrides: list[str] | None = None) -> Any:
   """``get_config()`` of a Python config file, with ``key=value`` overrides applied."""
   path = pathlib.Path(path)
   if not path.exists():
@@ -55,7 +55,9 @@ def _parse(value: str, typ) -> Any:
   return typ(value)
 
 
-def apply_overrides(cfg, overrides: list[str]):
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+  """``cfg`` (a dataclass) with ``key=value`` items applied, each value parsed as the
+  field's annotated type; an unknown key or a value that does not parse raises."""
   hints = typing.get_type_hints(type(cfg))
   changes = {}
   for item in overrides:
@@ -94,6 +96,7 @@ def new_run_dir(root: str | pathlib.Path, name: str, workdir: str | None = None)
 
 
 def environment() -> dict[str, Any]:
+  """Versions and machine of this run: lowbit, jax, Python, device kind, platform, host, CPUs."""
   import jax
 
   import lowbit
@@ -125,9 +128,11 @@ class MetricsLog:
   def __init__(self, path: pathlib.Path):
     self.f = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
-  def write(self, **row) -> None:
+  def write(self, **row: Any) -> None:
+    """Append ``row`` as one JSON line and flush."""
     self.f.write(json.dumps(row, sort_keys=True, default=_default) + "\n")
     self.f.flush()
 
   def close(self) -> None:
+    """Close the file."""
     self.f.close()
