@@ -82,7 +82,8 @@ def _hopper(x, wq, ws, group, *, out_dtype, tiles: HopperW4Tiles, interpret: boo
 
 
 def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None,
-                       dot_dtype, acc_dtype) -> jax.Array:
+                       dot_dtype: jax.typing.DTypeLike,
+                       acc_dtype: jax.typing.DTypeLike) -> jax.Array:
   """``sum_g s[g] * (x_g @ q_g)`` over both packed halves, in f32: ``[M, N]``.
 
   ``x [M, K]``, ``wq [K/2, N]`` packed, ``ws [K/G or 1, N]``. The half-split

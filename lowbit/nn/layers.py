@@ -72,7 +72,7 @@ class QScale(nnx.Variable):
 
 
 def converted_bytes(kernel_shape: tuple[int, ...], spec: QuantSpec | None,
-                    param_dtype=jnp.float32) -> int:
+                    param_dtype: jax.typing.DTypeLike = jnp.float32) -> int:
   """Bytes a kernel takes once converted: codes (packed if ``spec.pack``) + scales + zero points."""
   n = int(np.prod(kernel_shape))
   if spec is None:
@@ -349,6 +349,7 @@ class QEinsum(_QuantMixin, nnx.Einsum):
 
   @classmethod
   def from_einsum(cls, e: nnx.Einsum) -> "QEinsum":
+    """A float-mode QEinsum with ``e``'s equation, shapes, dtypes and current weights."""
     kernel = e.kernel[...]
     bias = e.bias[...] if e.bias is not None else None
     return cls(e.einsum_str, kernel.shape, None if bias is None else bias.shape,

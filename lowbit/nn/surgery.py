@@ -103,6 +103,9 @@ def set_implementation(model: nnx.Module, implementation: str | None) -> None:
 
 
 def explain_rows(model: nnx.Module, policy: PrecisionPolicy) -> list[dict[str, Any]]:
+  """One row per quantizable layer of ``model``: its path, the index of the rule that takes it,
+  weight and act precisions, parameter count and bytes once converted
+  (:meth:`PrecisionPolicy.explain` prints them)."""
   rows = []
   layers = quantizable_layers(model)
   for path, (idx, rule) in policy.resolve(layers).items():

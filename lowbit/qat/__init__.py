@@ -59,7 +59,7 @@ def make_optimizers(model: nnx.Module, weight_tx: optax.GradientTransformation |
   return w, q
 
 
-def make_train_step(loss_fn: Callable[[nnx.Module, Any], jax.Array]):
+def make_train_step(loss_fn: Callable[[nnx.Module, Any], jax.Array]) -> Callable[..., jax.Array]:
   """A jitted ``step(model, weights_opt, quant_opt, batch) -> loss``.
 
   Gradients are taken only for the groups whose optimizer is given; each
