@@ -287,23 +287,20 @@ INTERPRETED_ONCE = {
               # wg_split="steps": the per-channel case with 3 warpgroups stays in the suite
               "5x1024x256-g64-kn-split-steps",
               # a slow day (2026-11-28: the suite took 11 min): variants another default
-              # case covers (steps_per_wait=2 and halves="apart" in W4A8's, ptx + slab in
-              # the W4A8 and W4A16 defaults' own tiles)
-              "1x1024x256-g64-nk-split-natural-slab-unpadded-ksplit-final-pw2",
+              # case covers (ptx + slab in the W4A8 and W4A16 defaults' own tiles, split
+              # nibbles, the K split with slab scales, 3 warpgroups taking steps by mma.sync)
               "5x512x256-g64-nk-split-ptx-slab",
               "20x1024x256-g128-nk", "5x512x256-g64-nk-split", "3x512x256-g64-nk-split-slab-ksplit",
               "1x2048x256-g128-nk-split-natural-slab-unpadded-wgs3-steps-final-sync",
-              # the same slow day (CI's pytest 10:00 on 2026-11-28, this morning's 7:50 run
-              # 1.3-1.6x faster test by test): turns (W4A8's small pingpong case stays) and
-              # 3 warpgroups taking steps (lowered; run under 0.11.2 by gpu_jax_check.sh)
-              "5x512x256-g64-nk-split-natural-slab-unpadded-ksplit-final-pp",
               # (CI's pytest 10:49 on 2026-11-28 07:20 UTC) the first tiles' interleaved
               # grouped path, which 3x256x256-g32-kn keeps in the suite (the bf16 output
               # check: the decode default's g64 case)
               "5x512x256-g64-kn"},
     # (One SM a case since 2026-11-28, 08:30 UTC: the file's default cases from 139 to 90 s
     # alone. Back in the default suite then: two K-steps a wait, halves apart and 3
-    # warpgroups taking steps, each in its cheapest case, 2.6-3.9 s.)
+    # warpgroups taking steps, each in its cheapest case, 2.6-3.9 s; and the decode one
+    # kernel with turns and with two K-steps a wait, the likeliest next decode defaults, ~7 s
+    # each.)
     "w4a8": {"20x1024x256-gNone-nk-split", "5x512x256-g64-nk-split-unpadded",
              "20x1024x256-g128-nk-slab", "5x512x256-g64-kn-split", "20x1024x256-gNone-kn",
              "5x512x256-g64-nk-split-ptx-slab-magic",
