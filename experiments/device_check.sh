@@ -34,36 +34,15 @@ TESTS_RC=$?
 grep -E "^(FAILED|ERROR)|passed|failed|Timeout" "$OUT/kernel_tests.log" | tail -25
 [ $TESTS_RC = 124 ] && echo "kernel tests TIMED OUT after ${TEST_TIMEOUT:-240} s (the log lists those that ended)"
 echo "tests done at $(( $(date +%s) - T0 )) s"
-# A Mosaic GPU kernel is benchmarked only if its compiled tests all passed (a kernel that
-# hangs would take the rest of the benchmark with it): the int4 kernel's tests name w4a16,
-# w4a8 or hopper_w4 (one kernel: a failure drops both rows), W8A8's are the rest.
+# A Mosaic GPU kernel or opt-in variant is benchmarked only if its compiled tests passed (a
+# kernel that hangs would take the rest of the benchmark with it): experiments/bench_gate.py
+# reads the log (FAILED / ERROR, a worker ended by pytest-timeout, or a test this stage's
+# timeout cut off while it ran) and prints bench_kernels.py's --no-hopper / --skip-tiles.
 LOG="$OUT/kernel_tests.log"
-if ! grep -qE "[0-9]+ passed" "$LOG"; then
-  HOPPER_FLAG="--no-hopper"
-else
-  OFF=
-  # (opt-in variants, ids naming split, slab, ptx, natural, magic, unpadded, wgs4, ksplit,
-  # final, pw2, sync, steps, wgs3 or pp, are only swept: they do not gate the default rows)
-  grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" \
-    | grep -vE "split|slab|ptx|natural|magic|unpadded|wgs4|ksplit|final|pw2|sync|steps|wgs3|-pp]" \
-    | grep -qE "w4a16|w4a8|hopper_w4" && OFF="$OFF w4a16 w4a8"
-  grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -vE "w4a16|w4a8|hopper_w4" | grep -q . \
-    && OFF="$OFF w8a8"
-  HOPPER_FLAG=${OFF:+--no-hopper$OFF}
-fi
-# An opt-in variant whose compiled tests failed (or hung) is left out of the sweep.
-SKIP=
-for v in "slab:nk_scales='slab'" "ptx:unpack='ptx'" "natural:unpack='ptx_natural'" \
-         "magic:int_sums='magic'" \
-         "unpadded:pad_tokens=False" "ksplit:wg_split='k'" \
-         "final:epilogue='kernel'" "pw2:steps_per_wait=2" "sync:mma='sync'" \
-         "steps:wg_split='steps'" "wgs3:compute_wgs=3" "-pp]:pingpong=True"; do
-  grep -E "^(FAILED|ERROR) .*test_mosaic_gpu" "$LOG" | grep -q -- "${v%%:*}" && SKIP="$SKIP ${v#*:}"
-done
-SKIP_FLAG=${SKIP:+--skip-tiles$SKIP}
-echo "bench flags: ${HOPPER_FLAG:-with both Mosaic GPU kernels} ${SKIP_FLAG}"
+GATE=$(python3 "$REPO/experiments/bench_gate.py" "$LOG")
+echo "bench flags: ${GATE:-(none: every Mosaic GPU kernel and variant)}"
 timeout ${BENCH_TIMEOUT:-300} python3 "$REPO/experiments/bench_kernels.py" --full ${SWEEP---sweep} \
-  $HOPPER_FLAG $SKIP_FLAG \
+  $GATE \
   --reps ${REPS:-10} --deadline ${BENCH_DEADLINE:-230} ${BENCH_ARGS:-} \
   --out "$OUT/bench_kernels.json" > "$OUT/bench.log" 2>&1
 echo "bench exit $? at $(( $(date +%s) - T0 )) s"

@@ -1,0 +1,101 @@
+"""experiments/bench_gate.py: what the GPU run's benchmark leaves out after its compiled
+kernel tests, read from logs in the format ``pytest -v -rfE -n N`` with pytest-timeout's
+thread method writes (the hung-worker lines are cut from such a run on this machine)."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parents[2]
+MG = "tests/kernels/test_mosaic_gpu.py"
+MK = "tests/kernels/test_matmul_kernels.py"
+W4 = f"{MG}::test_w4a16_matches_reference_and_float64"
+DEFAULT_W4 = f"{W4}[5x512x256-g64-nk]"
+ONE_KERNEL = f"{W4}[5x512x256-g64-nk-split-natural-slab-unpadded-ksplit-final]"
+PP = ONE_KERNEL.replace("final]", "final-pp]")
+SYNC = f"{W4}[20x1024x256-g128-kn-split-natural-sync]"
+NATURAL = f"{W4}[20x1024x256-g128-kn-split-natural]"
+SYNC_ALONE = f"{MG}::test_every_case_lowers_for_cuda_with_the_gpu_runs_tiles[w4a16-x-sync]"
+W8 = f"{MG}::test_f32_matches_reference_and_float64[100x384x256-kn]"
+TRITON = f"{MK}::test_kernel_bf16_output[w8a8-xw]"
+
+
+@pytest.fixture(scope="module")
+def gate():
+  spec = importlib.util.spec_from_file_location("bench_gate", ROOT / "experiments" / "bench_gate.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def log(*, passed=(), failed=(), crashed=(), started=(), summary=True) -> str:
+  """A -v xdist log: each test's start line, then its result line; ``crashed`` ends as
+  pytest-timeout's thread method ends it, ``started`` never ends (the stage was killed)."""
+  lines = ["2 workers [9 items]", "", "scheduling tests via LoadScheduling", ""]
+  for i, t in enumerate((*passed, *failed, *crashed, *started)):
+    lines.append(f"{t} ")
+    if t in passed:
+      lines.append(f"[gw{i % 2}] [ {10 * i:2d}%] PASSED {t} ")
+    elif t in failed:
+      lines.append(f"[gw{i % 2}] [ {10 * i:2d}%] FAILED {t} ")
+    elif t in crashed:
+      lines += [f"[gw{i % 2}] node down: Not properly terminated",
+                f"[gw{i % 2}] [ {10 * i:2d}%] FAILED {t} ", "", f"replacing crashed worker gw{i % 2}"]
+  if summary and (failed or crashed):
+    lines += ["=========================== short test summary info ============================"]
+    lines += [f"FAILED {t} - AssertionError: rel 0.3" for t in failed]
+    lines += [f"FAILED {t} - worker 'gw1' crashed while running '{t}'" for t in crashed]
+  return "\n".join(lines) + "\n"
+
+
+def test_all_passed_gates_nothing(gate):
+  assert gate.bench_flags(log(passed=(DEFAULT_W4, PP, W8, TRITON))) == []
+
+
+def test_no_test_ran_leaves_out_every_mosaic_gpu_kernel(gate):
+  assert gate.bench_flags("ImportError: no module named lowbit\n") == ["--no-hopper"]
+  # a log without -v: only the summary's count says the tests ran
+  assert gate.bench_flags("....\n4 passed in 52.3s\n") == []
+
+
+def test_a_failed_opt_in_variant_is_skipped_and_the_kernel_kept(gate):
+  """Only the variant no passing test clears is blamed: mma.sync, not the natural unpack
+  that the passing case without mma.sync has too."""
+  assert gate.bench_flags(log(passed=(DEFAULT_W4, NATURAL, W8), failed=(SYNC,))) == [
+      "--skip-tiles", "mma='sync'"]
+  # nothing clears the natural unpack: both are left out
+  assert gate.bench_flags(log(passed=(DEFAULT_W4, W8), failed=(SYNC,))) == [
+      "--skip-tiles", "unpack='ptx_natural'", "mma='sync'"]
+  # every variant of the failed test passed elsewhere (flaky?): all of them left out
+  assert gate.bench_flags(log(passed=(NATURAL, SYNC_ALONE, W8), failed=(SYNC,))) == [
+      "--skip-tiles", "unpack='ptx_natural'", "mma='sync'"]
+
+
+def test_a_crashed_worker_counts_as_a_failure(gate):
+  """The decode one kernel with turns hangs (its worker ended by pytest-timeout) while the
+  one kernel without turns passed: turns alone are left out."""
+  assert gate.bench_flags(log(passed=(DEFAULT_W4, ONE_KERNEL, W8), crashed=(PP,))) == [
+      "--skip-tiles", "pingpong=True"]
+
+
+def test_a_test_cut_off_while_running_counts_as_hung(gate):
+  """The stage's timeout killed pytest: no summary, the test's start line and no end."""
+  text = log(passed=(DEFAULT_W4, ONE_KERNEL, W8), started=(PP,), summary=False)
+  assert gate.outcomes(text)[PP] == "hung"
+  assert gate.outcomes(text)[ONE_KERNEL] == "passed"
+  assert gate.bench_flags(text) == ["--skip-tiles", "pingpong=True"]
+
+
+def test_default_tiles_failing_leave_out_their_kernel(gate):
+  assert gate.bench_flags(log(passed=(PP, W8), failed=(DEFAULT_W4,))) == ["--no-hopper", "w4a16", "w4a8"]
+  assert gate.bench_flags(log(passed=(DEFAULT_W4,), failed=(W8,))) == ["--no-hopper", "w8a8"]
+  # a Triton kernel's failure does not gate the Mosaic GPU ones
+  assert gate.bench_flags(log(passed=(DEFAULT_W4, W8), failed=(TRITON,))) == []
+
+
+def test_main_prints_the_flags_space_separated(gate, tmp_path, capsys):
+  path = tmp_path / "kernel_tests.log"
+  path.write_text(log(passed=(DEFAULT_W4, W8), failed=(SYNC, DEFAULT_W4.replace("nk]", "kn]"))))
+  assert gate.main([str(path)]) == 0
+  assert capsys.readouterr().out == "--no-hopper w4a16 w4a8 --skip-tiles unpack='ptx_natural' mma='sync'\n"
