@@ -34,9 +34,9 @@ OPT_IN = {
     "final": "epilogue='kernel'", "pw2": "steps_per_wait=2", "sync": "mma='sync'",
     "steps": "wg_split='steps'", "wgs3": "compute_wgs=3", "-pp]": "pingpong=True",
 }
-#: Id fragments of opt-in variants (``split`` too: split nibbles), whose failure leaves the
-#: default tiles' rows in.
-OPT_IN_IDS = ("split", *OPT_IN)
+#: Id fragments of opt-in variants (``split`` too: split nibbles; ``wgs4``: 4 compute
+#: warpgroups, refused compiled), whose failure leaves the default tiles' rows in.
+OPT_IN_IDS = ("split", "wgs4", *OPT_IN)
 INT4_IDS = ("w4a16", "w4a8", "hopper_w4")
 
 _START = re.compile(r"^(\S+::\S+)\s*$")  # -v with xdist: the id alone when a test starts
