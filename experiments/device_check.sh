@@ -57,10 +57,10 @@ fi
 # Opt-in (PROFILE=1): where the Mosaic GPU int4 kernel spends a decode step (its own
 # profiler: clock stamps per warpgroup region, no hardware counters needed).
 if [ "${PROFILE:-0}" = 1 ]; then
-  timeout ${PROFILE_TIMEOUT:-120} python3 "$REPO/experiments/profile_w4.py" --out /tmp/profile_w4 2>&1 \
+  timeout ${PROFILE_TIMEOUT:-120} python3 "$REPO/experiments/profile_w4.py" $GATE --out /tmp/profile_w4 2>&1 \
     | grep -v "^W[0-9]" | tail -40
   cp /tmp/profile_w4/summary.json "$OUT/profile_w4.json" 2>/dev/null
-  timeout ${PROFILE_TIMEOUT:-120} python3 "$REPO/experiments/profile_w4.py" --m 256 \
+  timeout ${PROFILE_TIMEOUT:-120} python3 "$REPO/experiments/profile_w4.py" $GATE --m 256 \
     --out /tmp/profile_w4_m256 2>&1 | grep -v "^W[0-9]" | tail -16
   cp /tmp/profile_w4_m256/summary.json "$OUT/profile_w4_m256.json" 2>/dev/null
   echo "profile done at $(( $(date +%s) - T0 )) s"

@@ -99,11 +99,27 @@ def profiled_configs(m: int) -> list:
   return configs
 
 
+def gated(configs: list, no_hopper: list[str] | None, skip_tiles: list[str]) -> list:
+  """``configs`` less those that experiments/bench_gate.py's flags keep out of the GPU run
+  (a kernel that hangs would take the rest of the stage with it): ``no_hopper`` ``[]``
+  (all) or naming the kernel, ``skip_tiles`` a string of the tiles' repr."""
+  def kept(kname, tiles):
+    if no_hopper is not None and (not no_hopper or kname in no_hopper):
+      return False
+    return not any(s in repr(tiles) for s in skip_tiles)
+  return [(kname, tiles) for kname, tiles in configs if kept(kname, tiles)]
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", default="profile_w4", help="trace folder and summary JSON")
   ap.add_argument("--m", type=int, default=1)
   ap.add_argument("--kn", type=int, default=8192)
+  ap.add_argument("--no-hopper", nargs="*", choices=["w8a8", "w4a16", "w4a8"],
+                  help="as bench_kernels.py (experiments/bench_gate.py's flags): profile none "
+                       "of the kernels named, or nothing with no name")
+  ap.add_argument("--skip-tiles", nargs="*", default=[],
+                  help="leave out configurations whose tiles' repr contains any of these")
   args = ap.parse_args(argv)
 
   import jax
@@ -123,7 +139,7 @@ def main(argv=None) -> int:
   xq = quantize(x, QuantSpec(bits=8, channel_axes=(0,)))
   acts = {"w4a16": x.astype(jnp.bfloat16), "w4a8": xq.qvalue}
   q_nk, s_nk = wq.qvalue.T.copy(), wq.scale.T.copy()  # stored K-major
-  configs = profiled_configs(args.m)
+  configs = gated(profiled_configs(args.m), args.no_hopper, args.skip_tiles)
   out = {}
 
   def save():  # after every configuration: a run cut short by its timeout keeps the rest

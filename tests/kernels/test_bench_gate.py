@@ -99,3 +99,19 @@ def test_main_prints_the_flags_space_separated(gate, tmp_path, capsys):
   path.write_text(log(passed=(DEFAULT_W4, W8), failed=(SYNC, DEFAULT_W4.replace("nk]", "kn]"))))
   assert gate.main([str(path)]) == 0
   assert capsys.readouterr().out == "--no-hopper w4a16 w4a8 --skip-tiles unpack='ptx_natural' mma='sync'\n"
+
+
+def test_profile_configs_follow_the_gate(gate):
+  """experiments/profile_w4.py takes the same flags: a hung variant is not profiled either."""
+  spec = importlib.util.spec_from_file_location("profile_w4", ROOT / "experiments" / "profile_w4.py")
+  profile = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(profile)
+  configs = profile.profiled_configs(1)
+  flags = gate.bench_flags(log(passed=(DEFAULT_W4, ONE_KERNEL, W8), crashed=(PP,)))
+  assert flags == ["--skip-tiles", "pingpong=True"]
+  kept = profile.gated(configs, None, flags[1:])
+  assert len(kept) == len(configs) - 1 and not any(t.pingpong for _, t in kept)
+  assert profile.gated(configs, None, []) == configs
+  assert profile.gated(configs, [], []) == []  # --no-hopper alone: nothing
+  assert {k for k, _ in profile.gated(configs, ["w4a16", "w4a8"], [])} == set()
+  assert {k for k, _ in profile.gated(configs, ["w8a8"], [])} == {"w4a16", "w4a8"}
