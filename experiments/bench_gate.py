@@ -90,6 +90,17 @@ def bench_flags(log: str) -> list[str]:
   return (["--no-hopper", *off] if off else []) + (["--skip-tiles", *skip] if skip else [])
 
 
+def admitted(kname: str, tiles: object, no_hopper: list[str] | None,
+             skip_tiles: list[str]) -> bool:
+  """Whether the flags let a run time or profile Mosaic GPU kernel ``kname`` with ``tiles``
+  (``None``: the kernel at all): ``no_hopper`` ``None`` (flag absent), ``[]`` (every
+  kernel off) or the kernels off; ``skip_tiles`` strings of the tiles' repr that leave
+  them out. bench_kernels.py and profile_w4.py both read their flags so."""
+  if no_hopper is not None and (not no_hopper or kname in no_hopper):
+    return False
+  return tiles is None or not any(s in repr(tiles) for s in skip_tiles)
+
+
 def main(argv: list[str] | None = None) -> int:
   """Print :func:`bench_flags` of the log file named in ``argv``, space-separated (no flag
   has a space: device_check.sh passes them on unquoted, the single quotes literal)."""

@@ -47,8 +47,10 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_gate
 import jax
 import jax.numpy as jnp
+from bench_gate import admitted
 from lowbit.kernels import BlockSizes, HopperTiles, HopperW4Tiles
 
 from lowbit import kernels as K
@@ -371,10 +373,10 @@ def main(argv=None):
   timer = "cupti" if device(jax.jit(lambda a: a + 1.0), (tiny,), 2) else "wall"
   # The Mosaic GPU kernels need Hopper (sm_90: TMA, wgmma); on CPU, --force-kernels runs
   # them interpreted (W8A8 at M >= 64, W4A16 at M <= 16).
-  off = {"w8a8", "w4a16", "w4a8"} if args.no_hopper == [] else set(args.no_hopper or ())
   sm90 = K._mosaic_gpu.is_hopper()
   hopper_interp = platform == "cpu" and args.force_kernels
-  hopper = {kn: (sm90 or hopper_interp) and kn not in off for kn in ("w8a8", "w4a16", "w4a8")}
+  hopper = {kn: (sm90 or hopper_interp) and admitted(kn, None, args.no_hopper, [])
+            for kn in ("w8a8", "w4a16", "w4a8")}
   meta = dict(device=str(dev.device_kind), platform=platform, jax=jax.__version__,
               date=datetime.date.today().isoformat(), copy_bandwidth_GBps=bw and bw / 1e9,
               reps=args.reps, group=GROUP, per_op_floor_us=floor * 1e6, timer=timer)
@@ -417,7 +419,7 @@ def main(argv=None):
         for kname, fn, wk, ak, op in KERNELS:
           # not where the default takes Mosaic GPU tiles that the tests failed (or hung)
           auto = auto_of[kname]
-          if auto is not None and (kname in off or any(t in repr(auto) for t in args.skip_tiles)):
+          if auto is not None and not admitted(kname, auto, args.no_hopper, args.skip_tiles):
             print(f"skipped lowbit_{kname}_auto_nk m={m}: its tiles' tests failed: {auto}")
             continue
           impls[f"lowbit_{kname}_auto_nk"] = (kernel_fn(fn, None, weight_layout="nk"),
@@ -455,7 +457,7 @@ def main(argv=None):
           if f"{kname}_hopper" in args.sweep_kernels and hopper[kname] and (
               m <= 16 or not hopper_interp):
             for tiles in hopper_w4_candidates(m, kname):
-              if any(t in repr(tiles) for t in args.skip_tiles):
+              if not admitted(kname, tiles, args.no_hopper, args.skip_tiles):
                 continue
               jobs.append(((kname, tiles), hopper_fn(tiles, hopper_interp, "nk", kname),
                            (xs[ak], ws["int4_nk"])))

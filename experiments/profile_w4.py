@@ -30,6 +30,8 @@ import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_gate
+
 
 def summarize(trace: dict) -> dict:
   """Per region of a Mosaic GPU profiler trace: count, median and total duration (us), and
@@ -101,13 +103,11 @@ def profiled_configs(m: int) -> list:
 
 def gated(configs: list, no_hopper: list[str] | None, skip_tiles: list[str]) -> list:
   """``configs`` less those that experiments/bench_gate.py's flags keep out of the GPU run
-  (a kernel that hangs would take the rest of the stage with it): ``no_hopper`` ``[]``
-  (all) or naming the kernel, ``skip_tiles`` a string of the tiles' repr."""
-  def kept(kname, tiles):
-    if no_hopper is not None and (not no_hopper or kname in no_hopper):
-      return False
-    return not any(s in repr(tiles) for s in skip_tiles)
-  return [(kname, tiles) for kname, tiles in configs if kept(kname, tiles)]
+  (a kernel that hangs would take the rest of the stage with it): see
+  :func:`bench_gate.admitted`."""
+  from bench_gate import admitted
+  return [(kname, tiles) for kname, tiles in configs
+          if admitted(kname, tiles, no_hopper, skip_tiles)]
 
 
 def main(argv=None) -> int:
