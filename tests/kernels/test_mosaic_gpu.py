@@ -241,12 +241,21 @@ W4_CASES = [
     (5, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
                            pad_tokens=False, epilogue="kernel", pingpong=True), "nk"),
     (9, 512, 384, None, dict(nibbles="split", compute_wgs=3, pingpong=True), "kn"),
+    # W4A16 past decode (bench_kernels.py's candidates above M = 64): 128-token tiles, two
+    # of them (the second 2 tokens), halves apart, with turns, and with both halves' sums
+    # live (the loop spills compiled, sass_stats.py)
+    (130, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", tile_m=128, halves="apart"),
+     "nk"),
+    (130, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", tile_m=128, halves="apart",
+                             pingpong=True), "nk"),
+    (130, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", tile_m=128), "nk"),
 ]
 
 
 def case_id(c) -> str:
   kw = c[4]
-  return (f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}-{c[5]}" + ("-split" if kw.get("nibbles") == "split" else "")
+  return (f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}-{c[5]}" + ("-tm128" if kw.get("tile_m") == 128 else "")
+          + ("-split" if kw.get("nibbles") == "split" else "")
           + ("-ptx" if kw.get("unpack") == "ptx" else "")
           + ("-natural" if kw.get("unpack") == "ptx_natural" else "")
           + ("-slab" if kw.get("nk_scales") == "slab" else "")
@@ -295,7 +304,10 @@ INTERPRETED_ONCE = {
               # (CI's pytest 10:49 on 2026-11-28 07:20 UTC) the first tiles' interleaved
               # grouped path, which 3x256x256-g32-kn keeps in the suite (the bf16 output
               # check: the decode default's g64 case)
-              "5x512x256-g64-kn"},
+              "5x512x256-g64-kn",
+              # 128-token tiles: the halves-apart case stays; turns and halves together
+              # (each ~3 s interpreted) run on purpose and on the GPU
+              "130x512x256-g64-nk-tm128-split-natural-apart-pp", "130x512x256-g64-nk-tm128-split-natural"},
     # (One SM a case since 2026-11-28, 08:30 UTC: the file's default cases from 139 to 90 s
     # alone. Back in the default suite then: two K-steps a wait, halves apart and 3
     # warpgroups taking steps, each in its cheapest case, 2.6-3.9 s; and the decode one
@@ -304,11 +316,11 @@ INTERPRETED_ONCE = {
     "w4a8": {"20x1024x256-gNone-nk-split", "5x512x256-g64-nk-split-unpadded",
              "20x1024x256-g128-nk-slab", "5x512x256-g64-kn-split", "20x1024x256-gNone-kn",
              "5x512x256-g64-nk-split-ptx-slab-magic",
-             "20x1024x256-gNone-kn-split-ptx", "130x512x256-g64-nk-split-ptx-magic",
-             "130x512x256-g64-nk-split-ptx-magic-apart", "130x512x256-g64-nk-split-ptx",
+             "20x1024x256-gNone-kn-split-ptx", "130x512x256-g64-nk-tm128-split-ptx-magic",
+             "130x512x256-g64-nk-tm128-split-ptx-magic-apart", "130x512x256-g64-nk-tm128-split-ptx",
              # pingpong: the small default-tile case stays; two turns a step (apart) and
              # the 128-token tiles run on purpose
-             "130x512x256-g64-nk-split-ptx-pp", "5x512x256-g64-kn-split-apart-pp",
+             "130x512x256-g64-nk-tm128-split-ptx-pp", "5x512x256-g64-kn-split-apart-pp",
              # the slow day above: two K-steps a wait, K split over the warpgroups and
              # halves apart (still lowered for cuda by the default suite, and run
              # interpreted by experiments/gpu_jax_check.sh before device time)
