@@ -115,3 +115,33 @@ def test_profile_configs_follow_the_gate(gate):
   assert profile.gated(configs, [], []) == []  # --no-hopper alone: nothing
   assert {k for k, _ in profile.gated(configs, ["w4a16", "w4a8"], [])} == set()
   assert {k for k, _ in profile.gated(configs, ["w8a8"], [])} == {"w4a16", "w4a8"}
+
+
+def test_a_hung_128_token_case_leaves_out_its_tiles_not_the_decode_unpack(gate):
+  """W4A16 with 128-token tiles hangs while the natural unpack (decode) and halves apart
+  (W4A8) pass elsewhere: the 128-token tiles are left out, not ``"ptx_natural"``, the
+  decode default's own (before the ``tm128`` fragment, nothing but the variants all
+  passed elsewhere would be blamed, so the fallback left out both of them)."""
+  tm128 = f"{W4}[130x512x256-g64-nk-tm128-split-natural-apart]"
+  apart = f"{MG}::test_w4a8_matches_reference_and_float64[5x512x256-g64-kn-split-apart]"
+  assert gate.bench_flags(log(passed=(DEFAULT_W4, NATURAL, apart, W8), crashed=(tm128,))) == [
+      "--skip-tiles", "tile_m=128"]
+
+
+def test_every_fragment_names_real_cases_and_candidates(gate):
+  """Each fragment the gate reads occurs in a test id that test_mosaic_gpu.py writes, and
+  each keyword it skips in the repr of a benchmark candidate: the two files and the gate
+  cannot drift apart silently (a fragment no id has gates nothing)."""
+  def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+  mg_tests = load("_gate_mosaic_tests", MG)
+  bench = load("_gate_bench", "experiments/bench_kernels.py")
+  ids = [f"[{mg_tests.case_id(c)}]" for c in mg_tests.W4_CASES + mg_tests.W4A8_CASES]
+  reprs = [repr(t) for m in (1, 16, 256, 4096) for k in ("w4a16", "w4a8")
+           for t in bench.hopper_w4_candidates(m, k)]
+  for frag, kw in gate.OPT_IN.items():
+    assert any(frag in i for i in ids), frag
+    assert any(kw in r for r in reprs), kw
