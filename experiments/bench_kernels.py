@@ -257,12 +257,13 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
     # apart: with both halves' [64, 128] f32 group sums live the loop spills 720-816 bytes
     # (sass_stats.py at M = 256 and 4096); apart, none. Slab scales do not fit beside two
     # 80 KiB stages.
+    # epilogue="kernel": the output written by the kernel, no XLA transpose and cast after
     A = dict(tile_m=128, halves="apart")
-    return [NAT(**A), NAT(**A, pingpong=True), P(**A), NAT(tile_m=128), NAT(tile_m=64),
-            NAT(tile_m=64, nk_scales="slab")]
+    return [NAT(**A), NAT(**A, epilogue="kernel"), NAT(**A, pingpong=True), P(**A),
+            NAT(tile_m=128), NAT(tile_m=64), NAT(tile_m=64, nk_scales="slab")]
   if m > 256:  # W4A8 prefill: run 8's M = 256 default and its neighbours, not yet timed
-    return [P(tile_m=128), P(tile_m=128, pingpong=True), P(tile_m=128, halves="apart"),
-            P(tile_m=128, halves="apart", pingpong=True),
+    return [P(tile_m=128), P(tile_m=128, epilogue="kernel"), P(tile_m=128, pingpong=True),
+            P(tile_m=128, halves="apart"), P(tile_m=128, halves="apart", pingpong=True),
             P(tile_m=128, int_sums="magic", nk_scales="slab")]
   if m > 64:  # W4A8's M = 256 target: MMA-bound, token tiles of 64 to 128
     # int_sums="magic": the group sums to f32 at full rate (cvt.rn.f32.s32 is 1/8 rate)
@@ -270,7 +271,10 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
     # halves="apart": one half's group sums live at a time (128-token tiles spill otherwise)
     # pingpong: the warpgroups take turns at wgmma, one scaling while the other's MMAs run
     # (run 8's default first, then it with turns, with the magic sums and halves apart)
-    return [P(tile_m=128), P(tile_m=128, pingpong=True), Q(tile_m=128, pingpong=True),
+    # epilogue="kernel" (sixteenth session): each token's row scaled and rounded in the
+    # kernel, no XLA fusion over the [N, M] f32 sums after it (8 MiB read, 4 written)
+    return [P(tile_m=128), P(tile_m=128, epilogue="kernel"), P(tile_m=128, pingpong=True),
+            P(tile_m=128, pingpong=True, epilogue="kernel"), Q(tile_m=128, pingpong=True),
             P(tile_m=128, halves="apart", pingpong=True),
             S(tile_m=128), S(tile_m=128, nk_scales="slab"),
             Q(tile_m=128), Q(tile_m=128, nk_scales="slab"), Q(tile_m=64),
@@ -282,6 +286,9 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
             P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False, steps_per_wait=2),
             P(tile_n=128, nk_scales="slab", pad_tokens=False),
             P(wg_split="k", nk_scales="slab", pad_tokens=False, int_sums="magic"),
+            # the same as one kernel (its output scaled and written by the kernel)
+            P(wg_split="k", nk_scales="slab", pad_tokens=False, int_sums="magic",
+              epilogue="kernel"),
             P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False, pingpong=True)]
   # (compute_wgs=4 hangs compiled, run 8: refused by plan_w4; runs 5-8: byte loads, "ops"
   # unpacking and split-K 1 or 4 lose.) Run 8's decode best is the one kernel below, 14.2 us

@@ -634,28 +634,42 @@ def mma_sync_bf16(a: jax.Array, x_ref, col0, tm: int) -> jax.Array:
   return run(a, x_ref, jnp.asarray(col0, jnp.int32))
 
 
-def store_transposed(z: jax.Array, ref, m: int) -> None:
+def store_transposed(z: jax.Array, ref, m: int, scale=None) -> None:
   """``ref[j, i] = z[i, j]`` for ``j < m``: ``z`` ``[rows, cols]`` in ``WGMMA_LAYOUT``
   (a warpgroup's sums, weight rows by tokens), ``ref`` a global ``[>= m, rows]`` slice
   of the output (inside a Mosaic GPU kernel only). Each thread stores its own elements,
   one scalar store each, skipping tokens past ``m``: no shared memory, no TMA (whose
-  boxes cannot write a transposed tile), a handful of stores per thread at decode."""
+  boxes cannot write a transposed tile), a handful of stores per thread at decode.
+  ``scale``: a global f32 ``[>= m]`` ref of the tokens' scales; then ``z`` is f32 and
+  ``ref[j, i] = cast(z[i, j] * scale[j])`` in ``ref``'s dtype (round to nearest even,
+  what ``astype`` does), each scale read by the threads that hold its token."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, memref, scf
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
-  def store(_, fa, out):
-    bound = arith.constant(ir.IndexType.get(), m)
+  def body(out, sc, value, idx):
+    row, col = idx
+    keep = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, col, arith.constant(
+        ir.IndexType.get(), m)))
+    with ir.InsertionPoint(keep.then_block):
+      if sc is not None:
+        value = arith.mulf(value, memref.load(sc, [col]))
+        out_type = ir.MemRefType(out.type).element_type
+        if out_type != value.type:
+          value = arith.truncf(out_type, value)
+      memref.store(value, out, [col, row])
+      scf.yield_([])
 
-    def one(value, idx):
-      row, col = idx
-      keep = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, col, bound))
-      with ir.InsertionPoint(keep.then_block):
-        memref.store(value, out, [col, row])
-        scf.yield_([])
-    fa.foreach(one)
-  store(z, ref)
+  if scale is None:
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
+    def store(_, fa, out):
+      fa.foreach(functools.partial(body, out, None))
+    store(z, ref)
+  else:
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), plgpu.RefType()))
+    def store_scaled(_, fa, out, sc):
+      fa.foreach(functools.partial(body, out, sc))
+    store_scaled(z, ref, scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -755,12 +769,15 @@ class HopperW4Tiles:
       where 2 leave the decode kernel latency-bound; 4 hang) divide K = 8192's 32.
     epilogue: ``"xla"``: the kernel writes f32 partial sums ``[split_k, N, M]``
       and XLA adds the K-splits, transposes and casts (one small fusion per
-      call). ``"kernel"`` (W4A16, grouped, one token tile, no K split across
-      CTAs: ``split_k`` 1, which ``None`` then means): the kernel writes the
-      final ``[M, N]`` in the output dtype itself, each element stored
-      transposed from registers (rows past M skipped), so with
+      call). ``"kernel"`` (grouped weights, no K split across CTAs: ``split_k``
+      1, which ``None`` then means): the kernel writes the final ``[M, N]`` in
+      the output dtype itself, each element stored transposed from registers
+      (rows past M skipped; W4A8 multiplies each by its token's scale there,
+      ``out = round(y * sx[m])`` as XLA's fusion does), so with
       ``unpack="ptx_natural"``, ``pad_tokens=False`` and ``nk_scales="slab"``
-      a decode call is that one kernel and nothing else.
+      a W4A16 decode call is that one kernel and nothing else; with several
+      token tiles the output has whole tiles' rows and XLA slices off the
+      padding (nothing when M is a multiple of ``tile_m``).
     steps_per_wait: K-steps a compute warpgroup converts and issues before it
       waits for their ``wgmma``s (``nibbles="split"``): a pipeline step carries
       ``steps_per_wait`` K-steps per warpgroup (times ``compute_wgs`` with
@@ -992,11 +1009,10 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
   mt = -(-m // tile_m)
   items = (n // cta_n) * mt
   final = tiles.epilogue == "kernel"
-  if final and (group is None or act_bytes != 2 or mt > 1 or tiles.split_k not in (None, 1)):
+  if final and (group is None or tiles.split_k not in (None, 1)):
     raise ValueError(
-        f"{name}: HopperW4Tiles(epilogue='kernel') writes the final output of W4A16 with group "
-        f"scales, one token tile and no K split (got group_size={group}, "
-        f"{'int8' if act_bytes == 1 else 'bf16'} tokens, M={m} in tiles of {tile_m}, "
+        f"{name}: HopperW4Tiles(epilogue='kernel') writes the final output of group-scaled "
+        f"weights with no K split over CTAs (got group_size={group}, "
         f"split_k={tiles.split_k}); use epilogue='xla'.")
   if tiles.mma == "sync" and (act_bytes != 2 or tile_k % 128 or tile_m > 32):
     raise ValueError(
@@ -1064,7 +1080,8 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
 def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
               plan: W4Plan, interpret: bool = False,
               name: str = "lowbit_w4a16_hopper", profile_dir: str | None = None,
-              m: int | None = None, out_dtype=None) -> jax.Array:
+              m: int | None = None, out_dtype=None,
+              token_scale: jax.Array | None = None) -> jax.Array:
   """``out[s, n, m] = sum_{steps t of split s} sum_h ws[t + h G', n] sum_{k in t} w_h[n, k] x_h[m, k]``.
 
   ``h`` runs over the two packed halves of K: byte ``j`` of a weight row holds
@@ -1104,8 +1121,10 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   when ``interpret``: the interpreter has no transposed operand in ``wgmma``), or
   ``[1, M, K]`` with ``M < tile_m`` (``pad_tokens=False``: TMA zero-fills the rest).
   Returns f32 ``[split_k, N, M]``: the caller adds the splits and transposes; with
-  ``plan.final`` (``HopperW4Tiles.epilogue="kernel"``) the output itself, ``[m, N]`` in
-  ``out_dtype`` (``m`` the true token count). ``plan.ksplit`` (``wg_split="k"``):
+  ``plan.final`` (``HopperW4Tiles.epilogue="kernel"``) the output itself in
+  ``out_dtype``, ``[m, N]`` with one token tile (``m`` the true token count), else
+  ``[M, N]`` (whole tiles), each token's row times ``token_scale[m]`` (W4A8: f32
+  ``[M]``, ``[m]`` with one token tile). ``plan.ksplit`` (``wg_split="k"``):
   a pipeline step holds ``compute_wgs`` K-steps, warpgroup ``w`` computes step
   ``w`` of each for all of the work item's rows, and warpgroup 0 adds the
   warpgroups' sums (in shared memory, after a barrier) before writing them.
@@ -1165,6 +1184,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   def kernel(*refs):
     *x_gmem, w_gmem = refs[:len(xs) + 1]
     s_gmem = refs[len(xs) + 1] if p.grouped else None
+    ts_gmem = refs[-2] if token_scale is not None else None
     out_gmem = refs[-1]
 
     def x_at(ref, mi, ks):
@@ -1371,12 +1391,16 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
           work item's tokens: f32 partials to ``out [s, N, M]`` by TMA, or with
           ``epilogue="kernel"`` the output itself, ``out [M, N]``."""
           rows_n = pl.ds(row0, tn)
-          if p.final:
-            z = z.astype(out_dtype)
+          if p.final:  # one token tile: [m, N] (rows past m skipped); else whole tiles
+            rows_m, bound = (slice(None), m) if mt == 1 else (pl.ds(mi * tm, tm), tm)
+            ts = None if ts_gmem is None else ts_gmem.at[rows_m]
             if interpret:
-              out_gmem[:, rows_n] = z.T[:m]
+              zs = z if ts is None else z * ts[...][:tm][None, :]
+              out_gmem[rows_m, rows_n] = zs.astype(out_dtype).T[:bound]
+            elif ts is None:
+              store_transposed(z.astype(out_dtype), out_gmem.at[rows_m, rows_n], bound)
             else:
-              store_transposed(z, out_gmem.at[:, rows_n], m)
+              store_transposed(z, out_gmem.at[rows_m, rows_n], bound, scale=ts)
             return
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           out_smem[wg] = z
@@ -1523,19 +1547,22 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  out_type = (jax.ShapeDtypeStruct((m, n), out_dtype) if p.final else
+  out_type = (jax.ShapeDtypeStruct((m if mt == 1 else mt * tm, n), out_dtype) if p.final else
               jax.ShapeDtypeStruct((p.split_k, n, mt * tm), jnp.float32))
-  args = (*xs, w4) + ((ws,) if p.grouped else ())
+  args = ((*xs, w4) + ((ws,) if p.grouped else ())
+          + ((token_scale,) if token_scale is not None else ()))
   return _launch(kernel, out_type, p.num_sms, name, interpret, profile_dir, p.wgs)(*args)
 
 
 def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
               tiles: HopperW4Tiles, interpret: bool, name: str, kernel_name: str,
               weight_layout: str = "kn", profile_dir: str | None = None,
-              out_dtype=None) -> jax.Array:
-  """``sum_g ws[g, n] * sum_{k in g} x[m, k] q[k, n]`` in f32 ``[M, N]`` through
+              out_dtype=None, token_scale: jax.Array | None = None) -> jax.Array:
+  """``sx[m] * sum_g ws[g, n] * sum_{k in g} x[m, k] q[k, n]`` in f32 ``[M, N]`` through
   :func:`w4_kernel`, from validated operands: ``x [M, K]`` bf16 (W4A16) or int8
-  codes (W4A8), ``wq [K/2, N]`` packed, ``ws [K/G or 1, N]``.
+  codes (W4A8), ``wq [K/2, N]`` packed, ``ws [K/G or 1, N]``, ``token_scale`` ``sx``
+  f32 ``[M, 1]`` or ``None`` (1). With ``HopperW4Tiles(epilogue="kernel")`` the result
+  is already in ``out_dtype``.
 
   Builds the kernel's operands: the bytes K-major (``wq.T``, free for a weight
   stored ``"nk"``), as int8 (``nibbles="split"``) or viewed as ``int4 [N, K]``
@@ -1577,12 +1604,19 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
     xs = (spread(lo, hi),) if group is None else (spread(lo, zero), spread(zero, hi))
     w = lax.bitcast_convert_type(wq.T, jnp.int4).reshape(n, k)
   s = None if group is None else (ws.T if plan.slab else ws)
+  ts = None
+  if plan.final and token_scale is not None:  # the kernel scales each token's row
+    ts = token_scale.astype(jnp.float32).reshape(m)
+    if not unpadded:  # whole tiles of rows (a token tile read as it is reads m scales)
+      ts = jnp.pad(ts, (0, mp - m))
   out = w4_kernel(xs, w, s, plan=plan, interpret=interpret, name=kernel_name,
-                  profile_dir=profile_dir, m=m, out_dtype=out_dtype or jnp.float32)
+                  profile_dir=profile_dir, m=m, out_dtype=out_dtype or jnp.float32,
+                  token_scale=ts)
   if plan.final:  # HopperW4Tiles(epilogue="kernel"): already [M, N] in out_dtype
-    return out
+    return out if out.shape[0] == m else out[:m]
   y = out.sum(axis=0).T[:m]
-  return y * ws.astype(jnp.float32) if group is None else y
+  y = y * ws.astype(jnp.float32) if group is None else y
+  return y if token_scale is None else y * token_scale.astype(jnp.float32)
 
 
 #: Where a wrapper called with neither ``backend`` nor ``block_sizes`` takes a Mosaic GPU

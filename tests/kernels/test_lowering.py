@@ -138,18 +138,19 @@ def test_int4_kernels_lower_for_cuda_through_mosaic_gpu(tiles, name):
 
 
 
-def _call_ops(tiles) -> tuple[list[str], list[str]]:
-  """The jax primitives of a Mosaic GPU W4A16 call (grouped weight stored K-major, M = 5)
-  applied to the tokens before the kernel, and those after it, reshapes aside: the XLA
-  ops a call runs besides its kernel (the weight's transposes cancel: it is stored
-  K-major, and the kernel reads it so)."""
+def _call_ops(tiles, name: str = "w4a16-g128") -> tuple[list[str], list[str]]:
+  """The jax primitives of a Mosaic GPU W4A16 (or W4A8) call (grouped weight stored
+  K-major, M = 5) applied to the tokens (W4A8: their codes and scales) before the kernel,
+  and those after it, reshapes aside: the XLA ops a call runs besides its kernel (the
+  weight's transposes cancel: it is stored K-major, and the kernel reads it so)."""
   import jax.extend.core as jex_core
-  fn, x, w4 = operands()["w4a16-g128"]
+  fn, x, w4 = operands()[name]
   closed = jax.make_jaxpr(lambda a, b: fn(a, b, backend="mosaic_gpu", block_sizes=tiles,
                                           weight_layout="nk"))(x, w4.transpose())
   [call] = closed.jaxpr.eqns  # the public wrapper is jitted
   inner = call.params["jaxpr"].jaxpr
-  seen, before, after, kernel_seen = {inner.invars[0]}, [], [], False
+  n_x = len(jax.tree.leaves(x))  # the tokens' leaves come first
+  seen, before, after, kernel_seen = set(inner.invars[:n_x]), [], [], False
   for eqn in inner.eqns:
     if not any(v in seen for v in eqn.invars if not isinstance(v, jex_core.Literal)):
       continue
@@ -188,6 +189,22 @@ def test_decode_call_with_the_kernel_epilogue_is_one_kernel():
   txt = lower(fn, x, w4.transpose(), "mosaic_gpu", "cuda", T(epilogue="kernel"),
               weight_layout="nk")
   assert "lowbit_w4a16_hopper" in txt
+
+
+def test_w4a8_call_with_the_kernel_epilogue_scales_tokens_in_the_kernel():
+  """W4A8 with ``epilogue="kernel"``: the tokens' scales go into the kernel (a reshape,
+  and a convert only if they are not f32) and nothing runs after it; the default epilogue
+  leaves XLA the split-K sum, transpose, the tokens' scale and the cast."""
+  T = functools.partial(K.HopperW4Tiles, nibbles="split", nk_scales="slab", pad_tokens=False,
+                        unpack="ptx", wg_split="k", int_sums="magic")
+  before, after = _call_ops(T(epilogue="kernel"), "w4a8-g128")
+  assert set(before) <= {"convert_element_type"} and after == []
+  before, after = _call_ops(T(), "w4a8-g128")
+  assert {"reduce_sum", "transpose", "mul"} <= set(after)
+  fn, x, w4 = operands()["w4a8-g128"]
+  txt = lower(fn, x, w4.transpose(), "mosaic_gpu", "cuda", T(epilogue="kernel"),
+              weight_layout="nk")
+  assert "lowbit_w4a8_hopper" in txt
 
 
 def _experiment(name: str):

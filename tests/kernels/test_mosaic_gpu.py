@@ -249,6 +249,9 @@ W4_CASES = [
     (130, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", tile_m=128, halves="apart",
                              pingpong=True), "nk"),
     (130, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", tile_m=128), "nk"),
+    # and the output written by the kernel, two tiles of rows (the 126 past M sliced off)
+    (130, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", tile_m=128, halves="apart",
+                             epilogue="kernel"), "nk"),
 ]
 
 
@@ -307,7 +310,9 @@ INTERPRETED_ONCE = {
               "5x512x256-g64-kn",
               # 128-token tiles: the halves-apart case stays; turns and halves together
               # (each ~3 s interpreted) run on purpose and on the GPU
-              "130x512x256-g64-nk-tm128-split-natural-apart-pp", "130x512x256-g64-nk-tm128-split-natural"},
+              "130x512x256-g64-nk-tm128-split-natural-apart-pp", "130x512x256-g64-nk-tm128-split-natural",
+              # the kernel's epilogue over two token tiles: W4A8's case stays (5 s)
+              "130x512x256-g64-nk-tm128-split-natural-final-apart"},
     # (One SM a case since 2026-11-28, 08:30 UTC: the file's default cases from 139 to 90 s
     # alone. Back in the default suite then: two K-steps a wait, halves apart and 3
     # warpgroups taking steps, each in its cheapest case, 2.6-3.9 s; and the decode one
@@ -423,6 +428,12 @@ W4A8_CASES = [
     (3, 256, 128, 64, dict(nibbles="split", unpack="ptx", pingpong=True), "nk"),
     (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", tile_m=128, pingpong=True), "nk"),
     (5, 512, 256, 64, dict(nibbles="split", halves="apart", pingpong=True), "kn"),
+    # epilogue="kernel": each token's row scaled and rounded by the kernel itself (no XLA
+    # after it): the K split over the warpgroups at decode (one CTA a work item, no split-K),
+    # and the M = 256 default's tiles (two token tiles, rows past M sliced off)
+    (5, 512, 256, 64, dict(nibbles="split", unpack="ptx", wg_split="k", nk_scales="slab",
+                           int_sums="magic", pad_tokens=False, epilogue="kernel"), "nk"),
+    (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", tile_m=128, epilogue="kernel"), "nk"),
 ]
 
 
@@ -442,6 +453,14 @@ def test_w4a8_matches_reference_and_float64(m, k, n, group, kw, layout):
   from lowbit.quant import dequantize
   oracle64 = np.asarray(dequantize(xa), np.float64) @ np.asarray(dequantize(wq), np.float64)
   assert rel(out, oracle64) < 1e-5
+  if kw.get("epilogue") == "kernel":
+    # bf16 rounded in the kernel: the XLA epilogue's numbers (both round y * sx to nearest)
+    tiles = w4_tiles(**kw)
+    out16 = K.w4a8_matmul(xa, w, backend=BACKEND, block_sizes=tiles, weight_layout=layout)
+    xla16 = K.w4a8_matmul(xa, w, backend=BACKEND, weight_layout=layout,
+                          block_sizes=dataclasses.replace(tiles, epilogue="xla"))
+    assert out16.dtype == jnp.bfloat16 and rel(out16, oracle64) < 1e-2
+    assert rel(out16, np.asarray(xla16, np.float64)) <= 2.0**-8
 
 
 LOWERING_CASES = ([("w4a16",) + c for c in W4_CASES] + [("w4a8",) + c for c in W4A8_CASES])
@@ -620,14 +639,12 @@ def test_w4a16_errors_name_the_problem():
   final = functools.partial(w4_tiles, nibbles="split", epilogue="kernel")
   xp, wp = w4_operands(4, 512, 256, None, seed=8)
   for args, tiles, why in (((xp, wp), final(), "group_size=None"),
-                           ((x, wq), final(split_k=2), "split_k=2"),
-                           ((jnp.zeros((20, 512), jnp.bfloat16), wq), final(tile_m=16),
-                            "M=20 in tiles of 16")):
+                           ((x, wq), final(split_k=2), "split_k=2")):
     with pytest.raises(ValueError, match=f"epilogue='kernel'.*{why}.*use epilogue='xla'"):
       K.w4a16_matmul(*args, backend=BACKEND, block_sizes=tiles)
-  xa = quantize(x.astype(jnp.float32), QuantSpec(bits=8, channel_axes=(0,)))
-  with pytest.raises(ValueError, match="epilogue='kernel'.*int8 tokens"):
-    K.w4a8_matmul(xa, wq, backend=BACKEND, block_sizes=final())
+  xa = quantize(xp.astype(jnp.float32), QuantSpec(bits=8, channel_axes=(0,)))
+  with pytest.raises(ValueError, match="epilogue='kernel'.*group_size=None"):
+    K.w4a8_matmul(xa, wp, backend=BACKEND, block_sizes=final())
   with pytest.raises(ValueError, match="use 2, 3 or 4"):
     K.HopperW4Tiles(compute_wgs=1)
   with pytest.raises(ValueError, match="use 'split' or 'interleaved'"):
