@@ -273,7 +273,10 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
     # (run 8's default first, then it with turns, with the magic sums and halves apart)
     # epilogue="kernel" (sixteenth session): each token's row scaled and rounded in the
     # kernel, no XLA fusion over the [N, M] f32 sums after it (8 MiB read, 4 written)
-    return [P(tile_m=128), P(tile_m=128, epilogue="kernel"), P(tile_m=128, pingpong=True),
+    # (without the f32 output tiles for TMA it fits 4 stages, not 3: also at 3, to tell
+    # the epilogue's gain from the depth's)
+    return [P(tile_m=128), P(tile_m=128, epilogue="kernel"),
+            P(tile_m=128, epilogue="kernel", max_concurrent_steps=3), P(tile_m=128, pingpong=True),
             P(tile_m=128, pingpong=True, epilogue="kernel"), Q(tile_m=128, pingpong=True),
             P(tile_m=128, halves="apart", pingpong=True),
             S(tile_m=128), S(tile_m=128, nk_scales="slab"),

@@ -959,8 +959,10 @@ class W4Plan:
     step *= self.substeps
     slabs = 2 * self.slab_sets * self.tile_n * self.slab * self.scale_bytes
     partials = 2 * self.wgs * self.tile_n * self.tile_m * 4 if self.ksplit else 0
+    # the f32 tiles TMA writes out (none when the kernel stores the final output itself)
+    tiles_out = 0 if self.final else self.wgs * self.tile_n * self.tile_m * 4
     barriers = 1024  # the pipeline's and the kernel's mbarriers, alignment (64 B measured)
-    return self.stages * step + slabs + partials + self.wgs * self.tile_n * self.tile_m * 4 + barriers
+    return self.stages * step + slabs + partials + tiles_out + barriers
 
 
 def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
@@ -1210,10 +1212,19 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
     ignore = lambda *_, **__: None  # noqa: E731 (allocation sizes do not depend on the body)
 
+    # Per warpgroup its f32 output tile for TMA (none with epilogue="kernel": the kernel
+    # stores the output from registers); wg_split="k": then two sets of the warpgroups'
+    # partial sums (work items alternate between them). One allocation: the GPU
+    # interpreter has deadlocked here with the partials in an allocation of their own.
+    tiles_out = 0 if p.final else p.wgs
+    out_sets = tiles_out + (2 * p.wgs if p.ksplit else 0)
     extra_allocs = {}
+    if out_sets:
+      extra_allocs["out_smem"] = plgpu.SMEM((out_sets, tn, tm), jnp.float32,
+                                            transforms=() if interpret else _tiled(tm, 32))
     if p.slab:  # each half's [tn, W] scales and their barrier: per compute warpgroup, or
       # one set the warpgroups share when they split K over the same rows (wg_split="k")
-      extra_allocs = dict(slab_smem=plgpu.SMEM((p.slab_sets, 2, tn, p.slab), s_dtype),
+      extra_allocs.update(slab_smem=plgpu.SMEM((p.slab_sets, 2, tn, p.slab), s_dtype),
                           slab_bar=plgpu.Barrier(num_arrivals=2, num_barriers=p.slab_sets))
     if p.ksplit:  # the warpgroups meet to add their partial sums
       extra_allocs.update(part_bar=plgpu.Barrier(num_arrivals=p.wgs))
@@ -1223,14 +1234,10 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
     @functools.partial(
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(*operands(0, 0, pl.ds(0, cta_n))),
-        # per warpgroup its output tile; wg_split="k": then two sets of the warpgroups'
-        # partial sums (work items alternate between them). One allocation: the GPU
-        # interpreter has deadlocked here with the partials in an allocation of their own.
-        out_smem=plgpu.SMEM(((3 if p.ksplit else 1) * p.wgs, tn, tm), jnp.float32,
-                            transforms=() if interpret else _tiled(tm, 32)),
         **extra_allocs,
         collective_axes="wg")
-    def _scope(allocs, out_smem, slab_smem=None, slab_bar=None, part_bar=None, turn_bar=None):
+    def _scope(allocs, out_smem=None, slab_smem=None, slab_bar=None, part_bar=None,
+               turn_bar=None):
       wg = lax.axis_index("wg")
       if p.pingpong:  # warpgroup 0 has the first turn: the last one hands it over
         pl.when(wg == p.wgs - 1)(lambda: plgpu.barrier_arrive(turn_bar.at[0]))
@@ -1414,7 +1421,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             emit(y, ni * cta_n + wg * tn)
             return
           # a warpgroup may run a work item ahead: alternate the two sets of partials
-          first = p.wgs + (local % 2) * p.wgs
+          first = tiles_out + (local % 2) * p.wgs
           out_smem[first + wg] = y
           plgpu.barrier_arrive(part_bar)
           plgpu.barrier_wait(part_bar)
