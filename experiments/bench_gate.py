@@ -12,8 +12,10 @@ kernel is benchmarked only where its compiled tests passed:
 - ``--skip-tiles KW ...``: the opt-in variants (:data:`OPT_IN`, named in the test ids) to
   blame for a failed test, left out of the sweep: those of its variants that no passing test
   with only variants of its own has (the decode one kernel with turns failing while the one
-  kernel without them passed blames ``pingpong`` alone), or all of its variants when every
-  one of them passed somewhere (a flaky failure still keeps a possible hang out).
+  kernel without them passed blames ``pingpong`` alone); when every one of them passed
+  somewhere, their combination, ``KW1+KW2+...``: the candidates that have all of them (a
+  flaky failure still keeps a possible hang out, and a failure of W4A8's one kernel no
+  longer takes W4A16's decode default, which shares four of its six variants, with it).
 
 A test "failed" if the log's summary says FAILED or ERROR (pytest-timeout's ``thread``
 method ends a hung test's worker; xdist reports the test as FAILED, "worker crashed"), or
@@ -82,12 +84,17 @@ def bench_flags(log: str) -> list[str]:
   if any(not any(k in t for k in INT4_IDS) for t in bad):
     off.append("w8a8")
   ok = [fragments(t) for t, o in res.items() if "test_mosaic_gpu" in t and o == "passed"]
-  blamed = set()
+  blamed, combos = set(), []
   for t in bad:
     mine = fragments(t)
     covered = set().union(*(f for f in ok if f <= mine))
-    blamed |= (mine - covered) or mine
+    if mine - covered:
+      blamed |= mine - covered
+    elif mine:  # each variant passed elsewhere: the combination is to blame
+      combo = "+".join(kw for frag, kw in OPT_IN.items() if frag in mine)
+      combos += [combo] if combo not in combos else []
   skip = [kw for frag, kw in OPT_IN.items() if frag in blamed]
+  skip += [c for c in combos if not any(kw in skip for kw in c.split("+"))]
   return (["--no-hopper", *off] if off else []) + (["--skip-tiles", *skip] if skip else [])
 
 
@@ -96,10 +103,12 @@ def admitted(kname: str, tiles: object, no_hopper: list[str] | None,
   """Whether the flags let a run time or profile Mosaic GPU kernel ``kname`` with ``tiles``
   (``None``: the kernel at all): ``no_hopper`` ``None`` (flag absent), ``[]`` (every
   kernel off) or the kernels off; ``skip_tiles`` strings of the tiles' repr that leave
-  them out. bench_kernels.py and profile_w4.py both read their flags so."""
+  them out, ``a+b``: tiles whose repr has both. bench_kernels.py and profile_w4.py both
+  read their flags so."""
   if no_hopper is not None and (not no_hopper or kname in no_hopper):
     return False
-  return tiles is None or not any(s in repr(tiles) for s in skip_tiles)
+  r = repr(tiles)
+  return tiles is None or not any(all(part in r for part in s.split("+")) for s in skip_tiles)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -373,7 +373,8 @@ def main(argv=None):
                        "(e.g. when their tests failed)")
   ap.add_argument("--skip-tiles", nargs="*", default=[],
                   help="leave out sweep candidates whose repr contains any of these strings "
-                       "(e.g. \"nk_scales='slab'\" when that variant's compiled tests failed)")
+                       "(e.g. \"nk_scales='slab'\" when that variant's compiled tests failed); "
+                       "a+b: those whose repr contains both")
   ap.add_argument("--deadline", type=float, default=1e9,
                   help="seconds; no new point starts after this (the JSON so far is kept)")
   ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2))

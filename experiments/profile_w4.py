@@ -119,7 +119,8 @@ def main(argv=None) -> int:
                   help="as bench_kernels.py (experiments/bench_gate.py's flags): profile none "
                        "of the kernels named, or nothing with no name")
   ap.add_argument("--skip-tiles", nargs="*", default=[],
-                  help="leave out configurations whose tiles' repr contains any of these")
+                  help="leave out configurations whose tiles' repr contains any of these "
+                       "(a+b: both)")
   args = ap.parse_args(argv)
 
   import jax

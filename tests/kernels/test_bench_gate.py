@@ -67,9 +67,35 @@ def test_a_failed_opt_in_variant_is_skipped_and_the_kernel_kept(gate):
   # nothing clears the natural unpack: both are left out
   assert gate.bench_flags(log(passed=(DEFAULT_W4, W8), failed=(SYNC,))) == [
       "--skip-tiles", "unpack='ptx_natural'", "mma='sync'"]
-  # every variant of the failed test passed elsewhere (flaky?): all of them left out
+  # every variant of the failed test passed elsewhere (flaky, or the combination): the
+  # candidates with all of them left out
   assert gate.bench_flags(log(passed=(NATURAL, SYNC_ALONE, W8), failed=(SYNC,))) == [
-      "--skip-tiles", "unpack='ptx_natural'", "mma='sync'"]
+      "--skip-tiles", "unpack='ptx_natural'+mma='sync'"]
+
+
+def test_a_failed_combination_leaves_out_only_the_candidates_with_all_of_it(gate):
+  """W4A8's decode one kernel (the kernel's epilogue) fails while each of its six variants
+  passed in other tests: its combination is skipped, and W4A16's decode default, which has
+  four of the six, and W4A8's decode default, which has three, are still timed."""
+  from lowbit.kernels import HopperW4Tiles as T
+  a8 = f"{MG}::test_w4a8_matches_reference_and_float64"
+  one8 = f"{a8}[5x512x256-g64-nk-split-ptx-slab-unpadded-magic-ksplit-final]"
+  passed = (ONE_KERNEL, DEFAULT_W4, W8, f"{a8}[5x512x256-g64-nk-split-ptx-slab-magic]",
+            f"{a8}[5x512x256-g64-nk-split-slab-unpadded-magic-ksplit]",
+            f"{W4}[5x512x256-g64-kn-split-final]")
+  # (without the last, the kernel's epilogue is the one variant no passing test clears:
+  # it alone is left out, W4A16's decode default with it)
+  assert gate.bench_flags(log(passed=passed[:-1], failed=(one8,))) == [
+      "--skip-tiles", "epilogue='kernel'"]
+  flags = gate.bench_flags(log(passed=passed, failed=(one8,)))
+  assert flags == ["--skip-tiles", "nk_scales='slab'+unpack='ptx'+int_sums='magic'+"
+                   "pad_tokens=False+wg_split='k'+epilogue='kernel'"]
+  one = dict(nibbles="split", nk_scales="slab", pad_tokens=False, wg_split="k")
+  assert not gate.admitted("w4a8", T(**one, unpack="ptx", int_sums="magic", epilogue="kernel"),
+                           None, flags[1:])
+  assert gate.admitted("w4a8", T(**one, unpack="ptx", int_sums="magic"), None, flags[1:])
+  assert gate.admitted("w4a16", T(**one, unpack="ptx_natural", epilogue="kernel"), None,
+                       flags[1:])
 
 
 def test_a_crashed_worker_counts_as_a_failure(gate):
