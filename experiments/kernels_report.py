@@ -63,7 +63,7 @@ W4_VARIANTS = {"nibbles": ("interleaved", "split"), "unpack": ("ops", "ptx", "pt
                "pad_tokens": ("True", "False"), "compute_wgs": ("2", "3", "4"),
                "wg_split": ("n", "k", "steps"), "epilogue": ("xla", "kernel"),
                "halves": ("together", "apart"), "steps_per_wait": ("1", "2"),
-               "mma": ("wgmma", "sync")}
+               "mma": ("wgmma", "sync"), "pingpong": ("False", "True")}
 
 
 def _w4_fields(block_sizes: str) -> dict[str, str] | None:

@@ -863,7 +863,8 @@ def test_hopper_w4_split_variant_table_of_the_report():
   d = dict(nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
            pad_tokens=False, epilogue="kernel")
   cands = [(T(**d), 14.0), (T(**d, mma="sync"), 11.0), (T(**d, steps_per_wait=2), 15.0),
-           (T(**{**d, "wg_split": "steps"}, compute_wgs=3), 12.0), (T(**d, halves="apart"), 16.0)]
+           (T(**{**d, "wg_split": "steps"}, compute_wgs=3), 12.0), (T(**d, halves="apart"), 16.0),
+           (T(**d, pingpong=True), 13.0)]
   sweeps = [dict(m=1, kernel="w4a16", block_sizes=repr(t), us=us) for t, us in cands]
   rows = {r.split("|")[3].strip(): r for r in kr._w4_variants(sweeps)[2:]}
   assert "| 12.0 | 11.0 | 1.09 |" in rows["mma='sync'"]
@@ -872,3 +873,4 @@ def test_hopper_w4_split_variant_table_of_the_report():
   assert "| 12.0 | 11.0 | 1.09 |" in rows["wg_split='k'"]  # against "steps": no "n" here
   assert "| 11.0 | 12.0 | 0.92 |" in rows["compute_wgs='3'"]
   assert "| 11.0 | 16.0 | 0.69 |" in rows["halves='apart'"]
+  assert "| 11.0 | 13.0 | 0.85 |" in rows["pingpong='True'"]  # turns: their own row too
