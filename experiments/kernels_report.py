@@ -63,7 +63,9 @@ W4_VARIANTS = {"nibbles": ("interleaved", "split"), "unpack": ("ops", "ptx", "pt
                "pad_tokens": ("True", "False"), "compute_wgs": ("2", "3", "4"),
                "wg_split": ("n", "k", "steps"), "epilogue": ("xla", "kernel"),
                "halves": ("together", "apart"), "steps_per_wait": ("1", "2"),
-               "mma": ("wgmma", "sync"), "pingpong": ("False", "True")}
+               "mma": ("wgmma", "sync"), "pingpong": ("False", "True"),
+               "tile_n": ("64", "128"), "tile_m": ("None", "64", "128"),
+               "max_concurrent_steps": ("None", "3", "6")}
 
 
 def _w4_fields(block_sizes: str) -> dict[str, str] | None:

@@ -874,3 +874,11 @@ def test_hopper_w4_split_variant_table_of_the_report():
   assert "| 11.0 | 12.0 | 0.92 |" in rows["compute_wgs='3'"]
   assert "| 11.0 | 16.0 | 0.69 |" in rows["halves='apart'"]
   assert "| 11.0 | 13.0 | 0.85 |" in rows["pingpong='True'"]  # turns: their own row too
+  # token tiles and pipeline depth (W4A8 at M = 256), each value against the others
+  P = functools.partial(T, nibbles="split", unpack="ptx")
+  cands = [(P(tile_m=128), 40.0), (P(tile_m=64), 50.0), (P(tile_m=128, max_concurrent_steps=3), 38.0)]
+  sweeps = [dict(m=256, kernel="w4a8", block_sizes=repr(t), us=us) for t, us in cands]
+  rows = {r.split("|")[3].strip(): r for r in kr._w4_variants(sweeps)[2:]}
+  assert "| 38.0 | 50.0 | 0.76 |" in rows["tile_m='64'"]
+  assert "| 50.0 | 38.0 | 1.32 |" in rows["tile_m='128'"]
+  assert "| 40.0 | 38.0 | 1.05 |" in rows["max_concurrent_steps='3'"]
