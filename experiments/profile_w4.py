@@ -73,8 +73,12 @@ def profiled_configs(m: int) -> list:
   if m > 64:  # W4A8's M = 256 target: the int32 -> f32 group sums, the MMA waits
     # (the default, then it with the warpgroups taking turns at wgmma, untimed: does one
     # scale while the other's MMAs run? first, as the stage's timeout may cut the list)
+    # then W4A16 in the same 128-token design, halves apart (sixteenth session, untimed;
+    # with the kernel's epilogue, whose lack of f32 output tiles leaves room for the
+    # profiler's buffer beside two 80 KiB stages)
     configs = [("w4a8", S(tile_m=128, unpack="ptx")),
                ("w4a8", S(tile_m=128, unpack="ptx", pingpong=True)),
+               ("w4a16", S(tile_m=128, unpack="ptx_natural", halves="apart", epilogue="kernel")),
                ("w4a8", S(tile_m=128)),
                ("w4a8", S(tile_m=128, unpack="ptx", int_sums="magic")),
                ("w4a8", S(tile_m=128, unpack="ptx", int_sums="magic", halves="apart"))]
