@@ -103,6 +103,26 @@ def _w4_variants(sweeps) -> list[str]:
   return out if len(out) > 2 else []
 
 
+def _auto_check(rows, sweeps) -> list[str]:
+  """Per (M, K, N, kernel): the best correct Mosaic GPU candidate of the sweep against the
+  row the default dispatch gave in the same run (``lowbit_<kernel>_auto_nk``), their ratio."""
+  best = {}
+  for s in sweeps:
+    if not s["block_sizes"].startswith("Hopper") or not s.get("correct", True):
+      continue
+    key = (s["m"], s["k"], s["n"], s["kernel"])
+    if key not in best or s["us"] < best[key]["us"]:
+      best[key] = s
+  out = ["| M | K | N | kernel | default dispatch us | best Mosaic GPU us | default / best | "
+         "tiles |", "|---|---|---|---|---|---|---|---|"]
+  for (m, k, n, kernel), s in sorted(best.items()):
+    r = [r for r in rows if (r["m"], r["k"], r["n"], r["impl"]) == (m, k, n, f"lowbit_{kernel}_auto_nk")]
+    if r:
+      out.append(f"| {m} | {k} | {n} | {kernel} | {r[0]['us']:.1f} | {s['us']:.1f} | "
+                 f"{r[0]['us'] / s['us']:.2f} | `{s['block_sizes']}` |")
+  return out if len(out) > 2 else []
+
+
 def render(paths: list[str]) -> str:
   """Targets for every run; all rows and the sweep's best only for the newest run."""
   out = []
@@ -148,6 +168,12 @@ def render(paths: list[str]) -> str:
       for key, s in sorted(best.items()):
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {s['us']:.1f} | "
                    f"{s['speedup_vs_bf16']:.2f} | `{s['block_sizes']}` |")
+      auto = _auto_check(rows, d["sweeps"])
+      if auto:
+        out.append("\nThe sweep's best Mosaic GPU tiles against what the dispatch takes today "
+                   "(the `*_auto_nk` row, same run; > 1: `_mosaic_gpu.AUTO` should take "
+                   "the tiles at this M):\n")
+        out += auto
       variants = _w4_variants(d["sweeps"])
       if variants:
         out.append("\nMosaic GPU int4 variants, the best candidate with each value against "

@@ -882,3 +882,25 @@ def test_hopper_w4_split_variant_table_of_the_report():
   assert "| 38.0 | 50.0 | 0.76 |" in rows["tile_m='64'"]
   assert "| 50.0 | 38.0 | 1.32 |" in rows["tile_m='128'"]
   assert "| 40.0 | 38.0 | 1.05 |" in rows["max_concurrent_steps='3'"]
+
+
+def test_report_sets_the_sweeps_best_mosaic_tiles_against_the_default_dispatch():
+  """kernels_report's AUTO check: per point the best correct Mosaic GPU candidate (Triton
+  tiles and wrong outputs left out) against the ``*_auto_nk`` row of the same run."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parents[2] / "experiments" / "kernels_report.py"
+  spec = importlib.util.spec_from_file_location("kernels_report", path)
+  kr = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(kr)
+  T = K.HopperW4Tiles
+  pt = dict(m=4096, k=8192, n=8192, kernel="w4a16")
+  sweeps = [dict(pt, block_sizes=repr(T(tile_m=128)), us=600.0),
+            dict(pt, block_sizes=repr(T(tile_m=64)), us=500.0, correct=False),
+            dict(pt, block_sizes="BlockSizes(bm=128)", us=100.0),
+            dict(pt, m=1, block_sizes=repr(T()), us=20.0)]  # no auto row at M = 1: no line
+  rows = [dict(m=4096, k=8192, n=8192, impl="lowbit_w4a16_auto_nk", us=1500.0)]
+  table = kr._auto_check(rows, sweeps)
+  assert len(table) == 3 and "| 4096 | 8192 | 8192 | w4a16 | 1500.0 | 600.0 | 2.50 |" in table[2]
+  assert "tile_m=128" in table[2]
+  assert kr._auto_check([], sweeps) == []
