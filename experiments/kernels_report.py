@@ -103,16 +103,23 @@ def _w4_variants(sweeps) -> list[str]:
   return out if len(out) > 2 else []
 
 
-def _auto_check(rows, sweeps) -> list[str]:
-  """Per (M, K, N, kernel): the best correct Mosaic GPU candidate of the sweep against the
-  row the default dispatch gave in the same run (``lowbit_<kernel>_auto_nk``), their ratio."""
+def _best(sweeps, prefix: str = "") -> dict:
+  """``{(M, K, N, kernel): the fastest correct candidate}`` among those whose tiles' repr
+  starts with ``prefix``."""
   best = {}
   for s in sweeps:
-    if not s["block_sizes"].startswith("Hopper") or not s.get("correct", True):
+    if not s["block_sizes"].startswith(prefix) or not s.get("correct", True):
       continue
     key = (s["m"], s["k"], s["n"], s["kernel"])
     if key not in best or s["us"] < best[key]["us"]:
       best[key] = s
+  return best
+
+
+def _auto_check(rows, sweeps) -> list[str]:
+  """Per (M, K, N, kernel): the best correct Mosaic GPU candidate of the sweep against the
+  row the default dispatch gave in the same run (``lowbit_<kernel>_auto_nk``), their ratio."""
+  best = _best(sweeps, "Hopper")
   out = ["| M | K | N | kernel | default dispatch us | best Mosaic GPU us | default / best | "
          "tiles |", "|---|---|---|---|---|---|---|---|"]
   for (m, k, n, kernel), s in sorted(best.items()):
@@ -155,11 +162,7 @@ def render(paths: list[str]) -> str:
                  f"{r['speedup_vs_bf16']:.2f} | {r.get('bound', 0):.2f} | {r['GBps']:.0f} | "
                  f"{r['TOPs']:.0f} | {err} |")
     if d.get("sweeps"):
-      best = {}
-      for s in d["sweeps"]:
-        key = (s["m"], s["k"], s["n"], s["kernel"])
-        if s.get("correct", True) and (key not in best or s["us"] < best[key]["us"]):
-          best[key] = s
+      best = _best(d["sweeps"])
       n_bad = sum(not s.get("correct", True) for s in d["sweeps"])
       out.append(f"\nBest correct BlockSizes of the sweep ({len(d['sweeps'])} candidates timed, "
                  f"{n_bad} with a wrong output):\n")

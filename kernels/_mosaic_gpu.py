@@ -660,16 +660,12 @@ def store_transposed(z: jax.Array, ref, m: int, scale=None) -> None:
       memref.store(value, out, [col, row])
       scf.yield_([])
 
-  if scale is None:
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
-    def store(_, fa, out):
-      fa.foreach(functools.partial(body, out, None))
-    store(z, ref)
-  else:
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType(), plgpu.RefType()))
-    def store_scaled(_, fa, out, sc):
-      fa.foreach(functools.partial(body, out, sc))
-    store_scaled(z, ref, scale)
+  refs = (ref,) if scale is None else (ref, scale)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, *[plgpu.RefType()] * len(refs)))
+  def store(_, fa, out, sc=None):
+    fa.foreach(functools.partial(body, out, sc))
+  store(z, *refs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -941,6 +937,19 @@ class W4Plan:
     return (self.wgs if self.k_in_step else 1) * self.per_wait
 
   @property
+  def tiles_out(self) -> int:
+    """f32 ``[tile_n, tile_m]`` output tiles in shared memory that TMA writes out: one per
+    warpgroup, none with ``epilogue="kernel"`` (the kernel stores from registers)."""
+    return 0 if self.final else self.wgs
+
+  @property
+  def out_sets(self) -> int:
+    """f32 ``[tile_n, tile_m]`` tiles of the kernel's one output allocation:
+    :attr:`tiles_out`, then with ``wg_split="k"`` two sets of the warpgroups' partial sums
+    (work items alternate between them)."""
+    return self.tiles_out + (2 * self.wgs if self.ksplit else 0)
+
+  @property
   def slab_sets(self) -> int:
     """Scale slabs in shared memory: one per warpgroup, or one shared with
     ``wg_split="k"`` (the warpgroups read the same rows)."""
@@ -958,11 +967,9 @@ class W4Plan:
       step += 2 * self.cta_n * self.scale_bytes  # one scale row per half
     step *= self.substeps
     slabs = 2 * self.slab_sets * self.tile_n * self.slab * self.scale_bytes
-    partials = 2 * self.wgs * self.tile_n * self.tile_m * 4 if self.ksplit else 0
-    # the f32 tiles TMA writes out (none when the kernel stores the final output itself)
-    tiles_out = 0 if self.final else self.wgs * self.tile_n * self.tile_m * 4
+    outs = self.out_sets * self.tile_n * self.tile_m * 4
     barriers = 1024  # the pipeline's and the kernel's mbarriers, alignment (64 B measured)
-    return self.stages * step + slabs + partials + tiles_out + barriers
+    return self.stages * step + slabs + outs + barriers
 
 
 def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
@@ -1212,15 +1219,11 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
     ignore = lambda *_, **__: None  # noqa: E731 (allocation sizes do not depend on the body)
 
-    # Per warpgroup its f32 output tile for TMA (none with epilogue="kernel": the kernel
-    # stores the output from registers); wg_split="k": then two sets of the warpgroups'
-    # partial sums (work items alternate between them). One allocation: the GPU
+    # W4Plan.out_sets: output tiles, then the partial sums. One allocation: the GPU
     # interpreter has deadlocked here with the partials in an allocation of their own.
-    tiles_out = 0 if p.final else p.wgs
-    out_sets = tiles_out + (2 * p.wgs if p.ksplit else 0)
     extra_allocs = {}
-    if out_sets:
-      extra_allocs["out_smem"] = plgpu.SMEM((out_sets, tn, tm), jnp.float32,
+    if p.out_sets:
+      extra_allocs["out_smem"] = plgpu.SMEM((p.out_sets, tn, tm), jnp.float32,
                                             transforms=() if interpret else _tiled(tm, 32))
     if p.slab:  # each half's [tn, W] scales and their barrier: per compute warpgroup, or
       # one set the warpgroups share when they split K over the same rows (wg_split="k")
@@ -1402,7 +1405,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             rows_m, bound = (slice(None), m) if mt == 1 else (pl.ds(mi * tm, tm), tm)
             ts = None if ts_gmem is None else ts_gmem.at[rows_m]
             if interpret:
-              zs = z if ts is None else z * ts[...][:tm][None, :]
+              zs = z if ts is None else z * ts[...][None, :]
               out_gmem[rows_m, rows_n] = zs.astype(out_dtype).T[:bound]
             elif ts is None:
               store_transposed(z.astype(out_dtype), out_gmem.at[rows_m, rows_n], bound)
@@ -1421,7 +1424,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             emit(y, ni * cta_n + wg * tn)
             return
           # a warpgroup may run a work item ahead: alternate the two sets of partials
-          first = tiles_out + (local % 2) * p.wgs
+          first = p.tiles_out + (local % 2) * p.wgs
           out_smem[first + wg] = y
           plgpu.barrier_arrive(part_bar)
           plgpu.barrier_wait(part_bar)
