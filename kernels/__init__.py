@@ -21,12 +21,13 @@ the XLA path), with an ``implementation=`` override.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from lowbit.kernels import _pallas, w4a8, w4a16, w8a8
+from lowbit.kernels import _mosaic_gpu, _pallas, w4a8, w4a16, w8a8
 from lowbit.kernels._mosaic_gpu import HopperTiles, HopperW4Tiles
 from lowbit.kernels._pallas import BlockSizes, default_block_sizes, dequant_dot, platform
 from lowbit.kernels.w4a8 import w4a8_matmul
@@ -70,7 +71,9 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
   ``[..., N]`` in ``out_dtype`` (default ``x.dtype``).
 
   ``implementation``: ``None`` uses the Pallas kernel on GPU/TPU when one
-  handles the pairing and the XLA path otherwise (and always on CPU);
+  handles the pairing and the XLA path otherwise (and always on CPU; on a GPU
+  whose jax has no Pallas Triton backend, also where no Mosaic GPU kernel takes the
+  call, with a ``RuntimeWarning``);
   ``"pallas"`` forces the kernel (interpreted on CPU) and raises a
   ``ValueError`` when none applies; ``"xla"`` the XLA path (same numbers as the
   kernel: int32 sums, group scales on f32 partial sums); ``"dequant"`` one
@@ -103,6 +106,16 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
   impl = implementation
   if impl is None:
     impl = "pallas" if (name is not None and platform() in ("gpu", "tpu")) else "xla"
+    if (impl == "pallas" and platform() == "gpu" and block_sizes is None
+        and _mosaic_gpu.default_tiles(name, x2 if name == "w4a16" else xq, w, weight_layout,
+                                      jnp.float32) is None
+        and not _pallas.has_triton()):
+      warnings.warn(
+          f"qmatmul: this jax ({jax.__version__}) has no Pallas Triton backend, which the "
+          f"{name.upper()} kernel needs on this GPU for this shape; running the XLA path (the "
+          "kernels' numbers: integer sums, group scales on f32 partial sums), slower. Pass "
+          "implementation='xla' to silence this.", RuntimeWarning, stacklevel=2)
+      impl = "xla"
   if impl not in ("pallas", "xla", "dequant", "reference"):
     raise ValueError(f"qmatmul: implementation={impl!r}; use 'pallas', 'xla', 'dequant', "
                      "'reference' or None.")

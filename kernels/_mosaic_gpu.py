@@ -1658,6 +1658,18 @@ AUTO: dict[str, list[tuple]] = {
 }
 
 
+def default_tiles(kernel: str, x, w, weight_layout: str, out_dtype=jnp.bfloat16):
+  """The Mosaic GPU tiles a wrapper called with neither ``backend`` nor ``block_sizes``
+  takes for tokens ``x [M, K]`` (an array, or the int8 ``QArray`` of W8A8 / W4A8) and the
+  logical ``[K, N]`` weight ``w`` (:func:`auto_tiles`), or ``None``: the Triton kernel.
+  W4A16 takes them for bf16 tokens only (the kernel multiplies in bf16)."""
+  if kernel == "w4a16" and jnp.result_type(x) != jnp.bfloat16:
+    return None
+  group = None if kernel == "w8a8" else w.group_size
+  m = x.shape[0] if hasattr(x, "shape") else jnp.shape(x)[0]
+  return auto_tiles(kernel, m, *w.shape, group, weight_layout, out_dtype)
+
+
 def auto_tiles(kernel: str, m: int, k: int, n: int, group: int | None,
                weight_layout: str, out_dtype=jnp.bfloat16):
   """The tiles of the Mosaic GPU kernel that :data:`AUTO` names for this problem on this

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 Backend = Literal["gpu", "tpu", "interpret"]
 
@@ -134,6 +133,33 @@ def _pow2_at_least(v: int) -> int:
   return p
 
 
+def triton():
+  """jax's Pallas Triton module (``jax.experimental.pallas.triton``), imported on first use.
+
+  The Triton kernels (GPU, and their interpreted runs) need it; jax 0.12 deprecates the
+  backend, so lowbit imports it only when one runs, and ``import lowbit`` works on a jax
+  without it. Raises an ``ImportError`` that names the paths still open.
+  """
+  try:
+    from jax.experimental.pallas import triton as pltriton
+  except ImportError as e:
+    raise ImportError(
+        f"lowbit's Triton kernels need jax.experimental.pallas.triton, which jax "
+        f"{jax.__version__} does not have (jax 0.12 deprecated Pallas' Triton backend). Use "
+        "implementation='xla' (the kernels' numbers) or 'dequant', or on a Hopper GPU the "
+        "Mosaic GPU kernels (block_sizes=HopperTiles / HopperW4Tiles).") from e
+  return pltriton
+
+
+def has_triton() -> bool:
+  """Whether this jax has Pallas' Triton backend (:func:`triton` imports)."""
+  try:
+    triton()
+  except ImportError:
+    return False
+  return True
+
+
 def platform() -> str:
   """The default JAX backend's platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``."""
   return jax.default_backend()
@@ -149,7 +175,7 @@ def float_dot_dtype(dtype) -> jnp.dtype:
 
 def compiler_params(backend: Backend, bs: BlockSizes, n_grid: int):
   if backend == "gpu":
-    return pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+    return triton().CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
   if backend == "tpu":
     from jax.experimental.pallas import tpu as pltpu
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_grid)
@@ -245,7 +271,7 @@ def unpack_tile_fast(p: jax.Array, dtype: jnp.dtype, backend: Backend) -> tuple[
   values from jnp.
   """
   def asm(code, constraints, out_dtype):
-    [y] = pltriton.elementwise_inline_asm(
+    [y] = triton().elementwise_inline_asm(
         code, args=[p], constraints=constraints, pack=4,
         result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, out_dtype)])
     return y
@@ -296,7 +322,7 @@ def matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, k: int, bk: int,
   def load_x(x0):
     if not masked:
       return x_ref[:, pl.ds(x0, bk)]
-    return pltriton.load(x_ref.at[:, pl.ds(x0, bk)], mask=jnp.broadcast_to(row_ok, (bm, bk)),
+    return triton().load(x_ref.at[:, pl.ds(x0, bk)], mask=jnp.broadcast_to(row_ok, (bm, bk)),
                          other=0)
 
   def load_w(r0):
@@ -351,7 +377,7 @@ def matmul_body(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, m: int, k: int, bk: int,
     mask = jnp.broadcast_to(row_ok, (bm, bn))
     if split:
       out, mask = out[None], mask[None]
-    pltriton.store(o_ref, out, mask=mask)
+    triton().store(o_ref, out, mask=mask)
   elif split:
     o_ref[0] = out
   else:

@@ -44,10 +44,9 @@ def w4a16_matmul(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
     ``[M, N]`` in ``out_dtype``.
   """
   w = _pallas.logical_weight(w, weight_layout, "w4a16_matmul")
-  if backend is None and block_sizes is None and jnp.result_type(x) == jnp.bfloat16:
+  if backend is None and block_sizes is None:
     # Hopper: the Mosaic GPU kernel where it wins (it multiplies bf16 tokens only)
-    block_sizes = _mosaic_gpu.auto_tiles("w4a16", jnp.shape(x)[0], *w.shape, w.group_size,
-                                         weight_layout)
+    block_sizes = _mosaic_gpu.default_tiles("w4a16", x, w, weight_layout)
   backend = _mosaic_gpu.select_backend("w4a16_matmul", backend, block_sizes, HopperW4Tiles)
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):

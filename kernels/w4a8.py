@@ -41,8 +41,7 @@ def w4a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
   """
   w = _pallas.logical_weight(w, weight_layout, "w4a8_matmul")
   if backend is None and block_sizes is None:  # Hopper: the Mosaic GPU kernel where it wins
-    block_sizes = _mosaic_gpu.auto_tiles("w4a8", x.shape[0], *w.shape, w.group_size,
-                                         weight_layout)
+    block_sizes = _mosaic_gpu.default_tiles("w4a8", x, w, weight_layout)
   backend = _mosaic_gpu.select_backend("w4a8_matmul", backend, block_sizes, HopperW4Tiles)
   xq, xs = _pallas.act_operands(x, "w4a8_matmul")
   wq, ws, group = _pallas.weight_operands(w, "w4a8_matmul", packed=True)

@@ -50,8 +50,7 @@ def w8a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
   """
   w = _pallas.logical_weight(w, weight_layout, "w8a8_matmul")
   if backend is None and block_sizes is None:  # large M on Hopper: the Mosaic GPU kernel
-    block_sizes = _mosaic_gpu.auto_tiles("w8a8", x.shape[0], *w.shape, None, weight_layout,
-                                         out_dtype)
+    block_sizes = _mosaic_gpu.default_tiles("w8a8", x, w, weight_layout, out_dtype)
   backend = _mosaic_gpu.select_backend("w8a8_matmul", backend, block_sizes, HopperTiles)
   xq, xs = _pallas.act_operands(x, "w8a8_matmul")
   wq, ws, group = _pallas.weight_operands(w, "w8a8_matmul", packed=False)

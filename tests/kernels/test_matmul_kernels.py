@@ -221,6 +221,78 @@ def test_dispatch_picks_kernels_and_matches_reference():
         K.qmatmul(x, wq, act_spec=aspec, implementation="pallas")
 
 
+def _without_pallas_triton(monkeypatch):
+  """Make this process's jax look like one without Pallas' Triton backend (jax 0.12
+  deprecates it): importing ``jax.experimental.pallas.triton`` raises."""
+  import sys
+
+  import jax.experimental.pallas as pallas
+  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+  monkeypatch.delattr(pallas, "triton", raising=False)
+
+
+def test_lowbit_imports_without_pallas_triton():
+  """``import lowbit`` (kernels, layers) must not need the Triton backend: a fresh
+  interpreter whose jax has none imports everything and runs a converted layer on CPU."""
+  import subprocess
+  import sys
+  code = (
+      "import sys; sys.modules['jax.experimental.pallas.triton'] = None\n"
+      "import jax, jax.numpy as jnp, lowbit, lowbit.nn, lowbit.kernels as K\n"
+      "from lowbit.kernels import _pallas\n"
+      "from lowbit.quant import QuantSpec, quantize\n"
+      "assert not _pallas.has_triton()\n"
+      "w = quantize(jax.random.normal(jax.random.key(0), (256, 64)),"
+      " QuantSpec(bits=4, channel_axes=(1,), group_size=64, pack=True))\n"
+      "print(K.qmatmul(jnp.ones((2, 256)), w).shape)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "(2, 64)"
+
+
+def test_without_pallas_triton_the_gpu_dispatch_takes_the_xla_path(monkeypatch):
+  """On a GPU whose jax has no Triton backend, ``qmatmul``'s default dispatch runs the XLA
+  path (the kernels' numbers) with a warning where no Mosaic GPU kernel takes the call; a
+  Triton kernel asked for by name raises an ImportError that names the ways out."""
+  from lowbit.kernels import _pallas
+  k1, k2 = jax.random.split(fresh_key())
+  x = jax.random.normal(k1, (3, 256), jnp.float32)
+  wq = quantize(jax.random.normal(k2, (256, 128)),
+                QuantSpec(bits=4, channel_axes=(1,), group_size=64, pack=True))
+  a8 = QuantSpec(bits=8, channel_axes=(0,))
+  want = {aspec: K.qmatmul(x, wq, act_spec=aspec, implementation="xla") for aspec in (None, a8)}
+  _without_pallas_triton(monkeypatch)
+  assert not _pallas.has_triton()
+  with pytest.raises(ImportError, match="implementation='xla'"):
+    _pallas.triton()
+  monkeypatch.setattr(K, "platform", lambda: "gpu")  # the dispatch's view of the platform
+  for aspec in (None, a8):
+    with pytest.warns(RuntimeWarning, match="no Pallas Triton backend"):
+      y = K.qmatmul(x, wq, act_spec=aspec)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want[aspec]))
+  with pytest.raises(ImportError, match="pallas.triton"):  # Triton's compiler parameters
+    jax.jit(lambda a: K.w4a16_matmul(a, wq, backend="gpu")).trace(x).lower(
+        lowering_platforms=("cuda",))
+  # where a Mosaic GPU kernel takes the call (Hopper, K-major weight, bf16 decode), it runs
+  import warnings
+
+  from lowbit.kernels import _mosaic_gpu
+  calls = []
+
+  def spy(xt, wt, ws, group, *, tiles, **kw):
+    calls.append(tiles)
+    return jnp.zeros((xt.shape[0], 256), jnp.bfloat16)
+  monkeypatch.setattr(_mosaic_gpu, "w4_matmul", spy)
+  monkeypatch.setattr(_mosaic_gpu, "is_hopper", lambda: True)
+  w2 = quantize(jax.random.normal(k2, (768, 256)),
+                QuantSpec(bits=4, channel_axes=(1,), group_size=64, pack=True))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    K.qmatmul(jnp.ones((7, 768), jnp.bfloat16), w2.transpose(), weight_layout="nk")
+  assert calls == [_mosaic_gpu.AUTO["w4a16"][0][3]]
+
+
 def test_dequant_path_rounds_the_weight_to_the_activation_dtype():
   """``implementation="dequant"``: bf16 activations see the weight rounded to bf16."""
   k1, k2 = jax.random.split(fresh_key())
