@@ -37,6 +37,14 @@ def timed(f, reps):
   return statistics.median(ts)
 
 
+def policy_of(name: str) -> lowbit.PrecisionPolicy:
+  """A ready-made policy by name (``lowbit.policy.READY_MADE``), or ``w4a8-g<G>``: W4A8
+  with weight groups of G (the ready-made ``w4a8`` is per-channel)."""
+  if name.startswith("w4a8-g"):
+    return lowbit.policy.w4a8(int(name.removeprefix("w4a8-g")))
+  return lowbit.policy.READY_MADE[name]()
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--d", type=int, default=512)
@@ -45,7 +53,8 @@ def main(argv=None):
   ap.add_argument("--seq", type=int, default=128)
   ap.add_argument("--reps", type=int, default=15)
   ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best median kept")
-  ap.add_argument("--policies", nargs="*", default=["w8a8", "w4a8", "w8a16", "w4a16"])
+  ap.add_argument("--policies", nargs="*", default=["w8a8", "w4a8", "w4a8-g128", "w8a16", "w4a16"],
+                  help="ready-made policy names, or w4a8-g<G> (W4A8 with groups of G)")
   ap.add_argument("--weight-layouts", nargs="*", default=["kn"], choices=["kn", "nk"])
   ap.add_argument("--bf16", action="store_true", help="activations and float weights in bf16")
   ap.add_argument("--out", help="write the rows here as JSON")
@@ -60,7 +69,7 @@ def main(argv=None):
   for name in args.policies:
     for layout in args.weight_layouts:
       key = name if layout == "kn" else f"{name}-nk"
-      models[key] = lowbit.convert(model, lowbit.policy.READY_MADE[name](), weight_layout=layout)
+      models[key] = lowbit.convert(model, policy_of(name), weight_layout=layout)
   # One jax.jit per model over its state, split once: nnx.jit would walk the module's
   # graph on the host at every call (milliseconds for a large model), which the device
   # time of a decode step does not include.
@@ -76,9 +85,9 @@ def main(argv=None):
   meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, d_model=args.d,
               layers=args.layers, tokens=args.batch * args.seq, bf16=args.bf16)
   print(json.dumps(meta))
-  print(f"{'model':9s} {'ms':>8s} {'vs float':>9s}")
+  print(f"{'model':10s} {'ms':>8s} {'vs float':>9s}")
   for name, t in best.items():
-    print(f"{name:9s} {t * 1e3:8.2f} {t / best['float']:8.2f}x")
+    print(f"{name:10s} {t * 1e3:8.2f} {t / best['float']:8.2f}x")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(dict(meta=meta, rows=[dict(model=k, ms=t * 1e3, vs_float=t / best["float"])

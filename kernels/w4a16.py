@@ -95,6 +95,9 @@ def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | 
   ws = ws.astype(jnp.float32)
   # f32 operands: full f32 products (GPUs default to TF32 otherwise).
   prec = lax.Precision.HIGHEST if jnp.dtype(dot_dtype) == jnp.float32 else None
+  if group is not None and _pallas.platform() == "cpu":
+    return _group_scan(x.astype(dot_dtype), jnp.concatenate([lo, hi], axis=0), ws, group,
+                       acc_dtype, prec)
   if group is None:
     acc = sum(lax.dot(a, b, precision=prec, preferred_element_type=acc_dtype)
               for a, b in zip(xs, (lo, hi), strict=False))
@@ -113,6 +116,29 @@ def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | 
     out = out + jnp.einsum("mgn,gn->mn", part.astype(jnp.float32), ws[half * g:(half + 1) * g],
                            precision=lax.Precision.HIGHEST)
   return out
+
+
+def _group_scan(x: jax.Array, q: jax.Array, ws: jax.Array, group: int, acc_dtype,
+                precision) -> jax.Array:
+  """``sum_g s[g] * (x_g @ q_g)`` as a loop over the groups, one 2-D dot each: ``[M, N]`` f32.
+
+  ``x [M, K]``, ``q [K, N]`` (both in the dot's dtype), ``ws [K/G, N]`` f32. XLA:CPU runs a
+  batched integer dot (``"mgk,gkn->mgn"``) on a slow generic loop: W4A8 with groups of 128
+  at M = 256, K = N = 4096 took 578 ms that way and 20 ms as this loop, against 12 ms for
+  one int8 dot without groups (2 cores, jax 0.10.2).
+  """
+  (m, k), n = x.shape, q.shape[1]
+  g = k // group
+  xg = x.reshape(m, g, group).transpose(1, 0, 2)  # [G, M, group]
+
+  def step(acc, operands):
+    xt, qt, st = operands
+    part = lax.dot(xt, qt, precision=precision, preferred_element_type=acc_dtype)
+    return acc + part.astype(jnp.float32) * st, None
+
+  acc, _ = lax.scan(step, jnp.zeros((m, n), jnp.float32),
+                    (xg, q.reshape(g, group, n), ws[:, None, :]))
+  return acc
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))

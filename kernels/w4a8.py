@@ -66,8 +66,10 @@ def w4a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
 def xla(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
   """The XLA path: unpack int4 to int8, int8 x int8 -> int32 dots, scales in f32.
 
-  (Qwix and AQT lower W4A8 to an int32 x int32 dot, 2.7-3.2x slower than
-  float on CPU; the int8 dot is what makes W4A8 pay there.)
+  ``out[m, n] = sx[m] * sum_g s[g, n] * sum_{k in g} x[m, k] * q[k, n]``; grouped weights
+  take one int32 dot per group (on CPU a loop of 2-D dots, which XLA:CPU runs far faster
+  than one batched integer dot). (Qwix and AQT lower W4A8 to an int32 x int32 dot,
+  2.7-3.2x slower than float on CPU; the int8 dot is what makes W4A8 pay there.)
   """
   xq, xs = _pallas.act_operands(x, "w4a8.xla")
   wq, ws, group = _pallas.weight_operands(w, "w4a8.xla", packed=True)

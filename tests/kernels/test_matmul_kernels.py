@@ -221,6 +221,23 @@ def test_dispatch_picks_kernels_and_matches_reference():
         K.qmatmul(x, wq, act_spec=aspec, implementation="pallas")
 
 
+def test_grouped_w4a8_xla_path_runs_2d_int8_dots_on_cpu():
+  """XLA:CPU runs a batched integer dot on a slow generic loop: the grouped W4A8 path took
+  578 ms that way at M = 256, K = N = 4096 (g128), 20 ms as a loop of one 2-D int8 dot per
+  group, and the converted transformer's W4A8 g128 forward went from 9.1x to 0.75x of float
+  (experiments/bench_forward.py). So on CPU the compiled path has integer dots without batch
+  dimensions; the numbers are checked against float64 above (g64, and g256 straddling the
+  packed halves)."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the CPU layout of the XLA path")
+  xa, wq = make(16, 512, 128, wbits=4, group=64)
+  hlo = jax.jit(lambda a, b: K.w4a8.xla(a, b)).lower(xa, wq).compile().as_text()
+  dots = [ln for ln in hlo.splitlines() if " dot(" in ln]
+  assert dots, hlo
+  for ln in dots:
+    assert "batch_dims" not in ln and "= s32[" in ln, ln  # int8 operands, int32 sums
+
+
 def _without_pallas_triton(monkeypatch):
   """Make this process's jax look like one without Pallas' Triton backend (jax 0.12
   deprecates it): importing ``jax.experimental.pallas.triton`` raises."""

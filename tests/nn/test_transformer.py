@@ -114,10 +114,11 @@ def test_ready_made_policies_convert_exactly(cfg, name):
       assert dtypes <= {jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8)}
 
 
-@pytest.mark.parametrize("name", ["w8a8", "w4a16", "w4a8"])
+@pytest.mark.parametrize("name", ["w8a8", "w4a16", "w4a8", "w4a8-g128"])
 def test_converted_logits_same_through_pallas_and_xla(name):
   m = Transformer(LLAMA, rngs=nnx.Rngs(1))
-  cv = lowbit.convert(m, lowbit.policy.READY_MADE[name]())
+  policy = lowbit.policy.w4a8(128) if name == "w4a8-g128" else lowbit.policy.READY_MADE[name]()
+  cv = lowbit.convert(m, policy)
   tok = tokens(LLAMA, b=1, t=8)
   set_implementation(cv, "xla")
   y_xla = cv(tok)
