@@ -73,8 +73,8 @@ def xla(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16) -> jax.Arr
   """
   xq, xs = _pallas.act_operands(x, "w4a8.xla")
   wq, ws, group = _pallas.weight_operands(w, "w4a8.xla", packed=True)
-  out = grouped_halves_dot(xq, wq, ws, group, jnp.int8, jnp.int32)
-  return (out * xs).astype(out_dtype)
+  out = grouped_halves_dot(_pallas.widen_single_row(xq), wq, ws, group, jnp.int8, jnp.int32)
+  return (out[:xq.shape[0]] * xs).astype(out_dtype)
 
 
 def reference(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.float32) -> jax.Array:

@@ -93,7 +93,8 @@ def xla(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16) -> jax.Arr
   """The XLA path: one int8 x int8 -> int32 ``dot_general``, then both scales."""
   xq, xs = _pallas.act_operands(x, "w8a8.xla")
   wq, ws, group = _pallas.weight_operands(w, "w8a8.xla", packed=False)
-  acc = lax.dot(xq, wq, preferred_element_type=jnp.int32)
+  acc = lax.dot(_pallas.widen_single_row(xq), wq, preferred_element_type=jnp.int32)
+  acc = acc[:xq.shape[0]]
   return (acc.astype(jnp.float32) * xs * ws.astype(jnp.float32)).astype(out_dtype)
 
 

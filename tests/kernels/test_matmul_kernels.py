@@ -238,6 +238,24 @@ def test_grouped_w4a8_xla_path_runs_2d_int8_dots_on_cpu():
     assert "batch_dims" not in ln and "= s32[" in ln, ln  # int8 operands, int32 sums
 
 
+@pytest.mark.parametrize("name,wbits,group", [("w8a8", 8, None), ("w4a8", 4, None),
+                                              ("w4a8", 4, 64)])
+def test_one_token_integer_dots_take_two_rows_on_cpu(name, wbits, group):
+  """XLA:CPU runs a one-row integer dot on a slow path (int8 [1, 4096] x [4096, 4096]: 30 ms,
+  two rows 6 ms; W8A8 / W4A8 XLA paths at M = 1 from 29-30 ms to 6-7 ms), so the CPU path
+  pads one token to two rows and keeps the first: same sums (checked against float64 at
+  M = 1 above), and every compiled integer dot has two rows."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the CPU layout of the XLA path")
+  xa, wq = make(1, 512, 128, wbits=wbits, group=group)
+  mod = getattr(K, name)
+  out = mod.xla(xa, wq, out_dtype=jnp.float32)
+  assert out.shape == (1, 128) and rel(out, oracle(xa, wq)) < 1e-5
+  hlo = jax.jit(lambda a, b: mod.xla(a, b)).lower(xa, wq).compile().as_text()
+  dots = [ln for ln in hlo.splitlines() if " dot(" in ln]
+  assert dots and all("= s32[2," in ln for ln in dots), dots
+
+
 def _without_pallas_triton(monkeypatch):
   """Make this process's jax look like one without Pallas' Triton backend (jax 0.12
   deprecates it): importing ``jax.experimental.pallas.triton`` raises."""
