@@ -147,7 +147,8 @@ def xla(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None) -> jax.A
   wq, ws, group = _pallas.weight_operands(w, "w4a16.xla", packed=True)
   if group is not None and _pallas.platform() == "cpu":
     # XLA:CPU runs one large dot far faster than K/G small batched ones: scale
-    # the codes per group first (exact in f32), then a single dot.
+    # the codes per group first (exact in f32 for bf16 / f16 scales; one f32 rounding,
+    # 2^-24 relative, for f32 scales), then a single dot.
     return _pallas.dequant_dot(x, w).astype(out_dtype or x.dtype)
   out = grouped_halves_dot(x, wq, ws, group, _pallas.float_dot_dtype(x.dtype), jnp.float32)
   return out.astype(out_dtype or x.dtype)
