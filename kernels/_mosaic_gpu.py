@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+
+if TYPE_CHECKING:
+  from lowbit.quant import QArray
 
 #: Shared memory per SM on Hopper that a kernel may use (227 KiB).
 SMEM_BYTES = 227 * 1024
@@ -1658,7 +1661,9 @@ AUTO: dict[str, list[tuple]] = {
 }
 
 
-def default_tiles(kernel: str, x, w, weight_layout: str, out_dtype=jnp.bfloat16):
+def default_tiles(kernel: str, x: jax.Array | QArray, w: QArray, weight_layout: str,
+                  out_dtype: jax.typing.DTypeLike = jnp.bfloat16
+                  ) -> HopperTiles | HopperW4Tiles | None:
   """The Mosaic GPU tiles a wrapper called with neither ``backend`` nor ``block_sizes``
   takes for tokens ``x [M, K]`` (an array, or the int8 ``QArray`` of W8A8 / W4A8) and the
   logical ``[K, N]`` weight ``w`` (:func:`auto_tiles`), or ``None``: the Triton kernel.

@@ -10,6 +10,7 @@ it with their dtypes and scales and hold the public wrapper and ``reference``.
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Literal
 
 import jax
@@ -133,7 +134,7 @@ def _pow2_at_least(v: int) -> int:
   return p
 
 
-def triton():
+def triton() -> types.ModuleType:
   """jax's Pallas Triton module (``jax.experimental.pallas.triton``), imported on first use.
 
   The Triton kernels (GPU, and their interpreted runs) need it; jax 0.12 deprecates the
