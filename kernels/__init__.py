@@ -107,9 +107,9 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
   if impl is None:
     impl = "pallas" if (name is not None and platform() in ("gpu", "tpu")) else "xla"
     if (impl == "pallas" and platform() == "gpu" and block_sizes is None
+        and not _pallas.has_triton()
         and _mosaic_gpu.default_tiles(name, x2 if name == "w4a16" else xq, w, weight_layout,
-                                      jnp.float32) is None
-        and not _pallas.has_triton()):
+                                      jnp.float32) is None):
       warnings.warn(
           f"qmatmul: this jax ({jax.__version__}) has no Pallas Triton backend, which the "
           f"{name.upper()} kernel needs on this GPU for this shape; running the XLA path (the "

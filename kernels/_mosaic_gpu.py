@@ -1671,8 +1671,7 @@ def default_tiles(kernel: str, x: jax.Array | QArray, w: QArray, weight_layout: 
   if kernel == "w4a16" and jnp.result_type(x) != jnp.bfloat16:
     return None
   group = None if kernel == "w8a8" else w.group_size
-  m = x.shape[0] if hasattr(x, "shape") else jnp.shape(x)[0]
-  return auto_tiles(kernel, m, *w.shape, group, weight_layout, out_dtype)
+  return auto_tiles(kernel, x.shape[0], *w.shape, group, weight_layout, out_dtype)
 
 
 def auto_tiles(kernel: str, m: int, k: int, n: int, group: int | None,

@@ -91,13 +91,13 @@ def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | 
   m, k = x.shape
   h = k // 2
   lo, hi = unpack_int4_halves(wq, dot_dtype)
-  xs = (x[:, :h].astype(dot_dtype), x[:, h:].astype(dot_dtype))
   ws = ws.astype(jnp.float32)
   # f32 operands: full f32 products (GPUs default to TF32 otherwise).
   prec = lax.Precision.HIGHEST if jnp.dtype(dot_dtype) == jnp.float32 else None
   if group is not None and _pallas.platform() == "cpu":
     return _group_scan(x.astype(dot_dtype), jnp.concatenate([lo, hi], axis=0), ws, group,
                        acc_dtype, prec)
+  xs = (x[:, :h].astype(dot_dtype), x[:, h:].astype(dot_dtype))
   if group is None:
     acc = sum(lax.dot(a, b, precision=prec, preferred_element_type=acc_dtype)
               for a, b in zip(xs, (lo, hi), strict=False))
