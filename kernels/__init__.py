@@ -92,7 +92,8 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
   ``weight_layout="nk"``: ``w`` is stored transposed, ``w.transpose()`` of the
   ``[K, N]`` weight (what ``lowbit.convert(..., weight_layout="nk")`` keeps); the
   Pallas kernels then read it K-major (Triton ``k_major`` tiles, the Mosaic GPU
-  kernels) with no transpose in the call, the other paths transpose it back.
+  kernels) with no transpose in the call, as do the XLA paths (on CPU too); ``"dequant"``
+  and ``"reference"`` transpose it back.
   """
   x = jnp.asarray(x)
   out_dtype = out_dtype or x.dtype
@@ -143,7 +144,8 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
            block_sizes=block_sizes, weight_layout=weight_layout)
   else:
     fn = {"w8a8": w8a8.xla, "w4a8": w4a8.xla, "w4a16": w4a16.xla}[name]
-    y = fn(x2 if name == "w4a16" else xq, w, out_dtype=jnp.float32)
+    y = fn(x2 if name == "w4a16" else xq, w_stored, out_dtype=jnp.float32,
+           weight_layout=weight_layout)
   return y.astype(out_dtype).reshape(*lead, w.shape[1])
 
 

@@ -87,6 +87,7 @@ def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | 
 
   ``x [M, K]``, ``wq [K/2, N]`` packed, ``ws [K/G or 1, N]``. The half-split
   layout means ``x @ q == x[:, :K/2] @ lo + x[:, K/2:] @ hi``: no interleave.
+  Groups take batched dots (XLA on GPU and TPU); on CPU see :func:`cpu_halves_dot`.
   """
   m, k = x.shape
   h = k // 2
@@ -94,9 +95,6 @@ def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | 
   ws = ws.astype(jnp.float32)
   # f32 operands: full f32 products (GPUs default to TF32 otherwise).
   prec = lax.Precision.HIGHEST if jnp.dtype(dot_dtype) == jnp.float32 else None
-  if group is not None and _pallas.platform() == "cpu":
-    return _group_scan(x.astype(dot_dtype), jnp.concatenate([lo, hi], axis=0), ws, group,
-                       acc_dtype, prec)
   xs = (x[:, :h].astype(dot_dtype), x[:, h:].astype(dot_dtype))
   if group is None:
     acc = sum(lax.dot(a, b, precision=prec, preferred_element_type=acc_dtype)
@@ -118,39 +116,106 @@ def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | 
   return out
 
 
-def _group_scan(x: jax.Array, q: jax.Array, ws: jax.Array, group: int, acc_dtype,
-                precision) -> jax.Array:
-  """``sum_g s[g] * (x_g @ q_g)`` as a loop over the groups, one 2-D dot each: ``[M, N]`` f32.
+# Rows of packed bytes a CPU loop step unpacks at most when the weight has no groups and M
+# is small (decode); from CPU_WHOLE_M tokens up one step takes the whole weight. See
+# cpu_halves_dot.
+CPU_CHUNK = 256
+CPU_WHOLE_M = 256
 
-  ``x [M, K]``, ``q [K, N]`` (both in the dot's dtype), ``ws [K/G, N]`` f32. XLA:CPU runs a
-  batched integer dot (``"mgk,gkn->mgn"``) on a slow generic loop: W4A8 with groups of 128
-  at M = 256, K = N = 4096 took 578 ms that way and 20 ms as this loop, against 12 ms for
-  one int8 dot without groups (2 cores, jax 0.10.2).
+
+def _cpu_chunk(h: int, m: int, group: int | None) -> int:
+  """Packed rows per step of :func:`cpu_halves_dot`: ``G`` with groups; else the largest
+  divisor of ``K/2`` up to :data:`CPU_CHUNK` that is a multiple of 32 (``K/2`` itself when
+  there is none, or from :data:`CPU_WHOLE_M` tokens)."""
+  if group is not None:
+    return group
+  if m >= CPU_WHOLE_M:
+    return h
+  return next((c for c in range(CPU_CHUNK, 0, -32) if h % c == 0), h)
+
+
+def cpu_takes_loop(k: int, group: int | None) -> bool:
+  """Whether :func:`cpu_halves_dot` takes a ``[K, N]`` weight with groups ``group``: a
+  group must not straddle the packed halves (``(K/2) % G == 0``)."""
+  return group is None or (k // 2) % group == 0
+
+
+def cpu_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
+                   k_major: bool, dot_dtype: jax.typing.DTypeLike,
+                   acc_dtype: jax.typing.DTypeLike) -> jax.Array:
+  """``sum_g s[g] * (x_g @ q_g)`` in f32, ``[M, N]``, as a loop over slices of packed rows:
+  the form XLA:CPU runs fast.
+
+  ``x [M, K]``; ``wq`` the packed bytes as stored, ``[K/2, N]``, or ``[N, K/2]`` when
+  ``k_major`` (``weight_layout="nk"``: the dots contract its minor axis, no transpose);
+  ``ws [K/G or 1, N]`` the scales of :func:`lowbit.kernels._pallas.weight_operands`.
+  Step ``i`` unpacks packed rows ``[i C, (i + 1) C)``, which hold ``k`` in that range (low
+  nibbles) and ``k + K/2`` (high), and adds ``(x_lo @ lo) s_lo + (x_hi @ hi) s_hi``:
+  ``C = G`` with groups (each step's two partial sums are whole groups, scaled in f32, the
+  kernels' arithmetic); without groups up to :data:`CPU_CHUNK` rows below
+  :data:`CPU_WHOLE_M` tokens and all ``K/2`` rows from there (:func:`_cpu_chunk`), the
+  sums accumulated in ``acc_dtype`` and scaled once. Needs :func:`cpu_takes_loop`.
+
+  Why (2 cores, jax 0.10.2, K = N = 4096): unpacking the whole weight first (W4A16: 4 bytes
+  a code, written, then read again by the dot) took 23-28 ms at M = 1 against 4-7 ms a
+  slice at a time, each slice staying in cache; XLA:CPU runs a batched integer dot (one per
+  group) on a slow generic loop (W4A8 g128 at M = 256: 578 ms, this loop 14-20 ms); a
+  K-major weight viewed as ``[K, N]`` cost a transposing copy per call (W4A16 g128 at
+  M = 1: 104 ms, this loop 8-10 ms).
   """
-  (m, k), n = x.shape, q.shape[1]
-  g = k // group
-  xg = x.reshape(m, g, group).transpose(1, 0, 2)  # [G, M, group]
+  m, k = x.shape
+  h = k // 2
+  if not cpu_takes_loop(k, group):
+    raise ValueError(f"cpu_halves_dot: group {group} straddles the packed halves (K = {k}).")
+  chunk = _cpu_chunk(h, m, group)
+  axis = 1 if k_major else 0
+  dims = (((1,), (axis,)), ((), ()))
+  prec = lax.Precision.HIGHEST if jnp.dtype(dot_dtype) == jnp.float32 else None
+  x = x.astype(dot_dtype)
+  ws = ws.astype(jnp.float32)
 
-  def step(acc, operands):
-    xt, qt, st = operands
-    part = lax.dot(xt, qt, precision=precision, preferred_element_type=acc_dtype)
-    return acc + part.astype(jnp.float32) * st, None
+  def halves(i):
+    lo, hi = unpack_int4_halves(lax.dynamic_slice_in_dim(wq, i * chunk, chunk, axis),
+                                dot_dtype)
+    return [lax.dot_general(lax.dynamic_slice_in_dim(x, start, chunk, 1), q, dims,
+                            precision=prec, preferred_element_type=acc_dtype)
+            for start, q in ((i * chunk, lo), (h + i * chunk, hi))]
 
-  acc, _ = lax.scan(step, jnp.zeros((m, n), jnp.float32),
-                    (xg, q.reshape(g, group, n), ws[:, None, :]))
-  return acc
+  n = ws.shape[1]
+  if group is not None:
+    def step(i, acc):
+      s_lo = lax.dynamic_slice_in_dim(ws, i, 1, 0)
+      s_hi = lax.dynamic_slice_in_dim(ws, i + h // group, 1, 0)
+      lo, hi = halves(i)
+      return acc + lo.astype(jnp.float32) * s_lo + hi.astype(jnp.float32) * s_hi
+    return lax.fori_loop(0, h // group, step, jnp.zeros((m, n), jnp.float32))
+  if chunk == h:
+    acc = sum(halves(0))
+  else:
+    acc = lax.fori_loop(0, h // chunk, lambda i, acc: acc + sum(halves(i)),
+                        jnp.zeros((m, n), acc_dtype))
+  return acc.astype(jnp.float32) * ws
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype",))
-def xla(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None) -> jax.Array:
-  """The XLA path: unpack the halves to ``x.dtype``, two dots, scales in f32."""
-  wq, ws, group = _pallas.weight_operands(w, "w4a16.xla", packed=True)
-  if group is not None and _pallas.platform() == "cpu":
-    # XLA:CPU runs one large dot far faster than K/G small batched ones: scale
-    # the codes per group first (exact in f32 for bf16 / f16 scales; one f32 rounding,
-    # 2^-24 relative, for f32 scales), then a single dot.
-    return _pallas.dequant_dot(x, w).astype(out_dtype or x.dtype)
-  out = grouped_halves_dot(x, wq, ws, group, _pallas.float_dot_dtype(x.dtype), jnp.float32)
+@functools.partial(jax.jit, static_argnames=("out_dtype", "weight_layout"))
+def xla(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
+        weight_layout: str = "kn") -> jax.Array:
+  """The XLA path: unpack the halves to ``x.dtype``, dots, group scales on f32 partial sums.
+
+  ``weight_layout`` as in :func:`w4a16_matmul`. On CPU a loop over slices of the packed
+  weight (:func:`cpu_halves_dot`), unpacked to f32; elsewhere the whole weight unpacked to
+  ``x.dtype``, two dots (batched over groups).
+  """
+  w_logical = _pallas.logical_weight(w, weight_layout, "w4a16.xla")
+  wq, ws, group = _pallas.weight_operands(w_logical, "w4a16.xla", packed=True)
+  dot_dtype = _pallas.float_dot_dtype(x.dtype)
+  if _pallas.platform() == "cpu":
+    if not cpu_takes_loop(x.shape[1], group):  # dequantize first (exact for bf16 scales)
+      return _pallas.dequant_dot(x, w_logical).astype(out_dtype or x.dtype)
+    out = cpu_halves_dot(x, w.qvalue, ws, group, k_major=weight_layout == "nk",
+                         dot_dtype=dot_dtype, acc_dtype=jnp.float32)
+  else:
+    out = grouped_halves_dot(x, wq, ws, group, dot_dtype, jnp.float32)
   return out.astype(out_dtype or x.dtype)
 
 

@@ -14,7 +14,7 @@ from jax import lax
 from lowbit.kernels import _mosaic_gpu, _pallas
 from lowbit.kernels._mosaic_gpu import HopperW4Tiles
 from lowbit.kernels._pallas import BlockSizes
-from lowbit.kernels.w4a16 import grouped_halves_dot
+from lowbit.kernels.w4a16 import cpu_halves_dot, cpu_takes_loop, grouped_halves_dot
 
 from lowbit.quant import QArray, dequantize
 
@@ -62,18 +62,27 @@ def w4a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
                             name="lowbit_w4a8")
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype",))
-def xla(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("out_dtype", "weight_layout"))
+def xla(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
+        weight_layout: str = "kn") -> jax.Array:
   """The XLA path: unpack int4 to int8, int8 x int8 -> int32 dots, scales in f32.
 
   ``out[m, n] = sx[m] * sum_g s[g, n] * sum_{k in g} x[m, k] * q[k, n]``; grouped weights
-  take one int32 dot per group (on CPU a loop of 2-D dots, which XLA:CPU runs far faster
-  than one batched integer dot). (Qwix and AQT lower W4A8 to an int32 x int32 dot,
-  2.7-3.2x slower than float on CPU; the int8 dot is what makes W4A8 pay there.)
+  take one int32 dot per group. ``weight_layout`` as in :func:`w4a8_matmul`. On CPU a loop
+  over slices of the packed weight (:func:`lowbit.kernels.w4a16.cpu_halves_dot`: 2-D int8
+  dots, which XLA:CPU runs far faster than one batched integer dot), one token padded to
+  two rows. (Qwix and AQT lower W4A8 to an int32 x int32 dot, 2.7-3.2x slower than float
+  on CPU; the int8 dot is what makes W4A8 pay there.)
   """
   xq, xs = _pallas.act_operands(x, "w4a8.xla")
-  wq, ws, group = _pallas.weight_operands(w, "w4a8.xla", packed=True)
-  out = grouped_halves_dot(_pallas.widen_single_row(xq), wq, ws, group, jnp.int8, jnp.int32)
+  wq, ws, group = _pallas.weight_operands(
+      _pallas.logical_weight(w, weight_layout, "w4a8.xla"), "w4a8.xla", packed=True)
+  xw = _pallas.widen_single_row(xq)
+  if _pallas.platform() == "cpu" and cpu_takes_loop(xq.shape[1], group):
+    out = cpu_halves_dot(xw, w.qvalue, ws, group, k_major=weight_layout == "nk",
+                         dot_dtype=jnp.int8, acc_dtype=jnp.int32)
+  else:
+    out = grouped_halves_dot(xw, wq, ws, group, jnp.int8, jnp.int32)
   return (out[:xq.shape[0]] * xs).astype(out_dtype)
 
 

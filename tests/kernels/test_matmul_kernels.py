@@ -5,6 +5,7 @@ run the same checks compiled on a GPU (the device script does).
 """
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -221,21 +222,70 @@ def test_dispatch_picks_kernels_and_matches_reference():
         K.qmatmul(x, wq, act_spec=aspec, implementation="pallas")
 
 
-def test_grouped_w4a8_xla_path_runs_2d_int8_dots_on_cpu():
-  """XLA:CPU runs a batched integer dot on a slow generic loop: the grouped W4A8 path took
-  578 ms that way at M = 256, K = N = 4096 (g128), 20 ms as a loop of one 2-D int8 dot per
-  group, and the converted transformer's W4A8 g128 forward went from 9.1x to 0.75x of float
-  (experiments/bench_forward.py). So on CPU the compiled path has integer dots without batch
-  dimensions; the numbers are checked against float64 above (g64, and g256 straddling the
-  packed halves)."""
+def _dots(hlo: str) -> list[tuple[str, str, str, str]]:
+  """``(line, result, lhs, rhs)`` element types of every dot in compiled HLO text."""
+  types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+  out = []
+  for line in hlo.splitlines():
+    found = re.search(r"= (\w+)\[\S* dot\(%([\w.\-]+), %([\w.\-]+)\)", line)
+    if found:
+      out.append((line, found[1], types.get(found[2]), types.get(found[3])))
+  return out
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+@pytest.mark.parametrize("name,wbits,group", [("w4a8", 4, 64), ("w4a8", 4, None),
+                                              ("w8a8", 8, None)])
+def test_cpu_xla_path_runs_2d_int8_dots(name, wbits, group, layout):
+  """XLA:CPU runs a batched integer dot on a slow generic loop (the grouped W4A8 path took
+  578 ms that way at M = 256, K = N = 4096, g128, 20 ms as a loop of 2-D int8 dots, and
+  the converted transformer's W4A8 g128 forward went from 9.1x to 0.75x of float), and it
+  widens an int8 dot whose operand is a transpose to int32 x int32 (the W8A8 path on a
+  K-major weight: 28 ms at M = 1, K = N = 4096, against 1.4 ms as a dot on the stored
+  axes). So on CPU every compiled dot is 2-D, int8 x int8 -> int32, whatever the layout;
+  the numbers are checked against float64 above (g64, and g256 straddling the halves)."""
   if jax.default_backend() != "cpu":
     pytest.skip("the CPU layout of the XLA path")
-  xa, wq = make(16, 512, 128, wbits=4, group=64)
-  hlo = jax.jit(lambda a, b: K.w4a8.xla(a, b)).lower(xa, wq).compile().as_text()
-  dots = [ln for ln in hlo.splitlines() if " dot(" in ln]
-  assert dots, hlo
-  for ln in dots:
-    assert "batch_dims" not in ln and "= s32[" in ln, ln  # int8 operands, int32 sums
+  xa, wq = make(16, 512, 128, wbits=wbits, group=group)
+  w = wq.transpose() if layout == "nk" else wq
+  mod = getattr(K, name)
+  out = mod.xla(xa, w, out_dtype=jnp.float32, weight_layout=layout)
+  assert rel(out, oracle(xa, wq)) < 1e-5
+  hlo = jax.jit(lambda a, b: mod.xla(a, b, weight_layout=layout)).lower(xa, w).compile()
+  dots = _dots(hlo.as_text())
+  assert dots, hlo.as_text()
+  for line, *types in dots:
+    assert "batch_dims" not in line and types == ["s32", "s8", "s8"], (types, line)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+@pytest.mark.parametrize("name,group", [("w4a16", None), ("w4a16", 64), ("w4a8", None),
+                                        ("w4a8", 64)])
+def test_cpu_int4_path_unpacks_one_slice_at_a_time(name, group, layout, m):
+  """On CPU the int4 XLA paths loop over slices of the packed weight as stored
+  (``w4a16.cpu_halves_dot``): unpacking the whole weight first wrote it at 4 bytes a code
+  (W4A16: 23-28 ms at M = 1, K = N = 4096, against 5-7 ms a slice at a time), and a K-major
+  weight viewed as ``[K, N]`` cost a transposing copy a call (104 ms, g128). So no compiled
+  array is as large as one unpacked half of the weight, a K-major weight is never copied
+  into ``[K/2, N]`` order, and the numbers match float64 (several steps: K/2 = 512 rows of
+  bytes in slices of 256 without groups, 64 with)."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the CPU layout of the XLA path")
+  k, n = 1024, 192
+  xa, wq = make(m, k, n, wbits=4, group=group, act=name == "w4a8")
+  w = wq.transpose() if layout == "nk" else wq
+  mod = getattr(K, name)
+  out = mod.xla(xa, w, out_dtype=jnp.float32, weight_layout=layout)
+  assert out.shape == (m, n) and rel(out, oracle(xa, wq)) < 1e-5
+  assert rel(out, mod.reference(xa, wq, out_dtype=jnp.float32)) < 1e-5
+  hlo = jax.jit(lambda a, b: mod.xla(a, b, weight_layout=layout)).lower(xa, w).compile().as_text()
+  half = (k // 2) * n
+  for dtype, shape in re.findall(r"\b(f32|bf16|s8|s32|u8)\[([\d,]+)\]", hlo):
+    size = int(np.prod([int(d) for d in shape.split(",")]))
+    assert dtype == "u8" or size < half, f"{dtype}[{shape}] in the compiled CPU path"
+  if layout == "nk":
+    assert f"u8[{k // 2},{n}]" not in hlo  # the stored [N, K/2] bytes, read as stored
 
 
 @pytest.mark.parametrize("name,wbits,group", [("w8a8", 8, None), ("w4a8", 4, None),
