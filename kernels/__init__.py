@@ -137,7 +137,7 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
     if impl == "reference":
       y = jnp.dot(xin.astype(jnp.float32), dequantize(w), precision=lax.Precision.HIGHEST)
     else:
-      y = dequant_dot(xin.astype(x.dtype), w)
+      y = dequant_dot(xin.astype(x.dtype), w_stored, weight_layout)
   elif impl == "pallas":  # the stored weight: the kernels read an "nk" one K-major
     fn = {"w8a8": w8a8.w8a8_matmul, "w4a8": w4a8.w4a8_matmul, "w4a16": w4a16.w4a16_matmul}[name]
     y = fn(x2 if name == "w4a16" else xq, w_stored, out_dtype=jnp.float32,

@@ -605,18 +605,81 @@ def act_operands(x, name: str):
   return x.qvalue, jnp.broadcast_to(x.scale.astype(jnp.float32), (m, 1))
 
 
-def dequant_dot(x: jax.Array, w) -> jax.Array:
+def dequant_dot(x: jax.Array, w, weight_layout: str = "kn") -> jax.Array:
   """The generic XLA path: ``x [M, K] @ dequantize(w) [K, N]``, f32 accumulation.
 
-  Symmetric per-channel weights multiply the codes and scale the product once;
-  anything else (groups, zero points) dequantizes first. Float operands are f32
-  on CPU (see :func:`float_dot_dtype`) and multiplied at full f32 precision.
+  ``w`` a ``[K, N]`` QArray, or with ``weight_layout="nk"`` that weight as stored
+  transposed (``w.transpose()``, ``[N, K]``). Symmetric per-channel weights multiply the
+  codes and scale the product once; anything else (groups, zero points) dequantizes first.
+  Float operands are f32 on CPU (see :func:`float_dot_dtype`) and multiplied at full f32
+  precision. On CPU, below :data:`CPU_WHOLE_M` tokens, an unpacked weight is converted a
+  slice of stored rows at a time (:func:`cpu_row_slices`).
   """
   from lowbit.quant import dequantize
+  logical = logical_weight(w, weight_layout, "dequant_dot")
   dt = float_dot_dtype(x.dtype)
   prec = lax.Precision.HIGHEST if dt == jnp.float32 else None
   x = x.astype(dt)
-  if w.group_axis is None and w.zero_point is None and w.channel_axes in ((), (1,)):
-    acc = lax.dot(x, w.codes.astype(dt), precision=prec, preferred_element_type=jnp.float32)
-    return acc * w.scale.astype(jnp.float32)
-  return lax.dot(x, dequantize(w, dt), precision=prec, preferred_element_type=jnp.float32)
+  codes_only = (logical.group_axis is None and logical.zero_point is None
+                and logical.channel_axes in ((), (1,)))
+
+  def dot(xs, ws, k_axis):
+    values = ws.codes.astype(dt) if codes_only else dequantize(ws, dt)
+    return lax.dot_general(xs, values, (((1,), (k_axis,)), ((), ())), precision=prec,
+                           preferred_element_type=jnp.float32)
+
+  if platform() == "cpu" and not w.packed and x.shape[0] < CPU_WHOLE_M:
+    acc = cpu_row_slices(x, w, dot, k_major=weight_layout == "nk")
+  else:
+    acc = dot(x, logical, 0)
+  return acc * logical.scale.astype(jnp.float32) if codes_only else acc
+
+
+# Below this many tokens, XLA:CPU paths convert weights a slice of rows at a time (decode).
+CPU_WHOLE_M = 256
+# The most rows of weight codes one such slice holds.
+CPU_ROWS = 256
+
+
+def cpu_row_slices(x: jax.Array, w, dot, *, k_major: bool) -> jax.Array:
+  """``x [M, K] @ w`` as ``[M, N]`` f32 from a loop over slices of up to :data:`CPU_ROWS`
+  stored rows of the unpacked QArray ``w`` (scales and zero points sliced with them).
+
+  ``w`` as stored: ``[K, N]``, the partial products of row slices summed; or ``[N, K]``
+  (``k_major``), each slice of rows giving its columns of the output. ``dot(x, w_slice,
+  k_axis)`` returns the f32 product contracting ``x``'s axis 1 with the slice's ``k_axis``.
+
+  XLA:CPU converts a weight operand to float in full before the dot: at M = 1 that pass,
+  4 bytes a code written and read again, was most of the time (W8A16 one-token forward,
+  d = 2048, 2 cores: 6.4x float's time; K = N = 4096 at M = 1: 31 ms, in slices 5.6-6 ms).
+  A slice (whole groups) stays in cache.
+  """
+  rows_total = w.shape[0]
+  # stored rows per row of a scale or zero point: 1 (one per row), G (groups) or all
+  per = [rows_total // a.shape[0] for a in (w.scale, w.zero_point)
+         if a is not None and a.shape[0] > 1]
+  step = max(per, default=1)
+  size = next((c for c in range(max(step, CPU_ROWS - CPU_ROWS % step), 0, -step)
+               if rows_total % c == 0), rows_total)
+  if size == rows_total:
+    return dot(x, w, 1) if k_major else dot(x, w, 0)
+
+  def rows(a, i):
+    if a is None or a.shape[0] == 1:
+      return a
+    r = size * a.shape[0] // rows_total
+    return lax.dynamic_slice_in_dim(a, i * r, r, 0)
+
+  def piece(i):
+    return dataclasses.replace(w, qvalue=rows(w.qvalue, i), scale=rows(w.scale, i),
+                               zero_point=rows(w.zero_point, i), shape=(size, w.shape[1]))
+
+  m = x.shape[0]
+  if k_major:  # slice i holds output columns [i size, (i + 1) size)
+    def body(i, out):
+      return lax.dynamic_update_slice_in_dim(out, dot(x, piece(i), 1), i * size, 1)
+    return lax.fori_loop(0, rows_total // size, body, jnp.zeros((m, rows_total), jnp.float32))
+
+  def body(i, acc):
+    return acc + dot(lax.dynamic_slice_in_dim(x, i * size, size, 1), piece(i), 0)
+  return lax.fori_loop(0, rows_total // size, body, jnp.zeros((m, w.shape[1]), jnp.float32))

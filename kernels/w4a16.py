@@ -117,19 +117,18 @@ def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | 
 
 
 # Rows of packed bytes a CPU loop step unpacks at most when the weight has no groups and M
-# is small (decode); from CPU_WHOLE_M tokens up one step takes the whole weight. See
-# cpu_halves_dot.
+# is small (decode); from _pallas.CPU_WHOLE_M tokens up one step takes the whole weight.
+# See cpu_halves_dot.
 CPU_CHUNK = 256
-CPU_WHOLE_M = 256
 
 
 def _cpu_chunk(h: int, m: int, group: int | None) -> int:
   """Packed rows per step of :func:`cpu_halves_dot`: ``G`` with groups; else the largest
   divisor of ``K/2`` up to :data:`CPU_CHUNK` that is a multiple of 32 (``K/2`` itself when
-  there is none, or from :data:`CPU_WHOLE_M` tokens)."""
+  there is none, or from ``_pallas.CPU_WHOLE_M`` tokens)."""
   if group is not None:
     return group
-  if m >= CPU_WHOLE_M:
+  if m >= _pallas.CPU_WHOLE_M:
     return h
   return next((c for c in range(CPU_CHUNK, 0, -32) if h % c == 0), h)
 
@@ -153,7 +152,7 @@ def cpu_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None
   nibbles) and ``k + K/2`` (high), and adds ``(x_lo @ lo) s_lo + (x_hi @ hi) s_hi``:
   ``C = G`` with groups (each step's two partial sums are whole groups, scaled in f32, the
   kernels' arithmetic); without groups up to :data:`CPU_CHUNK` rows below
-  :data:`CPU_WHOLE_M` tokens and all ``K/2`` rows from there (:func:`_cpu_chunk`), the
+  ``_pallas.CPU_WHOLE_M`` tokens and all ``K/2`` rows from there (:func:`_cpu_chunk`), the
   sums accumulated in ``acc_dtype`` and scaled once. Needs :func:`cpu_takes_loop`.
 
   Why (2 cores, jax 0.10.2, K = N = 4096): unpacking the whole weight first (W4A16: 4 bytes
@@ -206,12 +205,12 @@ def xla(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
   weight (:func:`cpu_halves_dot`), unpacked to f32; elsewhere the whole weight unpacked to
   ``x.dtype``, two dots (batched over groups).
   """
-  w_logical = _pallas.logical_weight(w, weight_layout, "w4a16.xla")
-  wq, ws, group = _pallas.weight_operands(w_logical, "w4a16.xla", packed=True)
+  wq, ws, group = _pallas.weight_operands(
+      _pallas.logical_weight(w, weight_layout, "w4a16.xla"), "w4a16.xla", packed=True)
   dot_dtype = _pallas.float_dot_dtype(x.dtype)
   if _pallas.platform() == "cpu":
     if not cpu_takes_loop(x.shape[1], group):  # dequantize first (exact for bf16 scales)
-      return _pallas.dequant_dot(x, w_logical).astype(out_dtype or x.dtype)
+      return _pallas.dequant_dot(x, w, weight_layout).astype(out_dtype or x.dtype)
     out = cpu_halves_dot(x, w.qvalue, ws, group, k_major=weight_layout == "nk",
                          dot_dtype=dot_dtype, acc_dtype=jnp.float32)
   else:
