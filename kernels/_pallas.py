@@ -628,10 +628,11 @@ def dequant_dot(x: jax.Array, w, weight_layout: str = "kn") -> jax.Array:
     return lax.dot_general(xs, values, (((1,), (k_axis,)), ((), ())), precision=prec,
                            preferred_element_type=jnp.float32)
 
+  k_major = weight_layout == "nk"
   if platform() == "cpu" and not w.packed and x.shape[0] < CPU_WHOLE_M:
-    acc = cpu_row_slices(x, w, dot, k_major=weight_layout == "nk")
-  else:
-    acc = dot(x, logical, 0)
+    acc = cpu_row_slices(x, w, dot, k_major=k_major)
+  else:  # the weight as stored: a K-major one contracted along its minor axis
+    acc = dot(x, w, 1 if k_major else 0)
   return acc * logical.scale.astype(jnp.float32) if codes_only else acc
 
 

@@ -289,6 +289,22 @@ def test_cpu_int4_path_unpacks_one_slice_at_a_time(name, group, layout, m):
 
 
 @pytest.mark.parametrize("layout", ["kn", "nk"])
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, channel_axes=(1,), group_size=64, pack=True),
+                                  QuantSpec(bits=8, channel_axes=(1,))], ids=["w4a16", "w8a16"])
+def test_xla_path_from_256_tokens_dequantizes_the_stored_weight(spec, layout):
+  """From 256 tokens the CPU paths of weight-only quantization dequantize the weight once,
+  in its stored orientation (a K-major one contracted along its minor axis), and take one
+  dot: the float64 numbers, in either layout."""
+  k1, k2 = jax.random.split(fresh_key())
+  x = jax.random.normal(k1, (300, 512), jnp.float32)
+  wq = quantize(jax.random.normal(k2, (512, 192), jnp.float32), spec)
+  w = wq.transpose() if layout == "nk" else wq
+  y = K.qmatmul(x, w, implementation="xla", out_dtype=jnp.float32, weight_layout=layout)
+  want = np.asarray(x, np.float64) @ np.asarray(dequantize(wq), np.float64)
+  assert y.shape == (300, 192) and rel(y, want) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk"])
 @pytest.mark.parametrize("spec", [
     QuantSpec(bits=8, channel_axes=(1,)),
     QuantSpec(bits=8, channel_axes=(1,), group_size=64),
