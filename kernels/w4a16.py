@@ -212,8 +212,9 @@ def xla(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
   if _pallas.platform() == "cpu":
     if x.shape[0] >= _pallas.CPU_WHOLE_M or not cpu_takes_loop(x.shape[1], group):
       # Many tokens share one conversion: dequantize, then one dot (the group scales on the
-      # codes: exact for bf16 / f16 scales, one f32 rounding for f32 scales). At M = 1024,
-      # K = N = 512-4096 it ran 0-30% faster than the loop (2 cores).
+      # codes: exact for bf16 / f16 scales, one f32 rounding for f32 scales). The loop ran
+      # 14-51% slower at M = 256 and 1024 with K, N in 512-1536, within 13% either way at
+      # K = N = 4096 (2 cores, interleaved in one process).
       return _pallas.dequant_dot(x, w, weight_layout).astype(out_dtype or x.dtype)
     out = cpu_halves_dot(x, w.qvalue, ws, group, k_major=weight_layout == "nk",
                          dot_dtype=dot_dtype, acc_dtype=jnp.float32)
