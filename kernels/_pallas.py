@@ -642,6 +642,13 @@ CPU_WHOLE_M = 256
 CPU_ROWS = 256
 
 
+def slice_size(total: int, most: int, multiple: int) -> int:
+  """The largest divisor of ``total`` that is a multiple of ``multiple`` and at most
+  ``max(most, multiple)``; ``total`` when there is none."""
+  top = max(multiple, most - most % multiple)
+  return next((c for c in range(top, 0, -multiple) if total % c == 0), total)
+
+
 def cpu_row_slices(x: jax.Array, w, dot, *, k_major: bool) -> jax.Array:
   """``x [M, K] @ w`` as ``[M, N]`` f32 from a loop over slices of up to :data:`CPU_ROWS`
   stored rows of the unpacked QArray ``w`` (scales and zero points sliced with them).
@@ -659,9 +666,7 @@ def cpu_row_slices(x: jax.Array, w, dot, *, k_major: bool) -> jax.Array:
   # stored rows per row of a scale or zero point: 1 (one per row), G (groups) or all
   per = [rows_total // a.shape[0] for a in (w.scale, w.zero_point)
          if a is not None and a.shape[0] > 1]
-  step = max(per, default=1)
-  size = next((c for c in range(max(step, CPU_ROWS - CPU_ROWS % step), 0, -step)
-               if rows_total % c == 0), rows_total)
+  size = slice_size(rows_total, CPU_ROWS, max(per, default=1))
   if size == rows_total:
     return dot(x, w, 1) if k_major else dot(x, w, 0)
 

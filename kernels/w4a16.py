@@ -130,7 +130,7 @@ def _cpu_chunk(h: int, m: int, group: int | None) -> int:
     return group
   if m >= _pallas.CPU_WHOLE_M:
     return h
-  return next((c for c in range(CPU_CHUNK, 0, -32) if h % c == 0), h)
+  return _pallas.slice_size(h, CPU_CHUNK, 32)
 
 
 def cpu_takes_loop(k: int, group: int | None) -> bool:

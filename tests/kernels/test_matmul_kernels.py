@@ -242,8 +242,9 @@ def test_cpu_xla_path_runs_2d_int8_dots(name, wbits, group, layout):
   the converted transformer's W4A8 g128 forward went from 9.1x to 0.75x of float), and it
   widens an int8 dot whose operand is a transpose in the same computation to int32 x int32
   (the W8A8 path on a K-major weight transposed inside its jit: 28 ms at M = 1,
-  K = N = 4096, against 1.4 ms as a dot on the stored axes). So on CPU every compiled dot is 2-D, int8 x int8 -> int32, whatever the layout;
-  the numbers are checked against float64 above (g64, and g256 straddling the halves)."""
+  K = N = 4096, against 1.4 ms as a dot on the stored axes). So on CPU every compiled dot
+  is 2-D, int8 x int8 -> int32, whatever the layout; the numbers are checked against
+  float64 above (g64, and g256 straddling the halves)."""
   if jax.default_backend() != "cpu":
     pytest.skip("the CPU layout of the XLA path")
   xa, wq = make(16, 512, 128, wbits=wbits, group=group)
