@@ -100,7 +100,28 @@ def test_ready_made_policies_convert_exactly(cfg, name):
   cv = lowbit.convert(fq)
   a, b = fq(tok), cv(tok)
   assert float(jnp.linalg.norm(b - a) / jnp.linalg.norm(a)) < 1e-5
-  # explain's promise == the converted layers' bytes; no float copy of a quantized weight
+  _check_converted_bytes(policy, cv)
+
+
+@pytest.mark.parametrize("cfg", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_grouped_w4a8_converts_exactly_but_for_activation_rounding_ties(cfg):
+  """W4A8 with groups of 128: the converted model gives the fake-quant logits except where
+  an int8 activation code lands on the other side of a rounding tie (the two forwards order
+  their f32 reductions differently, ~1e-7 apart upstream): on the test's seed one LLaMA
+  position of 32 differs by 1e-2, every other position by < 1e-6 (GPT-2: none). So at most
+  one position in 20 may differ, by what one code moves (< 5e-2), the rest within 1e-5."""
+  policy = lowbit.policy.w4a8(128)
+  tok = tokens(cfg)
+  fq = lowbit.quantize_model(Transformer(cfg, rngs=nnx.Rngs(0)), policy)
+  cv = lowbit.convert(fq)
+  a, b = np.asarray(fq(tok)), np.asarray(cv(tok))
+  err = np.linalg.norm(b - a, axis=-1) / np.linalg.norm(a, axis=-1)
+  assert (err > 1e-5).mean() <= 0.05 and err.max() < 5e-2, err
+  _check_converted_bytes(policy, cv)
+
+
+def _check_converted_bytes(policy, cv):
+  """explain's promise == the converted layers' bytes; no float copy of a quantized weight."""
   rows = {r["path"]: r for r in policy.explain(cv, print_table=False)}
   for path, layer in lowbit.nn.quantizable_layers(cv).items():
     row = rows[path]
