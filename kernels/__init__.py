@@ -92,8 +92,8 @@ def qmatmul(x: jax.Array, w: QArray, *, act_spec: QuantSpec | None = None,
   ``weight_layout="nk"``: ``w`` is stored transposed, ``w.transpose()`` of the
   ``[K, N]`` weight (what ``lowbit.convert(..., weight_layout="nk")`` keeps); the
   Pallas kernels then read it K-major (Triton ``k_major`` tiles, the Mosaic GPU
-  kernels) with no transpose in the call, as do the XLA paths (on CPU too); ``"dequant"``
-  and ``"reference"`` transpose it back.
+  kernels) with no transpose in the call, as do the XLA and ``"dequant"`` paths;
+  ``"reference"`` transposes it back.
   """
   x = jnp.asarray(x)
   out_dtype = out_dtype or x.dtype

@@ -638,7 +638,7 @@ def dequant_dot(x: jax.Array, w, weight_layout: str = "kn") -> jax.Array:
 
 # Below this many tokens, XLA:CPU paths convert weights a slice of rows at a time (decode).
 CPU_WHOLE_M = 256
-# The most rows of weight codes one such slice holds.
+# The most stored rows one such slice holds (rows of codes; of packed bytes for int4).
 CPU_ROWS = 256
 
 
@@ -668,7 +668,7 @@ def cpu_row_slices(x: jax.Array, w, dot, *, k_major: bool) -> jax.Array:
          if a is not None and a.shape[0] > 1]
   size = slice_size(rows_total, CPU_ROWS, max(per, default=1))
   if size == rows_total:
-    return dot(x, w, 1) if k_major else dot(x, w, 0)
+    return dot(x, w, 1 if k_major else 0)
 
   def rows(a, i):
     if a is None or a.shape[0] == 1:

@@ -116,21 +116,15 @@ def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | 
   return out
 
 
-# Rows of packed bytes a CPU loop step unpacks at most when the weight has no groups and M
-# is small (decode); from _pallas.CPU_WHOLE_M tokens up one step takes the whole weight.
-# See cpu_halves_dot.
-CPU_CHUNK = 256
-
-
 def _cpu_chunk(h: int, m: int, group: int | None) -> int:
   """Packed rows per step of :func:`cpu_halves_dot`: ``G`` with groups; else the largest
-  divisor of ``K/2`` up to :data:`CPU_CHUNK` that is a multiple of 32 (``K/2`` itself when
-  there is none, or from ``_pallas.CPU_WHOLE_M`` tokens)."""
+  divisor of ``K/2`` up to ``_pallas.CPU_ROWS`` that is a multiple of 32 (``K/2`` itself
+  when there is none, or from ``_pallas.CPU_WHOLE_M`` tokens)."""
   if group is not None:
     return group
   if m >= _pallas.CPU_WHOLE_M:
     return h
-  return _pallas.slice_size(h, CPU_CHUNK, 32)
+  return _pallas.slice_size(h, _pallas.CPU_ROWS, 32)
 
 
 def cpu_takes_loop(k: int, group: int | None) -> bool:
@@ -151,7 +145,7 @@ def cpu_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None
   Step ``i`` unpacks packed rows ``[i C, (i + 1) C)``, which hold ``k`` in that range (low
   nibbles) and ``k + K/2`` (high), and adds ``(x_lo @ lo) s_lo + (x_hi @ hi) s_hi``:
   ``C = G`` with groups (each step's two partial sums are whole groups, scaled in f32, the
-  kernels' arithmetic); without groups up to :data:`CPU_CHUNK` rows below
+  kernels' arithmetic); without groups up to ``_pallas.CPU_ROWS`` rows below
   ``_pallas.CPU_WHOLE_M`` tokens and all ``K/2`` rows from there (:func:`_cpu_chunk`), the
   sums accumulated in ``acc_dtype`` and scaled once. Needs :func:`cpu_takes_loop`.
 

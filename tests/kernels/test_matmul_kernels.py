@@ -233,6 +233,13 @@ def _dots(hlo: str) -> list[tuple[str, str, str, str]]:
   return out
 
 
+def _arrays(hlo: str, dtypes: str) -> list[tuple[str, str, int]]:
+  """``(dtype, shape, elements)`` of every array of the ``|``-separated ``dtypes`` in
+  compiled HLO text."""
+  return [(dtype, shape, int(np.prod([int(d) for d in shape.split(",")])))
+          for dtype, shape in re.findall(rf"\b({dtypes})\[([\d,]+)\]", hlo)]
+
+
 @pytest.mark.parametrize("layout", ["kn", "nk"])
 @pytest.mark.parametrize("name,wbits,group", [("w4a8", 4, 64), ("w4a8", 4, None),
                                               ("w8a8", 8, None)])
@@ -282,8 +289,7 @@ def test_cpu_int4_path_unpacks_one_slice_at_a_time(name, group, layout, m):
   assert rel(out, mod.reference(xa, wq, out_dtype=jnp.float32)) < 1e-5
   hlo = jax.jit(lambda a, b: mod.xla(a, b, weight_layout=layout)).lower(xa, w).compile().as_text()
   half = (k // 2) * n
-  for dtype, shape in re.findall(r"\b(f32|bf16|s8|s32|u8)\[([\d,]+)\]", hlo):
-    size = int(np.prod([int(d) for d in shape.split(",")]))
+  for dtype, shape, size in _arrays(hlo, "f32|bf16|s8|s32|u8"):
     assert dtype == "u8" or size < half, f"{dtype}[{shape}] in the compiled CPU path"
   if layout == "nk":
     assert f"u8[{k // 2},{n}]" not in hlo  # the stored [N, K/2] bytes, read as stored
@@ -332,8 +338,8 @@ def test_cpu_dequant_path_converts_one_slice_at_a_time(spec, layout):
   assert y.shape == (3, n) and rel(y, want) < 1e-5
   hlo = jax.jit(lambda a, b: K.qmatmul(a, b, implementation="xla", weight_layout=layout)
                 ).lower(x, w).compile().as_text()
-  for shape in re.findall(r"\bf32\[([\d,]+)\]", hlo):
-    assert np.prod([int(d) for d in shape.split(",")]) < k * n // 2, f"f32[{shape}]"
+  for _, shape, size in _arrays(hlo, "f32"):
+    assert size < k * n // 2, f"f32[{shape}]"
 
 
 @pytest.mark.parametrize("name,wbits,group", [("w8a8", 8, None), ("w4a8", 4, None),
