@@ -238,10 +238,11 @@ def hopper_candidates(m: int) -> list[HopperTiles]:
 
 
 def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
-  """Tiles of the Mosaic GPU int4 kernel tried by ``--sweep``: the two ways the nibbles
-  reach wgmma, byte or 32-bit loads of the codes, the K-split (the SMs a decode step
-  fills), the 128-row warpgroup tile, pipeline depth, token tiles; past M = 64 the
-  128-token tiles of W4A8's M = 256 default, for both kernels, at any M."""
+  """Tiles of the Mosaic GPU int4 kernel tried by ``--sweep`` at ``m`` tokens (each fits
+  there; tests/kernels/test_lowering.py lowers them all): the default tiles, then
+  :data:`_mosaic_gpu.AUTO`'s and their neighbours (pipeline depth, warp MMAs, token
+  tiles, halves apart, the epilogue); what earlier runs timed and lost is in the comments
+  and docs/kernels.md."""
   T = HopperW4Tiles
   S = functools.partial(T, nibbles="split")
   # nk_scales="slab": the scales read as stored, no per-call transpose (side by side with
@@ -250,77 +251,48 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
   P = functools.partial(S, unpack="ptx")
   # unpack="ptx_natural" (W4A16): 2-byte loads in the bf16 operand's layout, no token reorder
   NAT = functools.partial(S, unpack="ptx_natural")
-  if m > 64 and kname == "w4a16":
-    # Not yet timed (sixteenth session): W4A16 past decode in W4A8's M = 256 design (split
-    # nibbles converted by PTX, 128-token tiles), where run 8 timed only the Triton kernel
-    # (0.47x of bf16 at M = 256, 0.40x at 8192) and the first Mosaic tiles (0.38x). Halves
-    # apart: with both halves' [64, 128] f32 group sums live the loop spills 720-816 bytes
-    # (sass_stats.py at M = 256 and 4096); apart, none. Slab scales do not fit beside two
-    # 80 KiB stages.
-    # epilogue="kernel": the output written by the kernel, no XLA transpose and cast after
+  if m >= 64 and kname == "w4a16":
+    # Run 9 (M = 256 and 4096): 128-token tiles with each K-step's halves scaled apart, the
+    # output written by the kernel: 53.4 us at M = 256 (0.90x) against Triton's 103.5, the
+    # default from M = 65 since. Halves together spill (sass_stats.py) and ran 101 us; slab
+    # scales do not fit beside two 80 KiB stages. At M = 64 (not yet timed) the same
+    # against 64-token tiles, where the M = 65 boundary of the default comes from.
     A = dict(tile_m=128, halves="apart")
-    return [NAT(**A), NAT(**A, epilogue="kernel"), NAT(**A, pingpong=True), P(**A),
-            NAT(tile_m=128), NAT(tile_m=64), NAT(tile_m=64, nk_scales="slab")]
-  if m > 256:  # W4A8 prefill: run 8's M = 256 default and its neighbours, not yet timed
-    return [P(tile_m=128), P(tile_m=128, epilogue="kernel"), P(tile_m=128, pingpong=True),
-            P(tile_m=128, halves="apart"), P(tile_m=128, halves="apart", pingpong=True),
-            P(tile_m=128, int_sums="magic", nk_scales="slab")]
+    return [NAT(**A, epilogue="kernel"), NAT(**A), NAT(**A, pingpong=True), P(**A),
+            NAT(tile_m=64, halves="apart", epilogue="kernel"), NAT(tile_m=64, epilogue="kernel"),
+            NAT(tile_m=64, nk_scales="slab", epilogue="kernel")]
+  if m > 256:  # W4A8 prefill (run 9, M = 4096: halves apart 590 us, together 622)
+    return [P(tile_m=128, halves="apart"), P(tile_m=128), P(tile_m=128, epilogue="kernel"),
+            P(tile_m=128, halves="apart", pingpong=True)]
   if m > 64:  # W4A8's M = 256 target: MMA-bound, token tiles of 64 to 128
-    # int_sums="magic": the group sums to f32 at full rate (cvt.rn.f32.s32 is 1/8 rate)
-    Q = functools.partial(P, int_sums="magic")
-    # halves="apart": one half's group sums live at a time (128-token tiles spill otherwise)
-    # pingpong: the warpgroups take turns at wgmma, one scaling while the other's MMAs run
-    # (run 8's default first, then it with turns, with the magic sums and halves apart)
-    # epilogue="kernel" (sixteenth session): each token's row scaled and rounded in the
-    # kernel, no XLA fusion over the [N, M] f32 sums after it (8 MiB read, 4 written)
-    # (without the f32 output tiles for TMA it fits 4 stages, not 3: also at 3, to tell
-    # the epilogue's gain from the depth's)
-    return [P(tile_m=128), P(tile_m=128, epilogue="kernel"),
-            P(tile_m=128, epilogue="kernel", max_concurrent_steps=3), P(tile_m=128, pingpong=True),
-            P(tile_m=128, pingpong=True, epilogue="kernel"), Q(tile_m=128, pingpong=True),
-            P(tile_m=128, halves="apart", pingpong=True),
-            S(tile_m=128), S(tile_m=128, nk_scales="slab"),
-            Q(tile_m=128), Q(tile_m=128, nk_scales="slab"), Q(tile_m=64),
-            Q(tile_m=128, split_k=2), P(tile_m=128, nk_scales="slab"),
-            P(tile_m=128, halves="apart"), P(tile_m=64)]
-  if kname == "w4a8":  # W4A8 has no decode target (run 8: 2.61x): a few, to save GPU time
-    return [T(), P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False),
-            # two K-steps' wgmmas per wait
-            P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False, steps_per_wait=2),
-            P(tile_n=128, nk_scales="slab", pad_tokens=False),
-            P(wg_split="k", nk_scales="slab", pad_tokens=False, int_sums="magic"),
-            # the same as one kernel (its output scaled and written by the kernel)
-            P(wg_split="k", nk_scales="slab", pad_tokens=False, int_sums="magic",
-              epilogue="kernel"),
-            P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False, pingpong=True)]
-  # (compute_wgs=4 hangs compiled, run 8: refused by plan_w4; runs 5-8: byte loads, "ops"
-  # unpacking and split-K 1 or 4 lose.) Run 8's decode best is the one kernel below, 14.2 us
-  # at M = 1 (2.41x): the default, the runner-up, then the one kernel's neighbours.
+    # Run 9 at M = 256 (1.20x at best): 128-token tiles 40.0-41.9 us whether halves are
+    # apart, the scales slab or transposed, the epilogue the kernel's, with turns or 3
+    # stages; "magic" sums 42.9-45.8, 64-token tiles 50-52, Mosaic's conversion 49-52, split
+    # K 51.9. The default (halves apart), its neighbours, the 64-token tiles.
+    return [P(tile_m=128, halves="apart"), P(tile_m=128), P(tile_m=128, nk_scales="slab"),
+            P(tile_m=128, halves="apart", epilogue="kernel"), P(tile_m=64)]
   one = dict(wg_split="k", nk_scales="slab", pad_tokens=False)
-  return [T(), NAT(tile_n=128, nk_scales="slab", pad_tokens=False),
-          NAT(**one, epilogue="kernel"),
-          # mma="sync": warp MMAs (m16n8k16, Marlin's) instead of m64n8k16 wgmmas, whose
-          # issue run 8's profile timed at ~46 clocks each; the one kernel so, with two
-          # K-steps a pipeline step, a deeper pipeline, and 128 rows a warpgroup
-          NAT(**one, epilogue="kernel", mma="sync"),
-          NAT(**one, epilogue="kernel", mma="sync", steps_per_wait=2),
-          NAT(**one, epilogue="kernel", mma="sync", max_concurrent_steps=6),
-          NAT(tile_n=128, nk_scales="slab", pad_tokens=False, mma="sync"),
-          # wg_split="steps": 3 compute warpgroups (4 hang) taking K-steps in turn, 12 deep
-          NAT(**dict(one, wg_split="steps"), compute_wgs=3, epilogue="kernel"),
-          NAT(**dict(one, wg_split="steps"), compute_wgs=3, epilogue="kernel", mma="sync"),
-          # pingpong: the two warpgroups' K-steps take turns at wgmma instead of issuing at
-          # once (run 8 timed the issue of the two's m64n8k16s together at ~46 clocks each)
-          NAT(**one, epilogue="kernel", pingpong=True),
-          # two K-steps' wgmmas per wait: the next K-step converts while the MMAs run
-          NAT(**one, epilogue="kernel", steps_per_wait=2),
-          NAT(**one, epilogue="kernel", steps_per_wait=2, max_concurrent_steps=3),
-          # deeper pipelines: more weight bytes in flight per SM
-          NAT(**one, epilogue="kernel", max_concurrent_steps=6),
-          # the K split over CTAs too (partials added by XLA): more work items than SMs
-          NAT(**one), NAT(**one, split_k=2),
-          # "ptx": ldmatrix loads of the bytes, the tokens reordered by one XLA op
-          P(**one, epilogue="kernel")]
+  if kname == "w4a8":  # W4A8 has no decode target
+    # Run 9: the one kernel (K split over the warpgroups, the output scaled and written by
+    # the kernel) 11.2 us at M = 1 (3.03x), 12.1 at M = 16: the default since; then deeper
+    # pipelines (10 stages fit at M = 1 only), run 8's tiles, and at M = 64 the 128-token ones
+    Q = functools.partial(P, int_sums="magic", **one)
+    deeper = [6, 8, 10] if m <= 8 else [6, 8] if m <= 16 else []  # what fits
+    return ([T(), Q(epilogue="kernel")]
+            + [Q(epilogue="kernel", max_concurrent_steps=d) for d in deeper]
+            + [P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False)]
+            + ([P(tile_m=128, halves="apart")] if m >= 64 else []))
+  # (compute_wgs=4 hangs compiled, run 8: refused by plan_w4; runs 5-8: byte loads, "ops"
+  # unpacking and split-K 1 or 4 lose.) Run 9 at M = 1 (16): the one kernel with warp MMAs
+  # (mma="sync") and 6 stages 12.7 us (15.4), the default since; with wgmmas 14.1 (15.8);
+  # two K-steps per wait, 3 warpgroups taking K-steps in turn, turns at wgmma, split K over
+  # CTAs and 3 stages all lose (docs/kernels.md). Its neighbours: 5 and 8 stages (8 fit at
+  # M <= 8 only), 6 with wgmmas, 4 with warp MMAs.
+  S1 = dict(one, epilogue="kernel")
+  return ([T(), NAT(**S1, mma="sync", max_concurrent_steps=6), NAT(**S1),
+           NAT(**S1, mma="sync", max_concurrent_steps=5)]
+          + ([NAT(**S1, mma="sync", max_concurrent_steps=8)] if m <= 8 else [])
+          + [NAT(**S1, max_concurrent_steps=6), NAT(**S1, mma="sync")])
 
 
 def hopper_fn(tiles, interpret: bool, weight_layout: str = "kn", kname: str = "w4a16"):

@@ -1642,22 +1642,30 @@ AUTO: dict[str, list[tuple]] = {
     # tiles win (1.33x vs 1.06x).
     "w8a8": [(2048, None, ("kn", "nk"), HopperTiles())],
     # Run 8 (weight stored K-major, bf16 tokens, group scales): the call is one kernel, the
-    # warpgroups splitting each step's K, codes converted by PTX from 16-bit loads, the
-    # scales read as stored, the output written by the kernel: 14.2 us at M = 1 (2.41x)
-    # and 15.8 at M = 16 (2.36x), against Triton's 21.3 / 22.5 (K-major tiles) in the same
-    # run. Taken for M <= 16 (the token tile the kernel writes whole).
-    "w4a16": [(1, 16, ("nk",), HopperW4Tiles(
-        nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
-        pad_tokens=False, epilogue="kernel"))],
-    # Run 8, weight stored K-major: decode 13.1 us at M = 1 (2.61x) and 14.3 at M = 16
-    # (2.60x) with PTX-converted split nibbles, 128-row tiles, slab scales and full-rate
-    # group-sum conversion, against the earlier default's 16.0 / 18.9 and Triton's 16.3 / 18.0;
-    # M = 256: 41.7 us (1.16x) with PTX-converted split nibbles and 128-token tiles,
-    # against 52.0 with Mosaic's conversion and Triton's 56.6.
-    "w4a8": [(1, 64, ("nk",), HopperW4Tiles(
-                 tile_n=128, nibbles="split", unpack="ptx", nk_scales="slab",
-                 int_sums="magic", pad_tokens=False)),
-             (65, 256, ("nk",), HopperW4Tiles(nibbles="split", unpack="ptx", tile_m=128))],
+  # warpgroups splitting each step's K, codes converted by PTX from 16-bit loads, the
+  # scales read as stored, the output written by the kernel: 14.2 us at M = 1 (2.41x)
+  # against Triton's 21.3 (K-major tiles) in the same run. Run 9: the same with warp MMAs
+  # (mma="sync") and 6 pipeline stages, 12.7 us at M = 1 (2.68x; 14.1 as run 8 took it)
+  # and 15.4 at M = 16 (15.8). Taken for M <= 16 (the token tile the kernel writes whole).
+  # Run 9, M = 256 and 4096: 128-token tiles, each K-step's halves scaled apart (no
+  # spills), 53.4 us (0.90x) and 892-896 us (0.75x) against Triton's 103.5 / 1680.
+  "w4a16": [(1, 16, ("nk",), HopperW4Tiles(
+                nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
+                pad_tokens=False, epilogue="kernel", mma="sync", max_concurrent_steps=6)),
+            (65, None, ("nk",), HopperW4Tiles(
+                nibbles="split", unpack="ptx_natural", tile_m=128, halves="apart",
+                epilogue="kernel"))],
+  # Run 9, weight stored K-major: decode as one kernel (the warpgroups splitting K, the
+  # output scaled and written by the kernel, PTX-converted split nibbles, slab scales,
+  # full-rate group-sum conversion), 11.2 us at M = 1 (3.03x) and 12.1 at M = 16 (2.93x),
+  # against run 8's default's 12.9 / 14.4 and Triton's 16.3 / 17.7. From 65 tokens:
+  # 128-token tiles, 40.0-41.9 us at M = 256 (1.20x; run 8 41.7) and, halves scaled
+  # apart, 590 us at M = 4096 (1.14x) against Triton's 56.7 / 842.
+  "w4a8": [(1, 64, ("nk",), HopperW4Tiles(
+               nibbles="split", unpack="ptx", wg_split="k", nk_scales="slab",
+               int_sums="magic", pad_tokens=False, epilogue="kernel")),
+           (65, None, ("nk",), HopperW4Tiles(nibbles="split", unpack="ptx", tile_m=128,
+                                             halves="apart"))],
 }
 
 
@@ -1677,19 +1685,27 @@ def default_tiles(kernel: str, x: jax.Array | QArray, w: QArray, weight_layout: 
 def auto_tiles(kernel: str, m: int, k: int, n: int, group: int | None,
                weight_layout: str, out_dtype=jnp.bfloat16):
   """The tiles of the Mosaic GPU kernel that :data:`AUTO` names for this problem on this
-  device (a :class:`HopperTiles` or :class:`HopperW4Tiles`), or ``None``: the Triton kernel."""
+  device (a :class:`HopperTiles` or :class:`HopperW4Tiles`), or ``None``: the Triton kernel.
+  Where the named tiles' pipeline depth does not fit this problem's shared memory (int4
+  slab scales grow with K), the same tiles at their default depth, if those fit: the same
+  kernel and arithmetic, fewer weight bytes in flight."""
   if not is_hopper():
     return None
   for lo, hi, layouts, tiles in AUTO.get(kernel, ()):
     if m < lo or (hi is not None and m > hi) or weight_layout not in layouts:
       continue
-    try:
-      if kernel == "w8a8":
-        check_fit(kernel, k, n, tiles, out_dtype)
-      else:
-        plan_w4(kernel, m, k, n, group, tiles, act_bytes=1 if kernel == "w4a8" else 2,
-                weight_layout=weight_layout)
-    except ValueError:
-      return None
-    return tiles
+    tries = [tiles]
+    if isinstance(tiles, HopperW4Tiles) and tiles.max_concurrent_steps is not None:
+      tries.append(dataclasses.replace(tiles, max_concurrent_steps=None))
+    for t in tries:
+      try:
+        if kernel == "w8a8":
+          check_fit(kernel, k, n, t, out_dtype)
+        else:
+          plan_w4(kernel, m, k, n, group, t, act_bytes=1 if kernel == "w4a8" else 2,
+                  weight_layout=weight_layout)
+      except ValueError:
+        continue
+      return t
+    return None
   return None

@@ -156,8 +156,9 @@ def test_a_hung_128_token_case_leaves_out_its_tiles_not_the_decode_unpack(gate):
 
 def test_every_fragment_names_real_cases_and_candidates(gate):
   """Each fragment the gate reads occurs in a test id that test_mosaic_gpu.py writes, and
-  each keyword it skips in the repr of a benchmark candidate: the two files and the gate
-  cannot drift apart silently (a fragment no id has gates nothing)."""
+  each keyword it skips in the repr of a benchmark candidate or of a tested case's tiles
+  (variants a sweep no longer times stay gated for the next one that does): the two files
+  and the gate cannot drift apart silently (a fragment no id has gates nothing)."""
   def load(name, path):
     spec = importlib.util.spec_from_file_location(name, ROOT / path)
     mod = importlib.util.module_from_spec(spec)
@@ -165,9 +166,11 @@ def test_every_fragment_names_real_cases_and_candidates(gate):
     return mod
   mg_tests = load("_gate_mosaic_tests", MG)
   bench = load("_gate_bench", "experiments/bench_kernels.py")
-  ids = [f"[{mg_tests.case_id(c)}]" for c in mg_tests.W4_CASES + mg_tests.W4A8_CASES]
-  reprs = [repr(t) for m in (1, 16, 256, 4096) for k in ("w4a16", "w4a8")
+  cases = mg_tests.W4_CASES + mg_tests.W4A8_CASES
+  ids = [f"[{mg_tests.case_id(c)}]" for c in cases]
+  reprs = [repr(t) for m in (1, 16, 64, 128, 256, 4096) for k in ("w4a16", "w4a8")
            for t in bench.hopper_w4_candidates(m, k)]
+  reprs += [repr(mg_tests.K.HopperW4Tiles(**c[4])) for c in cases]
   for frag, kw in gate.OPT_IN.items():
     assert any(frag in i for i in ids), frag
     assert any(kw in r for r in reprs), kw

@@ -201,7 +201,7 @@ W4_CASES = [
                            unpack="ptx_natural", pad_tokens=False, nk_scales="slab"), "nk"),
     (1, 512, 256, 64, dict(nibbles="split", wg_split="k", epilogue="kernel",
                            unpack="ptx", pad_tokens=False, nk_scales="slab"), "nk"),
-    # the W4A16 decode default (_mosaic_gpu.AUTO) as it is, 5 tokens in a tile of 8
+    # run 8's W4A16 decode default (_mosaic_gpu.AUTO until run 9), 5 tokens in a tile of 8
     (5, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
                            pad_tokens=False, epilogue="kernel"), "nk"),
     # halves="apart": each half's wgmmas issued, waited for and scaled on their own
@@ -226,6 +226,10 @@ W4_CASES = [
     (1, 1024, 256, 64, dict(nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
                             pad_tokens=False, epilogue="kernel", steps_per_wait=2, mma="sync"),
      "nk"),
+    # the W4A16 decode default (_mosaic_gpu.AUTO, run 9) as it is: 6 stages, 8 pipeline steps
+    (5, 4096, 256, 128, dict(nibbles="split", unpack="ptx_natural", wg_split="k",
+                             nk_scales="slab", pad_tokens=False, epilogue="kernel", mma="sync",
+                             max_concurrent_steps=6), "nk"),
     # wg_split="steps": warpgroup w takes pipeline steps w mod compute_wgs (one K-step each),
     # so 3 warpgroups divide K's 8 K-steps too: grouped with 2, per-channel with 3, the
     # decode one kernel with 3 (and with mma="sync"), K-steps 3, 3 and 2
@@ -416,10 +420,11 @@ W4A8_CASES = [
     (5, 512, 256, 64, dict(nibbles="split", halves="apart"), "kn"),
     (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", int_sums="magic", tile_m=128,
                              halves="apart"), "nk"),
-    # the W4A8 defaults (_mosaic_gpu.AUTO) as they are: decode, and 128-token tiles
+    # run 8's W4A8 defaults: decode, and 128-token tiles
     (5, 512, 256, 64, dict(nibbles="split", unpack="ptx", tile_n=128, nk_scales="slab",
                            int_sums="magic", pad_tokens=False), "nk"),
     (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", tile_m=128), "nk"),
+    (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", tile_m=128, halves="apart"), "nk"),
     # steps_per_wait=2 (W4A8's decode tiles, two K-steps per wait, 4 K-steps)
     (5, 1024, 256, 128, dict(nibbles="split", unpack="ptx", int_sums="magic", nk_scales="slab",
                              pad_tokens=False, steps_per_wait=2), "nk"),
@@ -695,20 +700,30 @@ def test_auto_tiles_follow_the_measured_table(monkeypatch):
   assert auto("w8a8", 2048, 4096, 14336, None, "nk") == HopperTiles()
   assert auto("w8a8", 256, 8192, 8192, None, "nk") is None  # Triton's K-major tiles win
   assert auto("w8a8", 8192, 8192, 8000, None, "kn") is None  # N not a multiple of 256
-  # run 8's fastest: W4A8 decode, W4A8 at M = 256, W4A16 decode as one kernel
+  # run 9's fastest: W4A8 and W4A16 decode as one kernel, both in 128-token tiles past 64
   P = functools.partial(K.HopperW4Tiles, nibbles="split", unpack="ptx")
-  w4a8_decode = P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False)
+  w4a8_decode = P(wg_split="k", nk_scales="slab", int_sums="magic", pad_tokens=False,
+                  epilogue="kernel")
   one_kernel = K.HopperW4Tiles(nibbles="split", unpack="ptx_natural", wg_split="k",
-                               nk_scales="slab", pad_tokens=False, epilogue="kernel")
+                               nk_scales="slab", pad_tokens=False, epilogue="kernel",
+                               mma="sync", max_concurrent_steps=6)
+  w4a16_tiles = K.HopperW4Tiles(nibbles="split", unpack="ptx_natural", tile_m=128,
+                                halves="apart", epilogue="kernel")
   assert auto("w4a8", 1, 8192, 8192, 128, "nk") == w4a8_decode
   assert auto("w4a8", 64, 4096, 14336, 128, "nk") == w4a8_decode
-  assert auto("w4a8", 256, 8192, 8192, 128, "nk") == P(tile_m=128)
+  assert auto("w4a8", 65, 8192, 8192, 128, "nk") == P(tile_m=128, halves="apart")
+  assert auto("w4a8", 4096, 8192, 8192, 128, "nk") == P(tile_m=128, halves="apart")
   assert auto("w4a8", 16, 8192, 8192, 128, "kn") is None  # would transpose per call
-  assert auto("w4a8", 512, 8192, 8192, 128, "nk") is None
   assert auto("w4a8", 16, 8192, 8192, 256, "nk") is None  # group 256: the kernel cannot
   assert auto("w4a16", 1, 8192, 8192, 128, "nk") == one_kernel
   assert auto("w4a16", 16, 4096, 14336, 128, "nk") == one_kernel
+  # 6 stages beside K = 14336's slab of scales exceed shared memory: the default depth
+  assert auto("w4a16", 16, 14336, 4096, 128, "nk") == dataclasses.replace(
+      one_kernel, max_concurrent_steps=None)
   assert auto("w4a16", 17, 8192, 8192, 128, "nk") is None  # past one token tile: Triton
+  assert auto("w4a16", 64, 8192, 8192, 128, "nk") is None  # (not yet measured: Triton)
+  assert auto("w4a16", 65, 8192, 8192, 128, "nk") == w4a16_tiles
+  assert auto("w4a16", 8192, 4096, 14336, 128, "nk") == w4a16_tiles
   assert auto("w4a16", 1, 8192, 8192, 128, "kn") is None
   assert auto("w4a16", 1, 8192, 8192, None, "nk") is None  # per-channel: no kernel epilogue
   assert auto("w4a16", 1, 8448, 8192, 128, "nk") is None  # 33 K-steps: 2 warpgroups cannot
