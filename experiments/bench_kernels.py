@@ -254,9 +254,10 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
   if m >= 64 and kname == "w4a16":
     # Run 9 (M = 256 and 4096): 128-token tiles with each K-step's halves scaled apart, the
     # output written by the kernel: 53.4 us at M = 256 (0.90x) against Triton's 103.5, the
-    # default from M = 65 since. Halves together spill (sass_stats.py) and ran 101 us; slab
-    # scales do not fit beside two 80 KiB stages. At M = 64 (not yet timed) the same
-    # against 64-token tiles, where the M = 65 boundary of the default comes from.
+    # default from M = 129 since. Halves together spill (sass_stats.py) and ran 101 us; slab
+    # scales do not fit beside two 80 KiB stages. Run 10 at M = 64 and 128: 64-token tiles
+    # with the kernel's epilogue 34.3-35.9 us (the default there since), the 128-token
+    # tiles 50.7-52.8 with it and 34.8-37.3 with XLA's.
     A = dict(tile_m=128, halves="apart")
     return [NAT(**A, epilogue="kernel"), NAT(**A), NAT(**A, pingpong=True), P(**A),
             NAT(tile_m=64, halves="apart", epilogue="kernel"), NAT(tile_m=64, epilogue="kernel"),
@@ -265,11 +266,12 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
     return [P(tile_m=128, halves="apart"), P(tile_m=128), P(tile_m=128, epilogue="kernel"),
             P(tile_m=128, halves="apart", pingpong=True)]
   if m > 64:  # W4A8's M = 256 target: MMA-bound, token tiles of 64 to 128
-    # Run 9 at M = 256 (1.20x at best): 128-token tiles 40.0-41.9 us whether halves are
-    # apart, the scales slab or transposed, the epilogue the kernel's, with turns or 3
+    # Runs 9-10 at M = 256 (1.2-1.3x at best): 128-token tiles 39.8-41.9 us whether halves
+    # are apart, the scales slab or transposed, the epilogue the kernel's, with turns or 3
     # stages; "magic" sums 42.9-45.8, 64-token tiles 50-52, Mosaic's conversion 49-52, split
-    # K 51.9. The default (halves apart), its neighbours, the 64-token tiles.
-    return [P(tile_m=128, halves="apart"), P(tile_m=128), P(tile_m=128, nk_scales="slab"),
+    # K 51.9. The default (slab scales, run 10: 24.7 us at M = 128, 39.8 at 256), its
+    # neighbours, the 64-token tiles.
+    return [P(tile_m=128, nk_scales="slab"), P(tile_m=128, halves="apart"), P(tile_m=128),
             P(tile_m=128, halves="apart", epilogue="kernel"), P(tile_m=64)]
   one = dict(wg_split="k", nk_scales="slab", pad_tokens=False)
   if kname == "w4a8":  # W4A8 has no decode target

@@ -253,6 +253,10 @@ W4_CASES = [
     (130, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", tile_m=128, halves="apart",
                              pingpong=True), "nk"),
     (130, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", tile_m=128), "nk"),
+    # the W4A16 default at 64-128 tokens (_mosaic_gpu.AUTO, run 10): 64-token tiles, the
+    # output written by the kernel, two tiles (the second 6 tokens)
+    (70, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", tile_m=64, epilogue="kernel"),
+     "nk"),
     # and the output written by the kernel, two tiles of rows (the 126 past M sliced off)
     (130, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", tile_m=128, halves="apart",
                              epilogue="kernel"), "nk"),
@@ -425,6 +429,7 @@ W4A8_CASES = [
                            int_sums="magic", pad_tokens=False), "nk"),
     (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", tile_m=128), "nk"),
     (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", tile_m=128, halves="apart"), "nk"),
+    (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", tile_m=128, nk_scales="slab"), "nk"),
     # steps_per_wait=2 (W4A8's decode tiles, two K-steps per wait, 4 K-steps)
     (5, 1024, 256, 128, dict(nibbles="split", unpack="ptx", int_sums="magic", nk_scales="slab",
                              pad_tokens=False, steps_per_wait=2), "nk"),
@@ -700,18 +705,19 @@ def test_auto_tiles_follow_the_measured_table(monkeypatch):
   assert auto("w8a8", 2048, 4096, 14336, None, "nk") == HopperTiles()
   assert auto("w8a8", 256, 8192, 8192, None, "nk") is None  # Triton's K-major tiles win
   assert auto("w8a8", 8192, 8192, 8000, None, "kn") is None  # N not a multiple of 256
-  # run 9's fastest: W4A8 and W4A16 decode as one kernel, both in 128-token tiles past 64
+  # runs 9-10's fastest: W4A8 and W4A16 decode as one kernel, 64-token tiles for W4A16 at
+  # 64-128 tokens, 128-token tiles past them (W4A8 from 65: slab scales, halves apart past 256)
   P = functools.partial(K.HopperW4Tiles, nibbles="split", unpack="ptx")
+  NAT = functools.partial(K.HopperW4Tiles, nibbles="split", unpack="ptx_natural")
   w4a8_decode = P(wg_split="k", nk_scales="slab", int_sums="magic", pad_tokens=False,
                   epilogue="kernel")
-  one_kernel = K.HopperW4Tiles(nibbles="split", unpack="ptx_natural", wg_split="k",
-                               nk_scales="slab", pad_tokens=False, epilogue="kernel",
-                               mma="sync", max_concurrent_steps=6)
-  w4a16_tiles = K.HopperW4Tiles(nibbles="split", unpack="ptx_natural", tile_m=128,
-                                halves="apart", epilogue="kernel")
+  one_kernel = NAT(wg_split="k", nk_scales="slab", pad_tokens=False, epilogue="kernel",
+                   mma="sync", max_concurrent_steps=6)
   assert auto("w4a8", 1, 8192, 8192, 128, "nk") == w4a8_decode
   assert auto("w4a8", 64, 4096, 14336, 128, "nk") == w4a8_decode
-  assert auto("w4a8", 65, 8192, 8192, 128, "nk") == P(tile_m=128, halves="apart")
+  assert auto("w4a8", 65, 8192, 8192, 128, "nk") == P(tile_m=128, nk_scales="slab")
+  assert auto("w4a8", 256, 14336, 4096, 128, "nk") == P(tile_m=128, nk_scales="slab")
+  assert auto("w4a8", 257, 8192, 8192, 128, "nk") == P(tile_m=128, halves="apart")
   assert auto("w4a8", 4096, 8192, 8192, 128, "nk") == P(tile_m=128, halves="apart")
   assert auto("w4a8", 16, 8192, 8192, 128, "kn") is None  # would transpose per call
   assert auto("w4a8", 16, 8192, 8192, 256, "nk") is None  # group 256: the kernel cannot
@@ -720,10 +726,14 @@ def test_auto_tiles_follow_the_measured_table(monkeypatch):
   # 6 stages beside K = 14336's slab of scales exceed shared memory: the default depth
   assert auto("w4a16", 16, 14336, 4096, 128, "nk") == dataclasses.replace(
       one_kernel, max_concurrent_steps=None)
-  assert auto("w4a16", 17, 8192, 8192, 128, "nk") is None  # past one token tile: Triton
-  assert auto("w4a16", 64, 8192, 8192, 128, "nk") is None  # (not yet measured: Triton)
-  assert auto("w4a16", 65, 8192, 8192, 128, "nk") == w4a16_tiles
-  assert auto("w4a16", 8192, 4096, 14336, 128, "nk") == w4a16_tiles
+  assert auto("w4a16", 17, 8192, 8192, 128, "nk") is None  # not yet compared: Triton
+  assert auto("w4a16", 63, 8192, 8192, 128, "nk") is None
+  assert auto("w4a16", 64, 8192, 8192, 128, "nk") == NAT(tile_m=64, epilogue="kernel")
+  assert auto("w4a16", 128, 4096, 14336, 128, "nk") == NAT(tile_m=64, epilogue="kernel")
+  assert auto("w4a16", 129, 8192, 8192, 128, "nk") == NAT(tile_m=128, halves="apart",
+                                                           epilogue="kernel")
+  assert auto("w4a16", 8192, 4096, 14336, 128, "nk") == NAT(tile_m=128, halves="apart",
+                                                            epilogue="kernel")
   assert auto("w4a16", 1, 8192, 8192, 128, "kn") is None
   assert auto("w4a16", 1, 8192, 8192, None, "nk") is None  # per-channel: no kernel epilogue
   assert auto("w4a16", 1, 8448, 8192, 128, "nk") is None  # 33 K-steps: 2 warpgroups cannot
