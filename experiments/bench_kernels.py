@@ -242,7 +242,19 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
   there; tests/kernels/test_lowering.py lowers them all): the default tiles, then
   :data:`_mosaic_gpu.AUTO`'s and their neighbours (pipeline depth, warp MMAs, token
   tiles, halves apart, the epilogue); what earlier runs timed and lost is in the comments
-  and docs/kernels.md."""
+  and docs/kernels.md. Those that do not fit at ``m`` tokens (the sweep's K = N = 8192,
+  groups of 128, weight K-major: shared memory, warp MMAs past 32 tokens) are left out."""
+  def fits(t):
+    try:
+      K._mosaic_gpu.plan_w4(kname, m, 8192, 8192, GROUP, t,
+                            act_bytes=1 if kname == "w4a8" else 2, weight_layout="nk")
+    except ValueError:
+      return False
+    return True
+  return [t for t in _w4_candidates(m, kname) if fits(t)]
+
+
+def _w4_candidates(m: int, kname: str) -> list[HopperW4Tiles]:
   T = HopperW4Tiles
   S = functools.partial(T, nibbles="split")
   # nk_scales="slab": the scales read as stored, no per-call transpose (side by side with
@@ -279,22 +291,23 @@ def hopper_w4_candidates(m: int, kname: str = "w4a16") -> list[HopperW4Tiles]:
     # the kernel) 11.2 us at M = 1 (3.03x), 12.1 at M = 16: the default since; then deeper
     # pipelines (10 stages fit at M = 1 only), run 8's tiles, and at M = 64 the 128-token ones
     Q = functools.partial(P, int_sums="magic", **one)
-    deeper = [6, 8, 10] if m <= 8 else [6, 8] if m <= 16 else []  # what fits
     return ([T(), Q(epilogue="kernel")]
-            + [Q(epilogue="kernel", max_concurrent_steps=d) for d in deeper]
+            + [Q(epilogue="kernel", max_concurrent_steps=d) for d in (6, 8, 10)]
             + [P(tile_n=128, nk_scales="slab", int_sums="magic", pad_tokens=False)]
             + ([P(tile_m=128, halves="apart")] if m >= 64 else []))
   # (compute_wgs=4 hangs compiled, run 8: refused by plan_w4; runs 5-8: byte loads, "ops"
   # unpacking and split-K 1 or 4 lose.) Run 9 at M = 1 (16): the one kernel with warp MMAs
   # (mma="sync") and 6 stages 12.7 us (15.4), the default since; with wgmmas 14.1 (15.8);
   # two K-steps per wait, 3 warpgroups taking K-steps in turn, turns at wgmma, split K over
-  # CTAs and 3 stages all lose (docs/kernels.md). Its neighbours: 5 and 8 stages (8 fit at
-  # M <= 8 only), 6 with wgmmas, 4 with warp MMAs.
+  # CTAs and 3 stages all lose (docs/kernels.md). Its neighbours: 5 and 8 stages (run 10:
+  # 13.7, 13.0), 6 with wgmmas (13.9), 4 with warp MMAs (13.3). Between 17 and 63 tokens
+  # (Triton's today, not yet compared) also the 64-token tiles of the default at 64-128.
   S1 = dict(one, epilogue="kernel")
   return ([T(), NAT(**S1, mma="sync", max_concurrent_steps=6), NAT(**S1),
-           NAT(**S1, mma="sync", max_concurrent_steps=5)]
-          + ([NAT(**S1, mma="sync", max_concurrent_steps=8)] if m <= 8 else [])
-          + [NAT(**S1, max_concurrent_steps=6), NAT(**S1, mma="sync")])
+           NAT(**S1, mma="sync", max_concurrent_steps=5),
+           NAT(**S1, mma="sync", max_concurrent_steps=8),
+           NAT(**S1, max_concurrent_steps=6), NAT(**S1, mma="sync")]
+          + ([NAT(tile_m=64, epilogue="kernel")] if m > 16 else []))
 
 
 def hopper_fn(tiles, interpret: bool, weight_layout: str = "kn", kname: str = "w4a16"):

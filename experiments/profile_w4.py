@@ -71,37 +71,27 @@ def profiled_configs(m: int) -> list:
   from lowbit import kernels as K
   T, S = K.HopperW4Tiles, functools.partial(K.HopperW4Tiles, nibbles="split")
   if m > 64:  # W4A8's M = 256 target: the int32 -> f32 group sums, the MMA waits
-    # (the default, then it with the warpgroups taking turns at wgmma, untimed: does one
-    # scale while the other's MMAs run? first, as the stage's timeout may cut the list)
-    # then W4A16 in the same 128-token design, halves apart (sixteenth session, untimed;
-    # with the kernel's epilogue, whose lack of f32 output tiles leaves room for the
-    # profiler's buffer beside two 80 KiB stages)
-    configs = [("w4a8", S(tile_m=128, unpack="ptx")),
-               ("w4a8", S(tile_m=128, unpack="ptx", pingpong=True)),
+    # (runs 9-10's defaults first, as the stage's timeout may cut the list: W4A8 with slab
+    # scales, then with halves apart, W4A16's 128-token tiles with halves apart and the
+    # kernel's epilogue; then run 8's W4A8 default and it with the magic sums)
+    configs = [("w4a8", S(tile_m=128, unpack="ptx", nk_scales="slab")),
+               ("w4a8", S(tile_m=128, unpack="ptx", halves="apart")),
                ("w4a16", S(tile_m=128, unpack="ptx_natural", halves="apart", epilogue="kernel")),
-               ("w4a8", S(tile_m=128)),
-               ("w4a8", S(tile_m=128, unpack="ptx", int_sums="magic")),
-               ("w4a8", S(tile_m=128, unpack="ptx", int_sums="magic", halves="apart"))]
+               ("w4a8", S(tile_m=128, unpack="ptx")),
+               ("w4a8", S(tile_m=128, unpack="ptx", int_sums="magic"))]
   else:
-    # most telling first (the stage's timeout may cut the list): the one kernel that run 8
-    # timed fastest at decode (14.2 us), it with warp MMAs (mma="sync", untimed: its
-    # "issue" against the wgmma one's), with 3 warpgroups taking K-steps in turn
-    # (wg_split="steps", untimed), with two K-steps per wgmma wait (untimed), the
-    # old default, the one kernel with "ptx" (ldmatrix loads), the runner-up (128-row tiles
-    # per warpgroup), then W4A8's decode best and default (compute_wgs=4 hangs: refused)
+    # most telling first (the stage's timeout may cut the list): W4A16's decode default
+    # since run 9 (the one kernel with warp MMAs and 6 stages, 12.6-12.8 us), it with the
+    # default depth, with wgmmas (run 8's default, 14.1-14.3), W4A8's decode default (the
+    # one kernel, 10.8-11.2), then the kernel's default tiles
     one_kernel = dict(pad_tokens=False, wg_split="k", epilogue="kernel", nk_scales="slab")
-    configs = [("w4a16", S(unpack="ptx_natural", **one_kernel)),
+    configs = [("w4a16", S(unpack="ptx_natural", mma="sync", max_concurrent_steps=6,
+                           **one_kernel)),
                ("w4a16", S(unpack="ptx_natural", mma="sync", **one_kernel)),
-               ("w4a16", S(unpack="ptx_natural", **dict(one_kernel, wg_split="steps"),
-                           compute_wgs=3)),
-               ("w4a16", S(unpack="ptx_natural", steps_per_wait=2, **one_kernel)),
-               ("w4a16", S(unpack="ptx_natural", pingpong=True, **one_kernel)),
+               ("w4a16", S(unpack="ptx_natural", **one_kernel)),
+               ("w4a8", S(unpack="ptx", int_sums="magic", **one_kernel)),
                ("w4a16", T()),
-               ("w4a16", S(unpack="ptx", **one_kernel)),
-               ("w4a16", S(tile_n=128, unpack="ptx_natural", nk_scales="slab", pad_tokens=False)),
-               ("w4a8", S(tile_n=128, unpack="ptx", int_sums="magic", nk_scales="slab",
-                          pad_tokens=False)),
-               ("w4a8", T(tile_n=128))]
+               ("w4a8", T())]
   return configs
 
 

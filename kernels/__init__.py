@@ -12,7 +12,8 @@ All three also have Hopper kernels in Pallas' Mosaic GPU backend (TMA,
 ``w4a16_matmul`` / ``w4a8_matmul(..., block_sizes=HopperW4Tiles(...))``; with
 neither ``backend`` nor ``block_sizes`` a Hopper GPU takes them where the GPU runs
 put them ahead (``_mosaic_gpu.AUTO``: W8A8 from M = 2048; with weights stored
-K-major and group scales, W4A8 up to M = 256 and W4A16 with bf16 tokens up to M = 16).
+K-major and group scales, W4A8 at any M and W4A16 with bf16 tokens at M <= 16 and
+M >= 64).
 
 :func:`qmatmul` picks the kernel from the operands and the backend from the
 platform (GPU: Pallas Triton, or Mosaic GPU as above; TPU: Pallas Mosaic; CPU:

@@ -133,10 +133,12 @@ def test_profile_configs_follow_the_gate(gate):
   profile = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(profile)
   configs = profile.profiled_configs(1)
-  flags = gate.bench_flags(log(passed=(DEFAULT_W4, ONE_KERNEL, W8), crashed=(PP,)))
-  assert flags == ["--skip-tiles", "pingpong=True"]
+  sync = ONE_KERNEL.replace("final]", "final-sync]")  # the decode default's case
+  flags = gate.bench_flags(log(passed=(DEFAULT_W4, ONE_KERNEL, W8), crashed=(sync,)))
+  assert flags == ["--skip-tiles", "mma='sync'"]
   kept = profile.gated(configs, None, flags[1:])
-  assert len(kept) == len(configs) - 1 and not any(t.pingpong for _, t in kept)
+  assert any(t.mma == "sync" for _, t in configs)
+  assert kept == [(k, t) for k, t in configs if t.mma != "sync"]
   assert profile.gated(configs, None, []) == configs
   assert profile.gated(configs, [], []) == []  # --no-hopper alone: nothing
   assert {k for k, _ in profile.gated(configs, ["w4a16", "w4a8"], [])} == set()

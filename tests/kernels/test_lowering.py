@@ -233,7 +233,7 @@ def cuda_lowering_failures(fn, x, w, candidates, **kw) -> list[str]:
 
 
 @pytest.mark.slow  # the GPU run's own candidates: experiments/gpu_jax_check.sh
-@pytest.mark.parametrize("m", [1, 16, 64, 128, 256, 4096])
+@pytest.mark.parametrize("m", [1, 16, 32, 64, 128, 256, 4096])
 @pytest.mark.parametrize("name", ["w4a16", "w4a8"])
 def test_every_int4_sweep_candidate_lowers_for_cuda(name, m):
   """The GPU run's sweep (experiments/bench_kernels.py) at K = N = 8192, bf16 group-128
