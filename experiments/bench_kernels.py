@@ -276,7 +276,8 @@ def _w4_candidates(m: int, kname: str) -> list[HopperW4Tiles]:
             NAT(tile_m=64, nk_scales="slab", epilogue="kernel")]
   if m > 256:  # W4A8 prefill (run 9, M = 4096: halves apart 590 us, together 622)
     return [P(tile_m=128, halves="apart"), P(tile_m=128), P(tile_m=128, epilogue="kernel"),
-            P(tile_m=128, halves="apart", pingpong=True)]
+            P(tile_m=128, halves="apart", pingpong=True),
+            P(tile_m=128, halves="apart", nk_scales="slab")]  # 2 stages: not yet timed
   if m > 64:  # W4A8's M = 256 target: MMA-bound, token tiles of 64 to 128
     # Runs 9-10 at M = 256 (1.2-1.3x at best): 128-token tiles 39.8-41.9 us whether halves
     # are apart, the scales slab or transposed, the epilogue the kernel's, with turns or 3
@@ -284,7 +285,8 @@ def _w4_candidates(m: int, kname: str) -> list[HopperW4Tiles]:
     # K 51.9. The default (slab scales, run 10: 24.7 us at M = 128, 39.8 at 256), its
     # neighbours, the 64-token tiles.
     return [P(tile_m=128, nk_scales="slab"), P(tile_m=128, halves="apart"), P(tile_m=128),
-            P(tile_m=128, halves="apart", epilogue="kernel"), P(tile_m=64)]
+            P(tile_m=128, halves="apart", epilogue="kernel"), P(tile_m=64),
+            P(tile_m=128, halves="apart", nk_scales="slab")]  # 2 stages: not yet timed
   one = dict(wg_split="k", nk_scales="slab", pad_tokens=False)
   if kname == "w4a8":  # W4A8 has no decode target
     # Run 9: the one kernel (K split over the warpgroups, the output scaled and written by

@@ -1642,41 +1642,42 @@ AUTO: dict[str, list[tuple]] = {
     # tiles win (1.33x vs 1.06x).
     "w8a8": [(2048, None, ("kn", "nk"), HopperTiles())],
     # Run 8 (weight stored K-major, bf16 tokens, group scales): the call is one kernel, the
-  # warpgroups splitting each step's K, codes converted by PTX from 16-bit loads, the
-  # scales read as stored, the output written by the kernel: 14.2 us at M = 1 (2.41x)
-  # against Triton's 21.3 (K-major tiles) in the same run. Runs 9-10: the same with warp
-  # MMAs (mma="sync") and 6 pipeline stages, 12.7-12.8 us at M = 1 (2.66x; 14.1-14.3 as
-  # run 8 took it), 15.4-15.6 at M = 16 (15.8-15.9). Taken for M <= 16 (the token tile the
-  # kernel writes whole).
-  # Run 10, M = 64 and 128: 64-token tiles, the output written by the kernel, 34.9 / 35.9
-  # us against Triton's 39.2 / 106 (the 128-token tiles below took 50.7 / 52.8 there with
-  # the kernel's epilogue, 37.3 / 36.6 with XLA's). From 129 tokens: 128-token tiles, each
-  # K-step's halves scaled apart (together they spill), the kernel's epilogue: 53.4-53.6
-  # us at M = 256 (0.90-1.00x) and 845-896 at M = 4096 (0.75-0.79x) against Triton's
-  # 103.5-103.9 / 1680-1690. (M = 17-63: Triton, not yet compared.)
-  "w4a16": [(1, 16, ("nk",), HopperW4Tiles(
-                nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
-                pad_tokens=False, epilogue="kernel", mma="sync", max_concurrent_steps=6)),
-            (64, 128, ("nk",), HopperW4Tiles(
-                nibbles="split", unpack="ptx_natural", tile_m=64, epilogue="kernel")),
-            (129, None, ("nk",), HopperW4Tiles(
-                nibbles="split", unpack="ptx_natural", tile_m=128, halves="apart",
-                epilogue="kernel"))],
-  # Runs 9-10, weight stored K-major: decode as one kernel (the warpgroups splitting K, the
-  # output scaled and written by the kernel, PTX-converted split nibbles, slab scales,
-  # full-rate group-sum conversion), 11.0-11.2 us at M = 1 (3.0x), 12.1-12.2 at M = 16
-  # and 18.0 at M = 64 (2.3x), against run 8's default's 12.9 / 14.4 and Triton's 16.3 /
-  # 17.8 / 20.3. From 65 tokens: 128-token tiles, the scales read as stored, 24.7 us at
-  # M = 128 and 39.8-40.0 at M = 256 (1.2-1.3x) against Triton's 28.7 / 56.9; from 257,
-  # each K-step's halves scaled apart (the slab does not fit beside them), 590-631 us at
-  # M = 4096 (1.05-1.14x) against Triton's 842-845.
-  "w4a8": [(1, 64, ("nk",), HopperW4Tiles(
-               nibbles="split", unpack="ptx", wg_split="k", nk_scales="slab",
-               int_sums="magic", pad_tokens=False, epilogue="kernel")),
-           (65, 256, ("nk",), HopperW4Tiles(nibbles="split", unpack="ptx", tile_m=128,
-                                            nk_scales="slab")),
-           (257, None, ("nk",), HopperW4Tiles(nibbles="split", unpack="ptx", tile_m=128,
-                                              halves="apart"))],
+    # warpgroups splitting each step's K, codes converted by PTX from 16-bit loads, the
+    # scales read as stored, the output written by the kernel: 14.2 us at M = 1 (2.41x)
+    # against Triton's 21.3 (K-major tiles) in the same run. Runs 9-10: the same with warp
+    # MMAs (mma="sync") and 6 pipeline stages, 12.7-12.8 us at M = 1 (2.66x; 14.1-14.3 as
+    # run 8 took it), 15.4-15.6 at M = 16 (15.8-15.9). Taken for M <= 16 (the token tile the
+    # kernel writes whole).
+    # Run 10, M = 64 and 128: 64-token tiles, the output written by the kernel, 34.9 / 35.9
+    # us against Triton's 39.2 / 106 (the 128-token tiles below took 50.7 / 52.8 there with
+    # the kernel's epilogue, 37.3 / 36.6 with XLA's). From 129 tokens: 128-token tiles, each
+    # K-step's halves scaled apart (together they spill), the kernel's epilogue: 53.4-53.6
+    # us at M = 256 (0.89-1.00x) and 845-896 at M = 4096 (0.75-0.79x) against Triton's
+    # 103.5-103.9 / 1680-1690. (M = 17-63: Triton, not yet compared.)
+    "w4a16": [(1, 16, ("nk",), HopperW4Tiles(
+                  nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
+                  pad_tokens=False, epilogue="kernel", mma="sync", max_concurrent_steps=6)),
+              (64, 128, ("nk",), HopperW4Tiles(
+                  nibbles="split", unpack="ptx_natural", tile_m=64, epilogue="kernel")),
+              (129, None, ("nk",), HopperW4Tiles(
+                  nibbles="split", unpack="ptx_natural", tile_m=128, halves="apart",
+                  epilogue="kernel"))],
+    # Runs 9-10, weight stored K-major: decode as one kernel (the warpgroups splitting K, the
+    # output scaled and written by the kernel, PTX-converted split nibbles, slab scales,
+    # full-rate group-sum conversion), 11.0-11.2 us at M = 1 (3.0x), 12.1-12.2 at M = 16
+    # and 18.0 at M = 64 (2.3x), against run 8's default's 12.9 / 14.4 and Triton's 16.3 /
+    # 17.8 / 20.3. From 65 tokens: 128-token tiles, the scales read as stored, 24.7 us at
+    # M = 128 and 39.8-40.0 at M = 256 (1.2-1.3x) against Triton's 28.7 / 56.9; from 257,
+    # each K-step's halves scaled apart (scales transposed per call; with the slab, which
+    # fits in 2 stages, not yet timed), 590-631 us at M = 4096 (1.05-1.14x) against
+    # Triton's 842-845.
+    "w4a8": [(1, 64, ("nk",), HopperW4Tiles(
+                 nibbles="split", unpack="ptx", wg_split="k", nk_scales="slab",
+                 int_sums="magic", pad_tokens=False, epilogue="kernel")),
+             (65, 256, ("nk",), HopperW4Tiles(nibbles="split", unpack="ptx", tile_m=128,
+                                              nk_scales="slab")),
+             (257, None, ("nk",), HopperW4Tiles(nibbles="split", unpack="ptx", tile_m=128,
+                                                halves="apart"))],
 }
 
 
