@@ -35,7 +35,7 @@ OPT_IN = {
     "magic": "int_sums='magic'", "unpadded": "pad_tokens=False", "ksplit": "wg_split='k'",
     "final": "epilogue='kernel'", "pw2": "steps_per_wait=2", "sync": "mma='sync'",
     "steps": "wg_split='steps'", "wgs3": "compute_wgs=3", "-pp]": "pingpong=True",
-    "apart": "halves='apart'", "tm128": "tile_m=128",
+    "apart": "halves='apart'", "tm128": "tile_m=128", "folded": "offset='folded'",
 }
 #: Id fragments of opt-in variants (``split`` too: split nibbles; ``wgs4``: 4 compute
 #: warpgroups, refused compiled), whose failure leaves the default tiles' rows in.

@@ -409,8 +409,8 @@ def reorder_tokens(x: jax.Array) -> jax.Array:
   return x.reshape(m, k // 16, 4, 2, 2).transpose(0, 1, 3, 2, 4).reshape(m, k)
 
 
-def split_int4_ptx(w: jax.Array, act: jnp.dtype,
-                   natural: bool = False) -> tuple[jax.Array, jax.Array]:
+def split_int4_ptx(w: jax.Array, act: jnp.dtype, natural: bool = False,
+                   folded: bool = False) -> tuple[jax.Array, jax.Array]:
   """The codes of both packed halves of the bytes ``w`` (int8 ``[rows, cols]`` in
   ``plgpu.Layout.WGMMA_LAYOUT_8BIT``, or ``WGMMA_LAYOUT`` when ``natural``), ready
   for ``wgmma`` with no shuffle (inside a Mosaic GPU kernel only:
@@ -423,7 +423,9 @@ def split_int4_ptx(w: jax.Array, act: jnp.dtype,
   register holds the bytes of columns ``2c, 2c + 1`` or ``2c + 8, 2c + 9`` of a
   16-column block: one 2 x 8-bit load), one ``_pallas.i4_pair_to_bf16_asm()`` per
   register gives the lo and the hi bf16 pair at that same register: the codes in
-  their K order, the tokens as they are.
+  their K order, the tokens as they are; ``folded`` (natural only): each value
+  ``_pallas.FOLDED_OFFSET + s``, without the conversion's two ``fma``s
+  (``HopperW4Tiles(offset="folded")``).
   ``act`` int8 (W4A8): ``(16 lo, 16 hi)`` int8 in ``WGMMA_LAYOUT_8BIT`` itself,
   the natural order either way: ``(q << 4) & 0xF0F0F0F0`` and ``q & 0xF0F0F0F0``
   (lowbit.kernels._pallas' ``_ASM_I4_TO_I8X16_*``), 3 instructions per 8 codes.
@@ -459,7 +461,7 @@ def split_int4_ptx(w: jax.Array, act: jnp.dtype,
     def convert_pairs(_, fa):
       i16, i32 = (ir.IntegerType.get_signless(b) for b in (16, 32))
       result = llvm.StructType.get_literal([i32] * 2)
-      asm = _pallas.i4_pair_to_bf16_asm()
+      asm = _pallas.i4_pair_to_bf16_asm(folded=folded)
       lo, hi = np.empty_like(fa.registers), np.empty_like(fa.registers)
       for idx, reg in np.ndenumerate(fa.registers):  # vector<2xi8>: bytes 2c, 2c + 1
         word = llvm.zext(i32, mgpu.utils.bitcast(reg, i16))  # the 16-bit load as it is
@@ -469,6 +471,10 @@ def split_int4_ptx(w: jax.Array, act: jnp.dtype,
       return tuple(mgpu.FragmentedArray(_registers=r, _layout=dst_layout.to_mgpu(),
                                         _is_signed=None) for r in (lo, hi))
     return convert_pairs(w)
+
+  if folded:
+    raise ValueError("split_int4_ptx(folded=True) converts natural-order pairs only: "
+                     "pass natural=True (HopperW4Tiles(unpack='ptx_natural')).")
 
   @plgpu.inline_mgpu(arg_types=(src,), return_type=(out, out))
   def convert16(_, fa):
@@ -552,7 +558,7 @@ def mma_sync_ldmatrix_offset(lane: int, tile: int, pair: int, col0: int, width: 
   return mma_sync_b_offset(lane % 8, 0, tile, 2 * pair + i // 2, i % 2, col0, width)
 
 
-def mma_sync_bf16(a: jax.Array, x_ref, col0, tm: int) -> jax.Array:
+def mma_sync_bf16(a: jax.Array, x_ref, col0, tm: int, sums: bool = False):
   """``a @ x[:, col0 : col0 + cols]^T`` by ``mma.sync.m16n8k16`` (f32 sums), inside a
   Mosaic GPU kernel (``plgpu.inline_mgpu``): ``a`` bf16 ``[rows, cols]`` in
   ``WGMMA_LAYOUT`` (rows 64 or 128, cols a multiple of 16), ``x_ref`` the token
@@ -567,7 +573,13 @@ def mma_sync_bf16(a: jax.Array, x_ref, col0, tm: int) -> jax.Array:
   out in PTX's C fragment order, which is the ``WGMMA_LAYOUT`` of the ``[rows, tm]``
   result: ``c0, c1`` row ``g``, ``c2, c3`` row ``g + 8``, columns ``2t, 2t + 1`` of the
   token tile. No warpgroup fence or wait: the MMAs are per warp and their results
-  scoreboarded like any register."""
+  scoreboarded like any register.
+
+  ``sums``: also ``ones @ x[:, col0 : col0 + cols]^T``, each token's sum over the columns
+  in every row (f32 ``[rows, tm]``, the same layout), from the same B fragments: one more
+  MMA per K-chunk and token tile, its A operand the constant bf16 1.0 (no registers
+  loaded or converted), once per warp whatever ``rows``; returns ``(product, sums)``
+  (``HopperW4Tiles(offset="folded")``)."""
   import jax.experimental.mosaic.gpu as mgpu
   import jax.experimental.pallas.mosaic_gpu as plgpu
   from jax._src.lib.mlir import ir
@@ -579,7 +591,7 @@ def mma_sync_bf16(a: jax.Array, x_ref, col0, tm: int) -> jax.Array:
   out = plgpu.ShapeDtypeStruct((rows, tm), jnp.float32, layout)
 
   @plgpu.inline_mgpu(arg_types=(layout, plgpu.RefType(_tiled(64, 16)), _wgmma_row_layout()),
-                     return_type=out)
+                     return_type=(out, out) if sums else out)
   def run(_, fa, ref, col):
     i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
     c = lambda v: mgpu.utils.c(v, i32)  # noqa: E731
@@ -617,22 +629,40 @@ def mma_sync_bf16(a: jax.Array, x_ref, col0, tm: int) -> jax.Array:
         w = b_words(q, pair)
         for k in range(4):
           bwords[q, 2 * pair + k // 2, k % 2] = w[k]
-    regs = np.empty(layout.to_mgpu().registers_shape((rows, tm)), object)
+    vec2 = ir.VectorType.get((2,), f32)
+
+    def product(a_words, q):
+      """The ``[16, 8]`` product of a warp's A words (per chunk) and token tile ``q``, as
+      the two register pairs of rows ``g`` and ``g + 8``."""
+      chains = [[zero] * 4, [zero] * 4]
+      for j in range(chunks):
+        acc = chains[j % 2]
+        r = llvm.inline_asm(acc_t, [*a_words[j], bwords[q, j, 0], bwords[q, j, 1], *acc], asm,
+                            "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f")
+        chains[j % 2] = [llvm.extractvalue(f32, r, (i,)) for i in range(4)]
+      d = [arith.addf(e, o) for e, o in zip(*chains, strict=True)]
+      return [vector.from_elements(vec2, d[2 * r8:2 * r8 + 2]) for r8 in (0, 1)]
+
+    shape = layout.to_mgpu().registers_shape((rows, tm))
+    regs = np.empty(shape, object)
     for blk in range(blocks):
       a_words = [[mgpu.utils.bitcast(fa.registers[idx], i32) for idx in mma_sync_a_registers(blk, j)]
                  for j in range(chunks)]
       for q in range(tiles):
-        chains = [[zero] * 4, [zero] * 4]
-        for j in range(chunks):
-          acc = chains[j % 2]
-          r = llvm.inline_asm(acc_t, [*a_words[j], bwords[q, j, 0], bwords[q, j, 1], *acc], asm,
-                              "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f")
-          chains[j % 2] = [llvm.extractvalue(f32, r, (i,)) for i in range(4)]
-        d = [arith.addf(e, o) for e, o in zip(*chains, strict=True)]
-        vec2 = ir.VectorType.get((2,), f32)
-        for r8 in (0, 1):
-          regs[blk, q, 0, 0, r8, 0, 0, 0, 0] = vector.from_elements(vec2, d[2 * r8:2 * r8 + 2])
-    return mgpu.FragmentedArray(_registers=regs, _layout=layout.to_mgpu(), _is_signed=None)
+        for r8, v in enumerate(product(a_words, q)):
+          regs[blk, q, 0, 0, r8, 0, 0, 0, 0] = v
+    result = mgpu.FragmentedArray(_registers=regs, _layout=layout.to_mgpu(), _is_signed=None)
+    if not sums:
+      return result
+    one = c(0x3F803F80)  # bf16 pair (1.0, 1.0): every A register of the ones tile
+    total = np.empty(shape, object)
+    for q in range(tiles):
+      pairs = product([[one] * 4] * chunks, q)  # rows alike: once, for every block
+      for blk in range(blocks):
+        for r8, v in enumerate(pairs):
+          total[blk, q, 0, 0, r8, 0, 0, 0, 0] = v
+    return result, mgpu.FragmentedArray(_registers=total, _layout=layout.to_mgpu(),
+                                        _is_signed=None)
 
   return run(a, x_ref, jnp.asarray(col0, jnp.int32))
 
@@ -817,6 +847,18 @@ class HopperW4Tiles:
       warpgroups' ``m64n128k32`` MMAs take at the int8 rate, then ``scale`` 0.66 us.
       The numbers are the same either way (each warpgroup's own sums, in its own
       order); only when MMAs run changes.
+    offset: W4A16 with ``mma="sync"`` and group scales: where the codes' offset goes.
+      ``"fma"``: each code converted to its bf16 value ``s`` (6 instructions per 4 codes:
+      ``prmt``, ``shr``, two ``lop3``, two bf16x2 ``fma``s that subtract 136).
+      ``"folded"``: without the ``fma``s (4 instructions per 4 codes), each code enters
+      the MMA as ``136 + s`` (exact in bf16), and each warp also multiplies a ``16 x 16``
+      tile of ones by the same token fragments it loaded, one MMA per K-chunk, for each
+      group's token sums ``X[g, m]``; the group's f32 sum becomes ``acc - 136 X`` before
+      its scale: ``y = sum_g scale[g] (sum_k (136 + s_k) x_k - 136 sum_k x_k)``. Run 9's
+      profile put the conversion first in the decode step; the default kernel's loop is
+      319 SASS instructions a step and thread, 64 of them those ``fma``s
+      (``experiments/sass_stats.py``). The subtraction costs f32 precision where
+      ``136 |X|`` dwarfs the sum: about ``2**-24 * 136 |X| / |acc - 136 X|`` relative.
   """
 
   tile_n: int = 64
@@ -838,6 +880,7 @@ class HopperW4Tiles:
   steps_per_wait: int = 1
   mma: Literal["wgmma", "sync"] = "wgmma"
   pingpong: bool = False
+  offset: Literal["fma", "folded"] = "fma"
 
   def __post_init__(self):
     if self.wg_split not in ("n", "k", "steps"):
@@ -875,6 +918,12 @@ class HopperW4Tiles:
       raise ValueError("HopperW4Tiles(mma='sync') multiplies the bf16 codes of "
                        "unpack='ptx_natural' (W4A16): pass nibbles='split', "
                        "unpack='ptx_natural'.")
+    if self.offset not in ("fma", "folded"):
+      raise ValueError(f"HopperW4Tiles.offset={self.offset!r}: use 'fma' or 'folded'.")
+    if self.offset == "folded" and (self.mma != "sync" or self.halves != "together"):
+      raise ValueError("HopperW4Tiles(offset='folded') takes each group's token sums from "
+                       "the warp MMAs' own token fragments: pass mma='sync' (and "
+                       f"halves='together'); got mma={self.mma!r}, halves={self.halves!r}.")
     if self.steps_per_wait > 1 and self.nibbles != "split":
       raise ValueError("HopperW4Tiles(steps_per_wait > 1) issues several K-steps' wgmmas "
                        "before one wait for split nibbles only: pass nibbles='split'.")
@@ -922,6 +971,7 @@ class W4Plan:
   per_wait: int = 1  # HopperW4Tiles.steps_per_wait: K-steps a warpgroup issues per wait
   sync: bool = False  # HopperW4Tiles.mma == "sync": warp MMAs (mma.sync), not wgmma
   pingpong: bool = False  # HopperW4Tiles.pingpong: the warpgroups take turns at wgmma
+  folded: bool = False  # HopperW4Tiles.offset == "folded": codes as 136 + s, sums corrected
 
   @property
   def cta_n(self) -> int:
@@ -1059,7 +1109,11 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
                 magic=tiles.int_sums == "magic", natural=tiles.unpack == "ptx_natural",
                 ksplit=ksplit, rr=rr, final=final, apart=tiles.halves == "apart",
                 per_wait=tiles.steps_per_wait, sync=tiles.mma == "sync",
-                pingpong=tiles.pingpong)
+                pingpong=tiles.pingpong, folded=tiles.offset == "folded")
+  if plan.folded and not plan.grouped:
+    raise ValueError(f"{name}: HopperW4Tiles(offset='folded') corrects each group's sum "
+                     "before its scale: it needs group scales (group_size set); use "
+                     "offset='fma' for per-channel weights.")
   if plan.grouped and not plan.slab and cta_n > 256:
     raise ValueError(
         f"{name}: {tiles} streams a row of {cta_n} group scales per K-step, more than TMA's "
@@ -1149,6 +1203,7 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   waiting for this warpgroup's turn at wgmma).
   """
   import jax.experimental.pallas.mosaic_gpu as plgpu
+  from lowbit.kernels import _pallas
 
   p = plan
   n = w4.shape[0]
@@ -1301,16 +1356,22 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
         def dots(pairs):
           """``[a() @ b for (a, b_smem) in pairs]``, f32 or int32 (``mma="sync"``: ``b`` is
-          ``(token buffer, K-step column)``, :func:`mma_sync_bf16`)."""
+          ``(token buffer, K-step column)``, :func:`mma_sync_bf16`). ``offset="folded"``:
+          ``[(a() @ b, ones @ b)]``, each token's sum over the K-step's columns beside."""
           if interpret:  # the same turns, around the dots
-            out = [jnp.dot(a(), b[...], preferred_element_type=acc_dtype)
-                   for a, b in in_turn(pairs)]
+            out = []
+            for a, b in in_turn(pairs):
+              codes, xb = a(), b[...]
+              prod = jnp.dot(codes, xb, preferred_element_type=acc_dtype)
+              out.append((prod, jnp.dot(jnp.ones_like(codes), xb,
+                                        preferred_element_type=acc_dtype))
+                         if p.folded else prod)
             pass_turn()
             return out
           if p.sync:
             codes = [a() for a, _ in pairs]
             with jax.named_scope("issue"):
-              return [mma_sync_bf16(c, ref, col0, tm)
+              return [mma_sync_bf16(c, ref, col0, tm, sums=p.folded)
                       for c, (_, (ref, col0)) in zip(codes, pairs, strict=True)]
 
           # the turn taken before the accumulators are allocated: their zeros then go
@@ -1376,13 +1437,15 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
           if p.ptx and not interpret:  # both halves in one pass over the registers, no shuffle
             with jax.named_scope("unpack"):
-              codes = split_int4_ptx(w, act, natural=p.natural)
+              codes = split_int4_ptx(w, act, natural=p.natural, folded=p.folded)
             return [(lambda c=c: c, x) for c, x in zip(codes, x_refs, strict=True)]
           if p.ptx and act == jnp.bfloat16:  # interpreted: the same codes (natural order)
             with jax.named_scope("unpack"):
               codes = (lax.shift_right_arithmetic(lax.shift_left(w, jnp.int8(4)), jnp.int8(4)),
                        lax.shift_right_arithmetic(w, jnp.int8(4)))
-            return [(lambda c=c: c.astype(act), x) for c, x in zip(codes, x_refs, strict=True)]
+            offset = jnp.asarray(_pallas.FOLDED_OFFSET if p.folded else 0, act)  # exact
+            return [(lambda c=c: c.astype(act) + offset, x)
+                    for c, x in zip(codes, x_refs, strict=True)]
 
           def half(h):
             """Mosaic GPU does no arithmetic on 8-bit registers, only bitwise operations."""
@@ -1509,6 +1572,9 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             def scaled(y, parts, scales):
               with jax.named_scope("scale"):
                 for part, sc in zip(parts, scales, strict=True):
+                  if p.folded:  # (sum of (136 + s) x, sum of x): the codes' sum
+                    part, xsum = part
+                    part = part - jnp.float32(_pallas.FOLDED_OFFSET) * xsum
                   y = y + group_sum_f32(part) * lax.broadcast_in_dim(sc, (tn, tm), (0,))
               return y
 

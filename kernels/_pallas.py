@@ -246,7 +246,13 @@ def i4_to_bf16_asm(halves: Literal["lo", "hi", "both"]) -> str:
   return code + "}"
 
 
-def i4_pair_to_bf16_asm() -> str:
+#: What :func:`i4_pair_to_bf16_asm` with ``folded=True`` adds to each code: the bf16 it
+#: gives is ``FOLDED_OFFSET + s`` (``128 + (s + 8)``, exact in bf16), the offset left for
+#: the caller to take off a sum (``HopperW4Tiles(offset="folded")``).
+FOLDED_OFFSET = 136
+
+
+def i4_pair_to_bf16_asm(folded: bool = False) -> str:
   """The same conversion for two bytes in the low half of ``$2`` (a 32-bit register: a
   16-bit shared-memory load; its high half is not read): one ``prmt`` spreads them into
   the halves of a word (the first ``prmt`` of ``"both"``), then ``$0`` the low nibbles
@@ -254,9 +260,18 @@ def i4_pair_to_bf16_asm() -> str:
   constant moves (the Mosaic GPU kernel's ``unpack="ptx_natural"``). The two bytes given
   as one register, not as two zero-extended ones, save the kernel two ``PRMT``s per
   load in the SASS (experiments/sass_stats.py): ptxas does not merge the byte
-  extractions and the ``mov.b32`` pack that two 16-bit operands need."""
-  return ("{\n.reg .b32 lba, lbh, lbz, lbone, lboff;\nmov.b32 lbz, 0;\n" + _BF16_CONSTANTS +
-          "prmt.b32 lba, $2, lbz, 0x4140;\nshr.b32 lbh, lba, 4;\n"
+  extractions and the ``mov.b32`` pack that two 16-bit operands need.
+
+  ``folded``: without the two ``fma``s, 4 instructions: each value is
+  ``FOLDED_OFFSET + s`` (``0x4300 | (n ^ 8)`` is the bf16 ``128 + s + 8``); a dot with
+  them is the dot with the codes plus ``FOLDED_OFFSET`` times the sum of the other
+  operand, for the caller to subtract."""
+  head = ("{\n.reg .b32 lba, lbh, lbz, lbone, lboff;\nmov.b32 lbz, 0;\n"
+          "prmt.b32 lba, $2, lbz, 0x4140;\nshr.b32 lbh, lba, 4;\n")
+  if folded:
+    return (head.replace(", lbone, lboff;", ";") + "lop3.b32 $0, lba, 0x000F000F, 0x43084308, 0x6A;\n"
+            "lop3.b32 $1, lbh, 0x000F000F, 0x43084308, 0x6A;\n}")
+  return (head.replace("mov.b32 lbz, 0;\n", "mov.b32 lbz, 0;\n" + _BF16_CONSTANTS)
           + _bf16_tail("lba", "lbh", "$0", "$1") + "}")
 
 

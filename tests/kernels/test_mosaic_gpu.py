@@ -230,6 +230,14 @@ W4_CASES = [
     (5, 4096, 256, 128, dict(nibbles="split", unpack="ptx_natural", wg_split="k",
                              nk_scales="slab", pad_tokens=False, epilogue="kernel", mma="sync",
                              max_concurrent_steps=6), "nk"),
+    # offset="folded": the codes as 136 + s, each group's sum less 136 times its token sums
+    # (from a ones tile against the same fragments): the decode default so, and two token
+    # tiles (16) with K split over CTAs
+    (5, 512, 256, 64, dict(nibbles="split", unpack="ptx_natural", wg_split="k", nk_scales="slab",
+                           pad_tokens=False, epilogue="kernel", mma="sync", offset="folded"),
+     "nk"),
+    (20, 1024, 256, 128, dict(nibbles="split", unpack="ptx_natural", tile_m=16, split_k=2,
+                              mma="sync", offset="folded"), "kn"),
     # wg_split="steps": warpgroup w takes pipeline steps w mod compute_wgs (one K-step each),
     # so 3 warpgroups divide K's 8 K-steps too: grouped with 2, per-channel with 3, the
     # decode one kernel with 3 (and with mma="sync"), K-steps 3, 3 and 2
@@ -279,6 +287,7 @@ def case_id(c) -> str:
           + ("-apart" if kw.get("halves") == "apart" else "")
           + (f"-pw{kw['steps_per_wait']}" if kw.get("steps_per_wait", 1) > 1 else "")
           + ("-sync" if kw.get("mma") == "sync" else "")
+          + ("-folded" if kw.get("offset") == "folded" else "")
           + ("-pp" if kw.get("pingpong") else ""))
 
 
@@ -683,6 +692,19 @@ def test_w4a16_errors_name_the_problem():
   x32, w32 = w4_operands(4, 512, 256, 32, seed=10)
   with pytest.raises(ValueError, match="mma='sync'.*tile_k=64"):
     K.w4a16_matmul(x32, w32, backend=BACKEND, block_sizes=sync())
+  # offset="folded": the token sums come from the warp MMAs' fragments, per group
+  with pytest.raises(ValueError, match="offset='nope': use 'fma' or 'folded'"):
+    K.HopperW4Tiles(offset="nope")
+  with pytest.raises(ValueError, match="offset='folded'.*pass mma='sync'.*got mma='wgmma'"):
+    K.HopperW4Tiles(nibbles="split", unpack="ptx_natural", offset="folded")
+  with pytest.raises(ValueError, match="offset='folded'.*halves='apart'"):
+    K.HopperW4Tiles(nibbles="split", unpack="ptx_natural", mma="sync", offset="folded",
+                    halves="apart")
+  xp8, wp8 = w4_operands(4, 512, 256, None, seed=12)
+  with pytest.raises(ValueError, match="offset='folded'.*needs group scales.*offset='fma'"):
+    K.w4a16_matmul(xp8, wp8, backend=BACKEND, block_sizes=sync(offset="folded"))
+  with pytest.raises(ValueError, match="folded=True.*pass natural=True"):
+    mg.split_int4_ptx(jnp.zeros((64, 64), jnp.int8), jnp.bfloat16, folded=True)
   # pingpong: turns at wgmma, within pipeline steps that every warpgroup takes
   with pytest.raises(ValueError, match="pingpong=1: use True or False"):
     K.HopperW4Tiles(pingpong=1)

@@ -131,6 +131,20 @@ def test_int4_pair_to_bf16_asm_gives_both_nibbles_of_two_bytes():
     np.testing.assert_array_equal(got, nibbles(words, high)[:, :2])
 
 
+def test_folded_int4_pair_to_bf16_asm_gives_the_nibbles_plus_136():
+  """``HopperW4Tiles(offset="folded")``: the same registers without the bf16 FMAs, each
+  value ``136 + s`` (exact in bf16), in 4 instructions besides the constants."""
+  words = all_byte_pairs()
+  junk = np.random.default_rng(1).integers(0, 1 << 16, words.shape, dtype=np.uint32) << U32(16)
+  asm = _pallas.i4_pair_to_bf16_asm(folded=True)
+  out = run_ptx(asm, {"$2": (words & U32(0xFFFF)) | junk})
+  for reg, high in (("$0", False), ("$1", True)):
+    got = np.stack(_bf16x2_to_f32(out[reg]), -1)
+    np.testing.assert_array_equal(got, nibbles(words, high)[:, :2] + _pallas.FOLDED_OFFSET)
+  body = [ln for ln in asm.splitlines() if ln.strip()[:4] in ("prmt", "shr.", "lop3", "fma.")]
+  assert len(body) == 4 and "fma" not in asm
+
+
 def test_int4_to_int8x16_asm_gives_sixteen_times_the_nibbles():
   words = all_byte_pairs()
   for asm, high in ((_pallas._ASM_I4_TO_I8X16_LO, False), (_pallas._ASM_I4_TO_I8X16_HI, True)):
