@@ -82,11 +82,15 @@ def profiled_configs(m: int) -> list:
   else:
     # most telling first (the stage's timeout may cut the list): W4A16's decode default
     # since run 9 (the one kernel with warp MMAs and 6 stages, 12.6-12.8 us), it with the
-    # default depth, with wgmmas (run 8's default, 14.1-14.3), W4A8's decode default (the
-    # one kernel, 10.8-11.2), then the kernel's default tiles
+    # offset folded out of the conversion, with the default depth, with wgmmas (run 8's
+    # default, 14.1-14.3), W4A8's decode default (the one kernel, 10.8-11.2), then the
+    # kernel's default tiles
     one_kernel = dict(pad_tokens=False, wg_split="k", epilogue="kernel", nk_scales="slab")
     configs = [("w4a16", S(unpack="ptx_natural", mma="sync", max_concurrent_steps=6,
                            **one_kernel)),
+               # the same with the offset folded out of the conversion (untimed)
+               ("w4a16", S(unpack="ptx_natural", mma="sync", max_concurrent_steps=6,
+                           offset="folded", **one_kernel)),
                ("w4a16", S(unpack="ptx_natural", mma="sync", **one_kernel)),
                ("w4a16", S(unpack="ptx_natural", **one_kernel)),
                ("w4a8", S(unpack="ptx", int_sums="magic", **one_kernel)),
