@@ -130,11 +130,21 @@ def _auto_check(rows, sweeps) -> list[str]:
   return out if len(out) > 2 else []
 
 
-def render(paths: list[str]) -> str:
-  """Targets for every run; all rows and the sweep's best only for the newest run."""
+def _newest_first(path: str) -> list:
+  """Sort key, newest run first: the file name's numbers as numbers (run 11 after run 9)."""
+  return [int(t) if t.isdigit() else t
+          for t in re.split(r"(\d+)", pathlib.Path(path).name)]
+
+
+def render(paths: list[str], sweep_runs: int = 2) -> str:
+  """Targets for every run; all rows only for the newest run; the sweep tables of the
+  newest ``sweep_runs`` runs that swept (a run that only timed the defaults leaves them to
+  the ones before, and a sweep's evidence stays beside the next one's)."""
   out = []
-  runs = [(p, json.loads(pathlib.Path(p).read_text())) for p in sorted(paths, reverse=True)]
+  runs = [(p, json.loads(pathlib.Path(p).read_text()))
+          for p in sorted(paths, key=_newest_first, reverse=True)]
   runs = [(p, d) for p, d in runs if "sweeps" in d]  # bench_kernels.py's files only
+  swept = [p for p, d in runs if d["sweeps"]][:sweep_runs]
   for i, (p, d) in enumerate(runs):
     meta, rows = d["meta"], d["rows"]
     cupti = meta.get("timer") == "cupti"
@@ -148,42 +158,54 @@ def render(paths: list[str]) -> str:
                f"{meta['reps']}; speedup = t(XLA bf16 dot) / t(impl), same run.\n")
     out.append("Targets:\n")
     out += _targets(rows)
-    if i > 0:
+    if i > 0 and p not in swept:
       out.append("")
       continue
-    out.append("\nAll rows:\n")
-    wall = " us wall |" if cupti else ""
-    out.append(f"| M | K | N | impl | us |{wall} x bf16 | bound | GB/s | TOP/s | rel err vs XLA |")
-    out.append("|---|---|---|---|---|" + ("---|" if cupti else "") + "---|---|---|---|---|")
-    for r in rows:
-      err = f"{r['rel_err_vs_xla']:.1e}" if "rel_err_vs_xla" in r else ""
-      w = f" {r['us_wall']:.1f} |" if cupti else ""
-      out.append(f"| {r['m']} | {r['k']} | {r['n']} | {r['impl']} | {r['us']:.1f} |{w} "
-                 f"{r['speedup_vs_bf16']:.2f} | {r.get('bound', 0):.2f} | {r['GBps']:.0f} | "
-                 f"{r['TOPs']:.0f} | {err} |")
-    if d.get("sweeps"):
-      best = _best(d["sweeps"])
-      n_bad = sum(not s.get("correct", True) for s in d["sweeps"])
-      out.append(f"\nBest correct BlockSizes of the sweep ({len(d['sweeps'])} candidates timed, "
-                 f"{n_bad} with a wrong output):\n")
-      out.append("| M | K | N | kernel | us | x bf16 | BlockSizes |")
-      out.append("|---|---|---|---|---|---|---|")
-      for key, s in sorted(best.items()):
-        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {s['us']:.1f} | "
-                   f"{s['speedup_vs_bf16']:.2f} | `{s['block_sizes']}` |")
-      auto = _auto_check(rows, d["sweeps"])
-      if auto:
-        out.append("\nThe sweep's best Mosaic GPU tiles against what the dispatch takes today "
-                   "(the `*_auto_nk` row, same run; > 1: `_mosaic_gpu.AUTO` should take "
-                   "the tiles at this M):\n")
-        out += auto
-      variants = _w4_variants(d["sweeps"])
-      if variants:
-        out.append("\nMosaic GPU int4 variants, the best candidate with each value against "
-                   "the best with the field's other values (> 1: this value is faster):\n")
-        out += variants
+    if i == 0:
+      out += _all_rows(rows, cupti)
+    if p in swept:
+      out += _sweep_tables(rows, d["sweeps"])
     out.append("")
   return "\n".join(out)
+
+
+def _all_rows(rows: list[dict], cupti: bool) -> list[str]:
+  """The newest run's table of every row."""
+  out = ["\nAll rows:\n"]
+  wall = " us wall |" if cupti else ""
+  out.append(f"| M | K | N | impl | us |{wall} x bf16 | bound | GB/s | TOP/s | rel err vs XLA |")
+  out.append("|---|---|---|---|---|" + ("---|" if cupti else "") + "---|---|---|---|---|")
+  for r in rows:
+    err = f"{r['rel_err_vs_xla']:.1e}" if "rel_err_vs_xla" in r else ""
+    w = f" {r['us_wall']:.1f} |" if cupti else ""
+    out.append(f"| {r['m']} | {r['k']} | {r['n']} | {r['impl']} | {r['us']:.1f} |{w} "
+               f"{r['speedup_vs_bf16']:.2f} | {r.get('bound', 0):.2f} | {r['GBps']:.0f} | "
+               f"{r['TOPs']:.0f} | {err} |")
+  return out
+
+
+def _sweep_tables(rows: list[dict], sweeps: list[dict]) -> list[str]:
+  """A swept run's tables: the best tiles per point, the AUTO check, the variant table."""
+  best = _best(sweeps)
+  n_bad = sum(not s.get("correct", True) for s in sweeps)
+  out = [f"\nBest correct BlockSizes of the sweep ({len(sweeps)} candidates timed, "
+         f"{n_bad} with a wrong output):\n",
+         "| M | K | N | kernel | us | x bf16 | BlockSizes |", "|---|---|---|---|---|---|---|"]
+  for key, s in sorted(best.items()):
+    out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {s['us']:.1f} | "
+               f"{s['speedup_vs_bf16']:.2f} | `{s['block_sizes']}` |")
+  auto = _auto_check(rows, sweeps)
+  if auto:
+    out.append("\nThe sweep's best Mosaic GPU tiles against what the dispatch takes today "
+               "(the `*_auto_nk` row, same run; > 1: `_mosaic_gpu.AUTO` should take "
+               "the tiles at this M):\n")
+    out += auto
+  variants = _w4_variants(sweeps)
+  if variants:
+    out.append("\nMosaic GPU int4 variants, the best candidate with each value against "
+               "the best with the field's other values (> 1: this value is faster):\n")
+    out += variants
+  return out
 
 
 def main(argv=None):

@@ -951,3 +951,33 @@ def test_report_sets_the_sweeps_best_mosaic_tiles_against_the_default_dispatch()
   assert len(table) == 3 and "| 4096 | 8192 | 8192 | w4a16 | 1500.0 | 600.0 | 2.50 |" in table[2]
   assert "tile_m=128" in table[2]
   assert kr._auto_check([], sweeps) == []
+
+
+def test_report_orders_runs_by_number_and_keeps_the_sweeps_tables(tmp_path):
+  """kernels_report.render: run 11 is newer than run 9 (numbers compared as numbers, not
+  as text), all rows for the newest run alone, and the sweep tables for the newest two
+  runs that swept even when the newest only timed the defaults."""
+  import importlib.util
+  import json
+  import pathlib
+  path = pathlib.Path(__file__).parents[2] / "experiments" / "kernels_report.py"
+  spec = importlib.util.spec_from_file_location("kernels_report", path)
+  kr = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(kr)
+  meta = dict(device="H200", jax="0.11.2", date="2026-11-28", copy_bandwidth_GBps=4300.0,
+              reps=10, timer="cupti", per_op_floor_us=18.0)
+  row = dict(m=1, k=8192, n=8192, impl="xla_bf16_dot", us=34.0, us_wall=60.0,
+             speedup_vs_bf16=1.0, GBps=3900.0, TOPs=4.0)
+  sweep = [dict(m=1, k=8192, n=8192, kernel="w4a16", block_sizes=repr(K.HopperW4Tiles()),
+                us=14.0, speedup_vs_bf16=2.4)]
+  paths = []
+  for run, sweeps in (("run8", sweep), ("run9", sweep), ("run10", sweep), ("run11", [])):
+    p = tmp_path / f"2026-11-28-h200-{run}.json"
+    p.write_text(json.dumps(dict(meta=meta, rows=[row], sweeps=sweeps)))
+    paths.append(str(p))
+  text = kr.render(paths)
+  heads = [ln.split(".json")[0].split("-")[-1] for ln in text.splitlines() if ln.startswith("### ")]
+  assert heads == ["run11", "run10", "run9", "run8"]
+  sections = text.split("### ")[1:]
+  assert ["All rows" in s for s in sections] == [True, False, False, False]
+  assert ["Best correct BlockSizes" in s for s in sections] == [False, True, True, False]
