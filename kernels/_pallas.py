@@ -208,13 +208,16 @@ def unpack_tile(p: jax.Array) -> tuple[jax.Array, jax.Array]:
 # 0x43084308, which flips the nibble s to offset binary (u = s + 8) and places it in
 # the mantissa of the bf16 128.0 (0x4300 | u == 128 + u, exact), and one bf16x2 FMA
 # subtracts 136; the high nibbles the same after a 4-bit shift.
-def _bf16_tail(a: str, b: str, out0: str, out1: str) -> str:
+def _bf16_tail(a: str, b: str, out0: str, out1: str, fma: bool = True) -> str:
   """The lop3 + FMA of that conversion for the words ``a``, ``b`` (nibbles in bits 0-3 and
-  16-19) into the bf16 pairs ``out0``, ``out1``; lop3 0x6A is ``(a & b) ^ c``."""
-  return (f"lop3.b32 {out0}, {a}, 0x000F000F, 0x43084308, 0x6A;\n"
-          f"lop3.b32 {out1}, {b}, 0x000F000F, 0x43084308, 0x6A;\n"
-          f"fma.rn.bf16x2 {out0}, {out0}, lbone, lboff;\n"
-          f"fma.rn.bf16x2 {out1}, {out1}, lbone, lboff;\n")
+  16-19) into the bf16 pairs ``out0``, ``out1``; lop3 0x6A is ``(a & b) ^ c``. Without
+  ``fma`` the lop3s alone: the pairs hold ``136 + s`` (:data:`FOLDED_OFFSET`)."""
+  code = (f"lop3.b32 {out0}, {a}, 0x000F000F, 0x43084308, 0x6A;\n"
+          f"lop3.b32 {out1}, {b}, 0x000F000F, 0x43084308, 0x6A;\n")
+  if fma:
+    code += (f"fma.rn.bf16x2 {out0}, {out0}, lbone, lboff;\n"
+             f"fma.rn.bf16x2 {out1}, {out1}, lbone, lboff;\n")
+  return code
 
 
 _BF16_CONSTANTS = "mov.b32 lbone, 0x3F803F80;\nmov.b32 lboff, 0xC308C308;\n"
@@ -266,13 +269,10 @@ def i4_pair_to_bf16_asm(folded: bool = False) -> str:
   ``FOLDED_OFFSET + s`` (``0x4300 | (n ^ 8)`` is the bf16 ``128 + s + 8``); a dot with
   them is the dot with the codes plus ``FOLDED_OFFSET`` times the sum of the other
   operand, for the caller to subtract."""
-  head = ("{\n.reg .b32 lba, lbh, lbz, lbone, lboff;\nmov.b32 lbz, 0;\n"
-          "prmt.b32 lba, $2, lbz, 0x4140;\nshr.b32 lbh, lba, 4;\n")
-  if folded:
-    return (head.replace(", lbone, lboff;", ";") + "lop3.b32 $0, lba, 0x000F000F, 0x43084308, 0x6A;\n"
-            "lop3.b32 $1, lbh, 0x000F000F, 0x43084308, 0x6A;\n}")
-  return (head.replace("mov.b32 lbz, 0;\n", "mov.b32 lbz, 0;\n" + _BF16_CONSTANTS)
-          + _bf16_tail("lba", "lbh", "$0", "$1") + "}")
+  regs, constants = ("", "") if folded else (", lbone, lboff", _BF16_CONSTANTS)
+  return (f"{{\n.reg .b32 lba, lbh, lbz{regs};\nmov.b32 lbz, 0;\n" + constants +
+          "prmt.b32 lba, $2, lbz, 0x4140;\nshr.b32 lbh, lba, 4;\n"
+          + _bf16_tail("lba", "lbh", "$0", "$1", fma=not folded) + "}")
 
 
 _ASM_I4_TO_BF16_LO = i4_to_bf16_asm("lo")
