@@ -565,11 +565,28 @@ def logical_weight(w, weight_layout: str, name: str):
   return w.transpose()
 
 
+def split_channel_scale(w, weight_layout: str = "kn"):
+  """``(w', c)`` for a weight with integer group scales (``QuantSpec(group_scales="int")``):
+  ``w'`` the same weight with its group scales ``s`` as f32 (exact) and no channel scale,
+  ``c`` the channel scales as f32 ``[1, N]`` of the logical ``[K, N]`` weight, so that
+  ``x @ dequantize(w) == (x @ dequantize(w')) * c`` up to f32 rounding (the kernels'
+  group sums scaled by ``s``, then each channel by ``c``). ``w`` as stored
+  (``weight_layout="nk"``: ``[N, K]``, channel scales ``[N, 1]``)."""
+  c = w.channel_scale.astype(jnp.float32)
+  c = c.T if weight_layout == "nk" else c
+  return dataclasses.replace(w, scale=w.scale.astype(jnp.float32), channel_scale=None), c
+
+
 def weight_operands(w, name: str, packed: bool):
   """``(values, scale [groups or 1, N], group)`` of a ``[K, N]`` weight QArray, validated."""
   from lowbit.quant import QArray
   if not isinstance(w, QArray):
     raise ValueError(f"{name}: w must be a lowbit.quant.QArray, got {type(w).__name__}.")
+  if w.channel_scale is not None:  # the public kernels split it off first
+    raise ValueError(
+        f"{name}: w has integer group scales under a channel scale; this path takes float "
+        "group scales. Call it through lowbit.kernels.qmatmul, w4a16_matmul or w4a8_matmul, "
+        "which handle them (_pallas.split_channel_scale).")
   if w.ndim != 2:
     raise ValueError(f"{name}: w must be a [K, N] matrix, got shape {w.shape}.")
   if w.zero_point is not None:
@@ -679,7 +696,7 @@ def cpu_row_slices(x: jax.Array, w, dot, *, k_major: bool) -> jax.Array:
   """
   rows_total = w.shape[0]
   # stored rows per row of a scale or zero point: 1 (one per row), G (groups) or all
-  per = [rows_total // a.shape[0] for a in (w.scale, w.zero_point)
+  per = [rows_total // a.shape[0] for a in (w.scale, w.zero_point, w.channel_scale)
          if a is not None and a.shape[0] > 1]
   size = slice_size(rows_total, CPU_ROWS, max(per, default=1))
   if size == rows_total:
@@ -693,7 +710,8 @@ def cpu_row_slices(x: jax.Array, w, dot, *, k_major: bool) -> jax.Array:
 
   def piece(i):
     return dataclasses.replace(w, qvalue=rows(w.qvalue, i), scale=rows(w.scale, i),
-                               zero_point=rows(w.zero_point, i), shape=(size, w.shape[1]))
+                               zero_point=rows(w.zero_point, i),
+                               channel_scale=rows(w.channel_scale, i), shape=(size, w.shape[1]))
 
   m = x.shape[0]
   if k_major:  # slice i holds output columns [i size, (i + 1) size)

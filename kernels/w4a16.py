@@ -42,7 +42,16 @@ def w4a16_matmul(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
 
   Returns:
     ``[M, N]`` in ``out_dtype``.
+
+  A weight with integer group scales (``QuantSpec(group_scales="int")``) runs as one with
+  float group scales ``s`` (exact), its output times the channel scales
+  (:func:`lowbit.kernels._pallas.split_channel_scale`).
   """
+  if isinstance(w, QArray) and w.channel_scale is not None:
+    w, c = _pallas.split_channel_scale(w, weight_layout)
+    y = w4a16_matmul(x, w, out_dtype=jnp.float32, block_sizes=block_sizes, backend=backend,
+                     weight_layout=weight_layout)
+    return (y * c).astype(out_dtype or jnp.asarray(x).dtype)
   w = _pallas.logical_weight(w, weight_layout, "w4a16_matmul")
   if backend is None and block_sizes is None:
     # Hopper: the Mosaic GPU kernel where it wins (it multiplies bf16 tokens only)
@@ -116,6 +125,24 @@ def grouped_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | 
   return out
 
 
+def int_scaled_halves_dot(x: jax.Array, wq: jax.Array, s: jax.Array, group: int) -> jax.Array:
+  """``sum_k x[m, k] * (q[k, n] * s[k // G, n])`` in int32, ``[M, N]``: integer group scales
+  (``QuantSpec(group_scales="int")``) applied to the codes, one int8 dot over all of K.
+
+  ``x [M, K]`` int8, ``wq [K/2, N]`` packed, ``s [K/G, N]`` int8 in ``[1, 16]`` (``q * s``
+  stays in int8). Exact: the caller scales the int32 sums once per token and channel.
+  """
+  k = x.shape[1]
+  h = k // 2
+  lo, hi = unpack_int4_halves(wq, jnp.int8)
+  rep = jnp.repeat(s.astype(jnp.int8), group, axis=0)  # [K, N]: each code's group scale
+  if h % group:  # a group straddles the halves: the full K axis at once
+    q = jnp.concatenate([lo, hi], axis=0) * rep
+    return lax.dot(x, q, preferred_element_type=jnp.int32)
+  return (lax.dot(x[:, :h], lo * rep[:h], preferred_element_type=jnp.int32)
+          + lax.dot(x[:, h:], hi * rep[h:], preferred_element_type=jnp.int32))
+
+
 def _cpu_chunk(h: int, m: int, group: int | None) -> int:
   """Packed rows per step of :func:`cpu_halves_dot`: ``G`` with groups; else the largest
   divisor of ``K/2`` up to ``_pallas.CPU_ROWS`` that is a multiple of 32 (``K/2`` itself
@@ -135,7 +162,7 @@ def cpu_takes_loop(k: int, group: int | None) -> bool:
 
 def cpu_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
                    k_major: bool, dot_dtype: jax.typing.DTypeLike,
-                   acc_dtype: jax.typing.DTypeLike) -> jax.Array:
+                   acc_dtype: jax.typing.DTypeLike, int_scales: bool = False) -> jax.Array:
   """``sum_g s[g] * (x_g @ q_g)`` in f32, ``[M, N]``, as a loop over slices of packed rows:
   the form XLA:CPU runs fast.
 
@@ -148,6 +175,9 @@ def cpu_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None
   kernels' arithmetic); without groups up to ``_pallas.CPU_ROWS`` rows below
   ``_pallas.CPU_WHOLE_M`` tokens and all ``K/2`` rows from there (:func:`_cpu_chunk`), the
   sums accumulated in ``acc_dtype`` and scaled once. Needs :func:`cpu_takes_loop`.
+  ``int_scales`` (W4A8 with integer group scales, ``ws`` int8 ``[K/G, N]``): each step's
+  codes times their group's scale in int8 (exact), all of K summed in int32, returned as
+  f32 with no scale applied (:func:`int_scaled_halves_dot`'s numbers).
 
   Why (2 cores, jax 0.10.2, K = N = 4096): unpacking the whole weight first (W4A16: 4 bytes
   a code, written, then read again by the dot) took 23-28 ms at M = 1 against 4-7 ms a
@@ -165,16 +195,26 @@ def cpu_halves_dot(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None
   dims = (((1,), (axis,)), ((), ()))
   prec = lax.Precision.HIGHEST if jnp.dtype(dot_dtype) == jnp.float32 else None
   x = x.astype(dot_dtype)
-  ws = ws.astype(jnp.float32)
+  if int_scales and (group is None or ws.dtype != jnp.int8):
+    raise ValueError("cpu_halves_dot(int_scales=True) takes int8 group scales and a group.")
+  s_int, ws = ws, ws.astype(jnp.float32)
 
-  def halves(i):
+  def halves(i, scales=None):
     lo, hi = unpack_int4_halves(lax.dynamic_slice_in_dim(wq, i * chunk, chunk, axis),
                                 dot_dtype)
+    if scales is not None:  # each half's group scale row [1, N], on the codes
+      lo, hi = ((q * (r.T if k_major else r)) for q, r in zip((lo, hi), scales, strict=True))
     return [lax.dot_general(lax.dynamic_slice_in_dim(x, start, chunk, 1), q, dims,
                             precision=prec, preferred_element_type=acc_dtype)
             for start, q in ((i * chunk, lo), (h + i * chunk, hi))]
 
   n = ws.shape[1]
+  if int_scales:
+    def int_step(i, acc):
+      rows = [lax.dynamic_slice_in_dim(s_int, r, 1, 0) for r in (i, i + h // group)]
+      return acc + sum(halves(i, rows))
+    acc = lax.fori_loop(0, h // group, int_step, jnp.zeros((x.shape[0], n), jnp.int32))
+    return acc.astype(jnp.float32)
   if group is not None:
     def step(i, acc):
       s_lo = lax.dynamic_slice_in_dim(ws, i, 1, 0)
@@ -198,8 +238,13 @@ def xla(x: jax.Array, w: QArray, *, out_dtype: jnp.dtype | None = None,
   ``weight_layout`` as in :func:`w4a16_matmul`. On CPU below ``_pallas.CPU_WHOLE_M``
   tokens a loop over slices of the packed weight (:func:`cpu_halves_dot`), unpacked to f32,
   and from there the weight dequantized to f32 and one dot; elsewhere the whole weight
-  unpacked to ``x.dtype``, two dots (batched over groups).
+  unpacked to ``x.dtype``, two dots (batched over groups). Integer group scales: as in
+  :func:`w4a16_matmul`.
   """
+  if w.channel_scale is not None:
+    w, c = _pallas.split_channel_scale(w, weight_layout)
+    y = xla(x, w, out_dtype=jnp.float32, weight_layout=weight_layout)
+    return (y * c).astype(out_dtype or x.dtype)
   wq, ws, group = _pallas.weight_operands(
       _pallas.logical_weight(w, weight_layout, "w4a16.xla"), "w4a16.xla", packed=True)
   dot_dtype = _pallas.float_dot_dtype(x.dtype)

@@ -14,7 +14,12 @@ from jax import lax
 from lowbit.kernels import _mosaic_gpu, _pallas
 from lowbit.kernels._mosaic_gpu import HopperW4Tiles
 from lowbit.kernels._pallas import BlockSizes
-from lowbit.kernels.w4a16 import cpu_halves_dot, cpu_takes_loop, grouped_halves_dot
+from lowbit.kernels.w4a16 import (
+    cpu_halves_dot,
+    cpu_takes_loop,
+    grouped_halves_dot,
+    int_scaled_halves_dot,
+)
 
 from lowbit.quant import QArray, dequantize
 
@@ -38,7 +43,16 @@ def w4a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
 
   Returns:
     ``[M, N]`` in ``out_dtype``.
+
+  A weight with integer group scales (``QuantSpec(group_scales="int")``) runs as one with
+  float group scales ``s`` (exact), its output times the channel scales
+  (:func:`lowbit.kernels._pallas.split_channel_scale`).
   """
+  if isinstance(w, QArray) and w.channel_scale is not None:
+    w, c = _pallas.split_channel_scale(w, weight_layout)
+    y = w4a8_matmul(x, w, out_dtype=jnp.float32, block_sizes=block_sizes, backend=backend,
+                    weight_layout=weight_layout)
+    return (y * c).astype(out_dtype)
   w = _pallas.logical_weight(w, weight_layout, "w4a8_matmul")
   if backend is None and block_sizes is None:  # Hopper: the Mosaic GPU kernel where it wins
     block_sizes = _mosaic_gpu.default_tiles("w4a8", x, w, weight_layout)
@@ -73,8 +87,15 @@ def xla(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
   dots, which XLA:CPU runs far faster than one batched integer dot), one token padded to
   two rows. (Qwix and AQT lower W4A8 to an int32 x int32 dot, 2.7-3.2x slower than float
   on CPU; the int8 dot is what makes W4A8 pay there.)
+
+  Integer group scales (``QuantSpec(group_scales="int")``): ``out[m, n] = sx[m] * c[n] *
+  sum_k x[m, k] * (q[k, n] * s[k // G, n])``, the codes times their group's integer scale
+  in int8 (exact), all of K summed in int32 (:func:`lowbit.kernels.w4a16.int_scaled_halves_dot`;
+  on CPU the same loop, ``int_scales=True``), one f32 scale per token and channel.
   """
   xq, xs = _pallas.act_operands(x, "w4a8.xla")
+  if w.channel_scale is not None:
+    return _int_scales_xla(xq, xs, w, weight_layout).astype(out_dtype)
   wq, ws, group = _pallas.weight_operands(
       _pallas.logical_weight(w, weight_layout, "w4a8.xla"), "w4a8.xla", packed=True)
   xw = _pallas.widen_single_row(xq)
@@ -84,6 +105,21 @@ def xla(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
   else:
     out = grouped_halves_dot(xw, wq, ws, group, jnp.int8, jnp.int32)
   return (out[:xq.shape[0]] * xs).astype(out_dtype)
+
+
+def _int_scales_xla(xq: jax.Array, xs: jax.Array, w: QArray, weight_layout: str) -> jax.Array:
+  """:func:`xla` for a weight with integer group scales: f32 ``[M, N]``."""
+  stripped, c = _pallas.split_channel_scale(w, weight_layout)
+  wq, _, group = _pallas.weight_operands(
+      _pallas.logical_weight(stripped, weight_layout, "w4a8.xla"), "w4a8.xla", packed=True)
+  s = _pallas.logical_weight(w, weight_layout, "w4a8.xla").scale  # int8 [K/G, N]
+  xw = _pallas.widen_single_row(xq)
+  if _pallas.platform() == "cpu" and cpu_takes_loop(xq.shape[1], group):
+    acc = cpu_halves_dot(xw, w.qvalue, s, group, k_major=weight_layout == "nk",
+                         dot_dtype=jnp.int8, acc_dtype=jnp.int32, int_scales=True)
+  else:
+    acc = int_scaled_halves_dot(xw, wq, s, group).astype(jnp.float32)
+  return acc[:xq.shape[0]] * xs * c
 
 
 def reference(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.float32) -> jax.Array:

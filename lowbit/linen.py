@@ -4,7 +4,8 @@
 looks itself up by its own module path (``'/'.join(scope.path)``, e.g.
 ``'Block_0/mlp'``) and runs in ``float``, ``fake_quant`` or ``converted``
 mode. A converted model's params hold ``qvalue`` (int8 or packed uint8) and
-``qscale`` (and ``qzero``) instead of ``kernel``: make them from trained float
+``qscale`` (and ``qzero``; ``qchannel`` with integer group scales) instead of
+``kernel``: make them from trained float
 params with :func:`convert_params`.
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -81,14 +82,19 @@ class QDense(nn.Module):
       qshape = (k // 2, n) if layout.pack_axis is not None else (k, n)
       qvalue = self.param("qvalue", nn.initializers.zeros_init(), qshape,
                           jnp.uint8 if layout.pack_axis is not None else jnp.int8)
+      int_scales = wspec.group_scales == "int"  # int8 group scales, a float one per channel
       qscale = self.param("qscale", nn.initializers.ones_init(), layout.scale_shape,
-                          wspec.scale_dtype)
+                          jnp.int8 if int_scales else wspec.scale_dtype)
       qzero = (None if wspec.symmetric else
                self.param("qzero", nn.initializers.zeros_init(), layout.scale_shape,
                           wspec.scale_dtype))
+      cshape = tuple(1 if a == layout.group_axis else d
+                     for a, d in enumerate(layout.scale_shape))
+      qchannel = (self.param("qchannel", nn.initializers.ones_init(), cshape, wspec.scale_dtype)
+                  if int_scales else None)
       w = QArray(qvalue, qscale, qzero, wspec.bits, (k, n), layout.channel_axes,
                  layout.group_axis, layout.group_size, layout.pack_axis,
-                 "integer" if wspec.symmetric else wspec.zero_point_form)
+                 "integer" if wspec.symmetric else wspec.zero_point_form, qchannel)
       dtype = self.dtype or inputs.dtype
       y = kernels.qmatmul(inputs.astype(dtype), w, act_spec=aspec,
                           implementation=self.implementation, out_dtype=dtype)
@@ -122,6 +128,8 @@ def convert_params(variables: dict, policy: PrecisionPolicy) -> dict:
         out["qvalue"], out["qscale"] = qa.qvalue, qa.scale
         if qa.zero_point is not None:
           out["qzero"] = qa.zero_point
+        if qa.channel_scale is not None:
+          out["qchannel"] = qa.channel_scale
         return out
     return {k: walk(v, path + (k,)) for k, v in tree.items()}
 

@@ -91,6 +91,8 @@ def describe_spec(spec: QuantSpec | None, prefix: str) -> str:
   else:
     gran = "per-tensor"
   extra = "" if spec.symmetric else (" asym-min" if spec.zero_point_form == "min" else " asym")
+  if spec.group_scales == "int":
+    extra += " int-scales"
   if spec.calibration != "absmax":
     extra += f" {spec.calibration}"
   return f"{prefix}{spec.bits} {gran}{extra}"
@@ -273,10 +275,13 @@ def w4a16(group_size: int | None = 128) -> PrecisionPolicy:
                           PrecisionRule(".*", _w(4, group_size))), allow_unused=True)
 
 
-def w4a8(group_size: int | None = None) -> PrecisionPolicy:
-  """int4 weights, int8 per-token activations."""
+def w4a8(group_size: int | None = None, group_scales: str = "float") -> PrecisionPolicy:
+  """int4 weights, int8 per-token activations; ``group_scales="int"`` (with a
+  ``group_size``): integer group scales under a channel scale (``QuantSpec.group_scales``),
+  all of K summed in int32."""
   return PrecisionPolicy((PrecisionRule(_HEAD, keep_float=True),
-                          PrecisionRule(".*", _w(4, group_size), A8)), allow_unused=True)
+                          PrecisionRule(".*", _w(4, group_size, group_scales=group_scales), A8)),
+                         allow_unused=True)
 
 
 def w8a16() -> PrecisionPolicy:
@@ -293,4 +298,5 @@ def mixed() -> PrecisionPolicy:
 
 
 READY_MADE = {"w8a8": w8a8, "w8a16": w8a16, "w4a16": w4a16, "w4a16-channel":
-              lambda: w4a16(None), "w4a8": w4a8, "mixed": mixed}
+              lambda: w4a16(None), "w4a8": w4a8, "w4a8-g128-int": lambda: w4a8(128, "int"),
+              "mixed": mixed}

@@ -324,7 +324,7 @@ def tp_qmatmul(x: jax.Array, w: QArray, mesh: Mesh, kind: str, *, axis: str = "m
             P(b_ax if act_params.scale.shape[0] == x2.shape[0] and b_ax else None))
   meta = dict(bits=w.bits, channel_axes=w.channel_axes, group_axis=w.group_axis,
               group_size=w.group_size, pack_axis=w.pack_axis, zero_point_form=w.zero_point_form)
-  zero = w.zero_point
+  zero, channel = w.zero_point, w.channel_scale  # channel: [1, N] with integer group scales
   dt = out_dtype or x.dtype
 
   def act(p):
@@ -334,13 +334,14 @@ def tp_qmatmul(x: jax.Array, w: QArray, mesh: Mesh, kind: str, *, axis: str = "m
     if n % m:
       raise ValueError(f"tp_qmatmul: N={n} is not a multiple of {axis}={m}.")
 
-    def f(xl, qv, sc, zp, ap):
-      wl = QArray(qv, sc, zp, shape=(k, n // m), **meta)
+    def f(xl, qv, sc, zp, ap, ch):
+      wl = QArray(qv, sc, zp, shape=(k, n // m), channel_scale=ch, **meta)
       return kernels.qmatmul(xl, wl, act_spec=act_spec, act_params=act(ap),
                              implementation=implementation, out_dtype=dt)
 
     w_spec = P(None, axis)
-    in_specs = (P(b_ax, None), w_spec, P(None, axis), None if zero is None else P(None, axis), a_spec)
+    in_specs = (P(b_ax, None), w_spec, P(None, axis), None if zero is None else P(None, axis), a_spec,
+                None if channel is None else P(None, axis))
     out_spec = P(b_ax, axis)
   else:
     blocks = 2 * m if w.packed else m  # packed: two half-blocks of K per device
@@ -359,7 +360,7 @@ def tp_qmatmul(x: jax.Array, w: QArray, mesh: Mesh, kind: str, *, axis: str = "m
       hi = jax.lax.dynamic_slice_in_dim(a, size // 2 + d * hb, hb, axis_)
       return jnp.concatenate([lo, hi], axis_)
 
-    def f(xl, qv, sc, zp, ap):
+    def f(xl, qv, sc, zp, ap, ch):
       d = jax.lax.axis_index(axis)
       xs = take(xl, d) if w.packed else jax.lax.dynamic_slice_in_dim(xl, d * (k // m), k // m, 1)
       if w.packed:
@@ -370,15 +371,16 @@ def tp_qmatmul(x: jax.Array, w: QArray, mesh: Mesh, kind: str, *, axis: str = "m
         scl = jax.lax.dynamic_slice_in_dim(sc, d * gl, gl, 0) if ngroups > 1 else sc
         zpl = None if zp is None else (jax.lax.dynamic_slice_in_dim(zp, d * gl, gl, 0)
                                        if ngroups > 1 else zp)
-      wl = QArray(qv, scl, zpl, shape=(k // m, n), **meta)
+      wl = QArray(qv, scl, zpl, shape=(k // m, n), channel_scale=ch, **meta)
       y = kernels.qmatmul(xs, wl, act_spec=act_spec, act_params=act(ap),
                           implementation=implementation, out_dtype=jnp.float32)
       return jax.lax.psum(y, axis).astype(dt)
 
-    in_specs = (P(b_ax, None), P(axis, None), P(), None if zero is None else P(), a_spec)
+    in_specs = (P(b_ax, None), P(axis, None), P(), None if zero is None else P(), a_spec,
+                None if channel is None else P())
     out_spec = P(b_ax, None)
   fn = jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)
-  y = fn(x2, w.qvalue, w.scale, zero, None if act_params is None else act_params.scale)
+  y = fn(x2, w.qvalue, w.scale, zero, None if act_params is None else act_params.scale, channel)
   return y.reshape(*lead, n)
 
 

@@ -6,7 +6,7 @@ on one device, from the same initial arrays and batches.
     python tests/_sharding_worker.py RULES [quick]
 
 ``quick`` (the default suite's run) leaves out tp_qmatmul over every layout and
-activation (12 compiled calls, ~13% of the worker's time), which only a ``slow`` test
+activation (16 compiled calls, ~13% of the worker's time), which only a ``slow`` test
 reads; the converted model's per-shard kernels cover that path in the default suite.
 """
 
@@ -185,7 +185,9 @@ def main():
 
   # --- tp_qmatmul alone: every layout, column and row, with and without int8 activations
   errs = []
-  for spec in () if quick else (W4G32, QuantSpec(bits=4, channel_axes=(1,), pack=True), W8):
+  w4g32_int = QuantSpec(bits=4, channel_axes=(1,), group_size=32, pack=True, group_scales="int")
+  for spec in () if quick else (W4G32, QuantSpec(bits=4, channel_axes=(1,), pack=True), W8,
+                                w4g32_int):
     w = lowbit.quant.quantize(jnp.asarray(rng.normal(size=(256, 96)), jnp.float32), spec)
     xx = jnp.asarray(rng.normal(size=(8, 5, 256)), jnp.float32)
     for act in (None, A8):

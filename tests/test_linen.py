@@ -50,3 +50,24 @@ def test_policy_modes_on_linen():
   assert "kernel" in p["head"]
   y_cv = Net(policy, "converted").apply(q, x)
   np.testing.assert_allclose(np.asarray(y_cv), np.asarray(y_fq), rtol=1e-5, atol=1e-5)
+
+
+def test_integer_group_scales_on_linen():
+  """QDense with integer group scales: converted params hold int8 group scales and a
+  channel scale (``qchannel``); converted == fake-quant."""
+  x = jax.random.normal(jax.random.key(0), (4, 128))
+  params = Net().init(jax.random.key(1), x)
+  policy = lowbit.PrecisionPolicy((
+      lowbit.PrecisionRule("head", keep_float=True),
+      lowbit.PrecisionRule("fc.*", QuantSpec(bits=4, channel_axes=(1,), group_size=64, pack=True,
+                                             group_scales="int"),
+                           QuantSpec(bits=8, channel_axes=(0,))),
+  ))
+  y_fq = Net(policy, "fake_quant").apply(params, x)
+  q = convert_params(params, policy)
+  p = q["params"]["fc2"]
+  assert set(p) == {"bias", "qchannel", "qscale", "qvalue"}
+  assert p["qscale"].dtype == jnp.int8 and p["qscale"].shape == (4, 128)
+  assert p["qchannel"].shape == (1, 128)
+  y_cv = Net(policy, "converted").apply(q, x)
+  np.testing.assert_allclose(np.asarray(y_cv), np.asarray(y_fq), rtol=1e-5, atol=1e-5)

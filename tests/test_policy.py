@@ -53,6 +53,13 @@ def test_explain_table():
   assert up["weight"] == "w4 g64" and up["bytes"] == 64 * 256 // 2 + 1 * 256 * 2 + 256 * 4
   text = lowbit.policy.format_table(rows)
   assert "layers/1/attn/q_proj" in text and "w4 g64" in text and text.splitlines()[-1].startswith("total")
+  # integer group scales: one byte a group, the channel scales beside
+  wi = QuantSpec(bits=4, channel_axes=(1,), group_size=64, pack=True, group_scales="int",
+                 scale_dtype=jnp.bfloat16)
+  p = PrecisionPolicy((PrecisionRule("lm_head", keep_float=True), PrecisionRule(".*", wi, A8)))
+  up = {r["path"]: r for r in p.explain(model(), print_table=False)}["layers/0/mlp/up_proj"]
+  assert up["weight"] == "w4 g64 int-scales"
+  assert up["bytes"] == 64 * 256 // 2 + 1 * 256 * 1 + 256 * 2 + 256 * 4
 
 
 def test_json_round_trip_and_files(tmp_path):

@@ -73,13 +73,18 @@ class QScale(nnx.Variable):
 
 def converted_bytes(kernel_shape: tuple[int, ...], spec: QuantSpec | None,
                     param_dtype: jax.typing.DTypeLike = jnp.float32) -> int:
-  """Bytes a kernel takes once converted: codes (packed if ``spec.pack``) + scales + zero points."""
+  """Bytes a kernel takes once converted: codes (packed if ``spec.pack``) + scales + zero
+  points; with integer group scales, one byte a group and the channel scales."""
   n = int(np.prod(kernel_shape))
   if spec is None:
     return n * jnp.dtype(param_dtype).itemsize
   layout = spec.resolve(tuple(kernel_shape))
   codes = n // 2 if layout.pack_axis is not None else n
-  scales = int(np.prod(layout.scale_shape)) * jnp.dtype(spec.scale_dtype).itemsize
+  entries = int(np.prod(layout.scale_shape))
+  if spec.group_scales == "int":
+    channels = entries // layout.scale_shape[layout.group_axis]
+    return codes + entries + channels * jnp.dtype(spec.scale_dtype).itemsize
+  scales = entries * jnp.dtype(spec.scale_dtype).itemsize
   return codes + scales * (1 if spec.symmetric else 2)
 
 
@@ -122,6 +127,10 @@ class _QuantMixin:
             f"{self._contract_axis()} of the kernel {kernel.shape}; int4 is packed along K.")
     if learn not in (None, "scale", "clip"):
       raise ValueError(f"{name}: learn={learn!r}; use None, 'scale' or 'clip'.")
+    if learn is not None and weight is not None and weight.group_scales == "int":
+      raise ValueError(
+          f"{name}: learn={learn!r} with QuantSpec(group_scales='int'): integer group scales "
+          "are calibrated, not learned; use learn=None, or group_scales='float' to learn them.")
     self._check_act_spec(act, path)
     self.weight_spec, self.act_spec, self.learn = weight, act, learn
     self.mode = FAKE_QUANT
@@ -182,7 +191,8 @@ class _QuantMixin:
     """A converted weight as stored: ``[K, N]``, or ``[N, K]`` when ``weight_layout="nk"``."""
     values, scale, zp = self.qvalue[...], self.qscale[...], (
         self.qzero[...] if hasattr(self, "qzero") else None)
-    return QArray(values, scale, zp, *self.qmeta)
+    channel = self.qchannel[...] if hasattr(self, "qchannel") else None
+    return QArray(values, scale, zp, *self.qmeta, channel_scale=channel)
 
   @property
   def weight_shape(self) -> tuple[int, ...]:
@@ -218,6 +228,8 @@ class _QuantMixin:
       self.qscale = QScale(qa.scale)
       if qa.zero_point is not None:
         self.qzero = QScale(qa.zero_point)
+      if qa.channel_scale is not None:  # integer group scales: each channel's float scale
+        self.qchannel = QScale(qa.channel_scale)
       self.qmeta = (qa.bits, qa.shape, qa.channel_axes, qa.group_axis, qa.group_size,
                     qa.pack_axis, qa.zero_point_form)
       del self.kernel

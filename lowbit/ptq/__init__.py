@@ -175,6 +175,10 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, spec: QuantSpec, *, damp: float 
   k, n = w.shape
   if spec.channel_axes not in ((1,), (-1,)) or spec.group_axis not in (0, -2):
     raise ValueError(f"gptq: spec must be per-output-channel (channel_axes=(1,)), got {spec}.")
+  if spec.group_scales == "int":
+    raise ValueError(
+        "gptq: QuantSpec(group_scales='int') is not supported yet (GPTQ's weight would need "
+        "its integer group scales fixed with it); use group_scales='float' for GPTQ.")
   params = calibrate(jnp.asarray(w, jnp.float32), spec)
   s = np.asarray(params.scale, np.float64)                     # [G, N]
   z = (np.zeros_like(s) if params.zero_point is None

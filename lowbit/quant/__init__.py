@@ -30,14 +30,16 @@ from lowbit.quant.quantize import (
     calibrate,
     code_zero_point,
     dequantize,
+    effective_scale,
     quantization_error,
     quantize,
 )
-from lowbit.quant.spec import Layout, QuantSpec
+from lowbit.quant.spec import INT_GROUP_SCALE_MAX, Layout, QuantSpec
 
 __all__ = [
-    "Layout", "LearnedClip", "QArray", "QuantParams", "QuantSpec", "calibrate", "code_zero_point",
-    "dequantize", "fake_quant", "init_learned_clip", "init_learned_scale",
-    "learned_clip_params", "lsq_grad_scale", "pack_int4", "quantization_error", "quantize", "round_ste",
-    "unpack_int4", "unpack_int4_halves",
+    "INT_GROUP_SCALE_MAX", "Layout", "LearnedClip", "QArray", "QuantParams", "QuantSpec",
+    "calibrate", "code_zero_point", "dequantize", "effective_scale", "fake_quant",
+    "init_learned_clip", "init_learned_scale", "learned_clip_params", "lsq_grad_scale",
+    "pack_int4", "quantization_error", "quantize", "round_ste", "unpack_int4",
+    "unpack_int4_halves",
 ]

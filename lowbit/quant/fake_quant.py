@@ -14,6 +14,7 @@ from lowbit.quant.quantize import (
     QuantParams,
     _calibrate,
     _stat_range,
+    effective_scale,
     expand_scale,
     from_blocks,
     to_blocks,
@@ -108,7 +109,8 @@ def fake_quant(x: jax.typing.ArrayLike, spec: QuantSpec,
   ``params`` selects what is learned:
 
   * ``None``: ``s, z`` from :func:`calibrate` on ``stop_gradient(x)`` (the
-    dynamic quantizer; only ``x`` gets a gradient);
+    dynamic quantizer; only ``x`` gets a gradient); with integer group scales
+    ``s = scale * channel_scale``, the only choice for such a spec;
   * :class:`QuantParams`: a learned scale (and zero point), LSQ;
   * :class:`LearnedClip`: learned clip strengths; ``s, z`` are computed from
     the clipped range and ``gamma``/``beta`` get gradients through them
@@ -122,8 +124,13 @@ def fake_quant(x: jax.typing.ArrayLike, spec: QuantSpec,
   grad_scale = 1.0
   if params is None:
     p = _calibrate(jax.lax.stop_gradient(x), spec, layout)
-    s = jax.lax.stop_gradient(p.scale.astype(jnp.float32))
+    s = jax.lax.stop_gradient(effective_scale(p.scale, p.channel_scale))
     z = None if p.zero_point is None else jax.lax.stop_gradient(p.zero_point.astype(jnp.float32))
+  elif spec.group_scales == "int":
+    raise ValueError(
+        f"fake_quant: QuantSpec(group_scales='int') takes no learned {type(params).__name__}: "
+        "its group scales are integers, calibrated from the tensor; train with "
+        "group_scales='float' and learned scales, or params=None.")
   elif isinstance(params, LearnedClip):
     s, z = _clip_to_scale(jax.lax.stop_gradient(xb), params, spec, layout)
     s = _ste_cast(s, spec.scale_dtype)

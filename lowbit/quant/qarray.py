@@ -20,6 +20,7 @@ class QArray:
 
       x ~= (q - zero_point) * broadcast(scale)              # zero_point_form "integer"
       x ~= (q - qmin) * broadcast(scale) + broadcast(zero_point)   # "min"
+      x ~= (q * broadcast(scale)) * broadcast(channel_scale)      # integer group scales
 
   where ``q`` are the signed integer codes (``unpack_int4(qvalue)`` when
   ``packed``), ``zero_point`` is 0 when absent, and ``broadcast`` repeats each
@@ -27,7 +28,7 @@ class QArray:
   ``channel_axes``, and ``group_size`` consecutive elements of ``group_axis``.
   :func:`lowbit.quant.dequantize` computes the right-hand side.
 
-  Leaves (arrays): ``qvalue``, ``scale``, ``zero_point``.
+  Leaves (arrays): ``qvalue``, ``scale``, ``zero_point``, ``channel_scale``.
 
   * ``qvalue``: ``shape`` int8 codes, or when ``packed``, uint8 with
     ``shape[pack_axis] // 2`` along ``pack_axis`` (0.5 byte per code).
@@ -37,6 +38,10 @@ class QArray:
     ``"integer"`` form, the float minimum ``m`` of each scale entry's range in
     the ``"min"`` form (``qmin = -2**(bits-1)``); ``None`` for symmetric
     quantization.
+  * ``channel_scale``: ``None``, or with integer group scales
+    (``QuantSpec(group_scales="int")``) the float scale of each channel, shaped like
+    ``scale`` with 1 on the group axis; ``scale`` then holds int8 integers in
+    ``[1, 16]`` and ``q * scale`` is an int8 value (symmetric only).
 
   Static metadata: ``bits``, ``shape``, ``channel_axes``, ``group_axis``,
   ``group_size``, ``pack_axis`` (``None`` when not packed), ``zero_point_form``.
@@ -52,6 +57,7 @@ class QArray:
   group_size: int | None = dataclasses.field(default=None, metadata=dict(static=True))
   pack_axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
   zero_point_form: str = dataclasses.field(default="integer", metadata=dict(static=True))
+  channel_scale: jax.Array | None = None
 
   @property
   def packed(self) -> bool:
@@ -77,10 +83,11 @@ class QArray:
 
   @property
   def nbytes(self) -> int:
-    """True bytes held: values (packed where packed) + scales + zero points."""
+    """True bytes held: values (packed where packed) + scales + zero points (+ channel scales)."""
     n = _nbytes(self.qvalue) + _nbytes(self.scale)
-    if self.zero_point is not None:
-      n += _nbytes(self.zero_point)
+    for a in (self.zero_point, self.channel_scale):
+      if a is not None:
+        n += _nbytes(a)
     return n
 
   @property
@@ -103,6 +110,7 @@ class QArray:
     t = lambda a: None if a is None else a.T  # noqa: E731
     return dataclasses.replace(
         self, qvalue=self.qvalue.T, scale=self.scale.T, zero_point=t(self.zero_point),
+        channel_scale=t(self.channel_scale),
         shape=self.shape[::-1], channel_axes=tuple(sorted(swap[a] for a in self.channel_axes)),
         group_axis=None if self.group_axis is None else swap[self.group_axis],
         pack_axis=None if self.pack_axis is None else swap[self.pack_axis])
@@ -137,7 +145,8 @@ class QArray:
 
     return dataclasses.replace(
         self, qvalue=self.qvalue.reshape(self.qvalue.shape[0], cols), scale=flat(self.scale),
-        zero_point=flat(self.zero_point), shape=(self.shape[0], cols),
+        zero_point=flat(self.zero_point), channel_scale=flat(self.channel_scale),
+        shape=(self.shape[0], cols),
         channel_axes=(1,) if per_col else ())
 
 

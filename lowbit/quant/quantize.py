@@ -16,17 +16,29 @@ try:  # jax.core.Tracer is public on 0.10 and 0.11; keep a fallback for later mo
 except ImportError:  # pragma: no cover
   from jax._src.core import Tracer as _Tracer
 from lowbit.quant.qarray import QArray
-from lowbit.quant.spec import Layout, QuantSpec
+from lowbit.quant.spec import INT_GROUP_SCALE_MAX, Layout, QuantSpec
 
 
 class QuantParams(NamedTuple):
   """Scale and zero point of a quantizer, shaped like ``Layout.scale_shape``.
 
-  ``zero_point`` is ``None`` for symmetric specs.
+  ``zero_point`` is ``None`` for symmetric specs. ``channel_scale``: with
+  ``QuantSpec(group_scales="int")`` the float scale of each channel (``scale_shape``
+  with 1 on the group axis), ``scale`` then the int8 group scales in
+  ``[1, INT_GROUP_SCALE_MAX]``; ``None`` otherwise.
   """
 
   scale: jax.Array
   zero_point: jax.Array | None = None
+  channel_scale: jax.Array | None = None
+
+
+def effective_scale(scale: jax.Array, channel_scale: jax.Array | None) -> jax.Array:
+  """Each group's float scale in f32: ``scale * channel_scale`` with integer group
+  scales (``channel_scale`` broadcast over the group axis), else ``scale``. Shapes:
+  ``scale_shape`` in and out."""
+  s = scale.astype(jnp.float32)
+  return s if channel_scale is None else s * channel_scale.astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -194,8 +206,37 @@ def _calibrate(x: jax.Array, spec: QuantSpec, layout: Layout) -> QuantParams:
     _, best_r = lax.fori_loop(0, spec.mse_grid, body, init)
     lo, hi = lo * best_r, hi * best_r
   p = _range_to_params(lo, hi, spec)
+  if spec.group_scales == "int":
+    return _int_group_scales(xb, p.scale.astype(jnp.float32), spec, layout)
   return QuantParams(_to_scale_shape(p.scale, layout),
                      None if p.zero_point is None else _to_scale_shape(p.zero_point, layout))
+
+
+def _int_group_scales(xb: jax.Array, d: jax.Array, spec: QuantSpec,
+                      layout: Layout) -> QuantParams:
+  """Two levels from the float group scales ``d`` (blocked, broadcastable to ``xb``).
+
+  ``c = max_g d / S`` per channel (``S = INT_GROUP_SCALE_MAX``, rounded to
+  ``scale_dtype``), ``s = clip(round(d / c), 1, S)``; with ``calibration="mse"``
+  the better of ``floor(d / c)`` and ``floor(d / c) + 1`` (clipped to ``[1, S]``) by
+  each group's squared error. Returns int8 ``s`` and ``c`` in ``scale_dtype``.
+  """
+  ga = layout.group_axis  # the groups' axis in the blocked view
+  c = (jnp.max(d, axis=ga, keepdims=True) / INT_GROUP_SCALE_MAX).astype(spec.scale_dtype)
+  cf = c.astype(jnp.float32)
+  r = d / cf
+  if spec.calibration == "mse":
+    lo = jnp.clip(jnp.floor(r), 1, INT_GROUP_SCALE_MAX)
+    hi = jnp.clip(lo + 1, 1, INT_GROUP_SCALE_MAX)
+
+    def err(si):
+      e = xb - _fake_quant_blocked(xb, si * cf, None, spec)
+      return _reduce(jnp.sum, e * e, layout)
+    si = jnp.where(err(hi) < err(lo), hi, lo)
+  else:
+    si = jnp.clip(jnp.round(r), 1, INT_GROUP_SCALE_MAX)
+  cshape = tuple(1 if a == layout.group_axis else d for a, d in enumerate(layout.scale_shape))
+  return QuantParams(_to_scale_shape(si.astype(jnp.int8), layout), None, c.reshape(cshape))
 
 
 # The eager entry points run one compiled program per (shape, spec) instead of
@@ -267,7 +308,8 @@ def quantize(x: jax.typing.ArrayLike, spec: QuantSpec,
                 bits=spec.bits, shape=layout.shape, channel_axes=layout.channel_axes,
                 group_axis=layout.group_axis, group_size=layout.group_size,
                 pack_axis=layout.pack_axis,
-                zero_point_form="integer" if spec.symmetric else spec.zero_point_form)
+                zero_point_form="integer" if spec.symmetric else spec.zero_point_form,
+                channel_scale=params.channel_scale)
 
 
 def _check_params(params: QuantParams, spec: QuantSpec, layout: Layout) -> None:
@@ -281,6 +323,19 @@ def _check_params(params: QuantParams, spec: QuantSpec, layout: Layout) -> None:
         f"quantize: spec.symmetric={spec.symmetric} but params.zero_point is "
         f"{'None' if params.zero_point is None else 'set'}; symmetric specs take "
         "no zero point, asymmetric ones need one.")
+  if spec.group_scales == "int":
+    cshape = tuple(1 if a == layout.group_axis else d for a, d in enumerate(layout.scale_shape))
+    c = params.channel_scale
+    if c is None or tuple(c.shape) != cshape or params.scale.dtype != jnp.int8:
+      raise ValueError(
+          f"quantize: QuantSpec(group_scales='int') takes params with int8 group scales "
+          f"{layout.scale_shape} and a channel_scale {cshape}; got scale "
+          f"{params.scale.dtype}{tuple(params.scale.shape)}, channel_scale "
+          f"{None if c is None else tuple(c.shape)}. Compute them with calibrate(x, spec).")
+  elif params.channel_scale is not None:
+    raise ValueError(
+        "quantize: params has a channel_scale but the spec has float group scales; pass "
+        "QuantSpec(group_scales='int') or params without channel_scale.")
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "layout"))
@@ -297,7 +352,7 @@ def _quantize(x: jax.Array, params: QuantParams | None, key: jax.Array | None, s
 
 def _codes(x, params: QuantParams, spec: QuantSpec, layout: Layout, key) -> jax.Array:
   xb = to_blocks(x.astype(jnp.float32), layout)
-  s = expand_scale(params.scale.astype(jnp.float32), layout)
+  s = expand_scale(effective_scale(params.scale, params.channel_scale), layout)
   min_form = params.zero_point is not None and spec.zero_point_form == "min"
   if min_form:  # q = round((x - m) / s) + qmin
     xb = xb - expand_scale(params.zero_point.astype(jnp.float32), layout)
@@ -319,10 +374,15 @@ def dequantize(qa: QArray, dtype: jnp.dtype = jnp.float32) -> jax.Array:
   """``(q - zero_point) * broadcast(scale)``, computed in f32, cast to ``dtype``.
 
   In the ``"min"`` zero-point form: ``(q - qmin) * broadcast(scale) +
-  broadcast(zero_point)``. Shapes: ``qa.shape`` out.
+  broadcast(zero_point)``; with integer group scales ``(q * broadcast(scale)) *
+  broadcast(channel_scale)`` (``q * scale`` exact). Shapes: ``qa.shape`` out.
   """
   layout = Layout(qa.shape, qa.channel_axes, qa.group_axis, qa.group_size, qa.pack_axis)
   q = to_blocks(qa.codes.astype(jnp.float32), layout)
+  if qa.channel_scale is not None:
+    out = (q * expand_scale(qa.scale.astype(jnp.float32), layout)) * expand_scale(
+        qa.channel_scale.astype(jnp.float32), layout)
+    return from_blocks(out, layout).astype(dtype)
   if qa.zero_point is not None and qa.zero_point_form == "min":
     u = q + float(2 ** (qa.bits - 1))
     out = u * expand_scale(qa.scale.astype(jnp.float32), layout) + expand_scale(
@@ -342,5 +402,5 @@ def quantization_error(x: jax.typing.ArrayLike, spec: QuantSpec) -> float:
 
 
 
-__all__ = ["QuantParams", "calibrate", "code_zero_point", "quantize", "dequantize",
-           "quantization_error"]
+__all__ = ["QuantParams", "calibrate", "code_zero_point", "dequantize", "effective_scale",
+           "quantization_error", "quantize"]

@@ -17,10 +17,15 @@ import numpy as np
 Calibration = Literal["absmax", "percentile", "mse"]
 Rounding = Literal["nearest", "stochastic"]
 ZeroPointForm = Literal["integer", "min"]
+GroupScales = Literal["float", "int"]
 
 _CALIBRATIONS = ("absmax", "percentile", "mse")
 _ROUNDINGS = ("nearest", "stochastic")
 _ZERO_POINT_FORMS = ("integer", "min")
+_GROUP_SCALES = ("float", "int")
+#: The largest integer group scale of ``QuantSpec(group_scales="int")``: codes times it stay
+#: in int8 (``8 * 16 = 128``: ``-7 * 16 = -112``), and ``(q + 8) * s`` in a byte.
+INT_GROUP_SCALE_MAX = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +78,17 @@ class QuantSpec:
     pack: store codes of ``bits <= 4`` packed two per byte along
       ``pack_axis`` (see :func:`lowbit.quant.pack_int4`).
     pack_axis: the axis packed; the contraction axis for weights.
+    group_scales: ``"float"`` (each group's own float scale) or ``"int"``: QServe's
+      progressive group quantization (Lin et al. 2024, arXiv 2405.04532), two levels
+      of scale: a float ``channel_scale`` ``c`` shared by all groups of a channel and an
+      integer group scale ``s`` in ``[1, INT_GROUP_SCALE_MAX]`` (stored int8), so that
+      ``x ~= (q * s) * c`` with ``q * s`` an int8 value. An int8-activation kernel then
+      sums all of K in int32 and scales once per channel instead of once per group
+      (:func:`lowbit.kernels.w4a8_matmul`). Calibration picks each group's float scale
+      ``d`` as usual, then ``c = max_g d / INT_GROUP_SCALE_MAX`` per channel and
+      ``s = clip(round(d / c), 1, INT_GROUP_SCALE_MAX)`` (``calibration="mse"``: the
+      better of ``floor`` and ``ceil``). Needs ``symmetric``, ``bits <= 4`` and a
+      ``group_size``.
   """
 
   bits: int = 8
@@ -90,6 +106,7 @@ class QuantSpec:
   scale_dtype: jnp.dtype = jnp.float32
   pack: bool = False
   pack_axis: int = 0
+  group_scales: GroupScales = "float"
 
   def __post_init__(self):
     if not isinstance(self.bits, (int, np.integer)) or not 2 <= self.bits <= 8:
@@ -133,6 +150,17 @@ class QuantSpec:
       raise ValueError(
           f"QuantSpec(pack=True, bits={self.bits}): only codes of 4 bits or "
           "fewer fit two per byte; set pack=False or bits<=4.")
+    if self.group_scales not in _GROUP_SCALES:
+      raise ValueError(
+          f"QuantSpec.group_scales={self.group_scales!r} is unknown; use one of "
+          f"{_GROUP_SCALES}.")
+    if self.group_scales == "int" and (
+        not self.symmetric or self.bits > 4 or self.group_size is None):
+      raise ValueError(
+          f"QuantSpec(group_scales='int', symmetric={self.symmetric}, bits={self.bits}, "
+          f"group_size={self.group_size}): integer group scales keep q * s in int8 for "
+          "symmetric codes of 4 bits or fewer in groups; set symmetric=True, bits<=4 and a "
+          "group_size, or group_scales='float'.")
     dt = jnp.dtype(self.scale_dtype)
     if not jnp.issubdtype(dt, jnp.floating):
       raise ValueError(

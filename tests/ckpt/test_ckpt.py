@@ -26,7 +26,7 @@ def make(policy_name):
                                 lowbit.policy.READY_MADE[policy_name]())
 
 
-@pytest.mark.parametrize("name", ["w8a8", "w4a16", "mixed"])
+@pytest.mark.parametrize("name", ["w8a8", "w4a16", "mixed", "w4a8-g128-int"])
 def test_round_trip_is_bit_identical(tmp_path, name):
   model = make(name)()
   policy = lowbit.policy.READY_MADE[name]()

@@ -31,12 +31,13 @@ def rel(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-def make(m, k, n, *, wbits, group, scale_dtype=jnp.float32, act=True, xdtype=jnp.float32):
+def make(m, k, n, *, wbits, group, scale_dtype=jnp.float32, act=True, xdtype=jnp.float32,
+         int_scales=False):
   k1, k2 = jax.random.split(fresh_key())
   x = jax.random.normal(k1, (m, k), jnp.float32)
   w = jax.random.normal(k2, (k, n), jnp.float32)
   wspec = QuantSpec(bits=wbits, channel_axes=(1,), group_size=group, pack=wbits == 4,
-                    scale_dtype=scale_dtype)
+                    scale_dtype=scale_dtype, group_scales="int" if int_scales else "float")
   wq = quantize(w, wspec)
   xa = quantize(x, QuantSpec(bits=8, channel_axes=(0,))) if act else x.astype(xdtype)
   return xa, wq
@@ -84,6 +85,11 @@ CASES = [
      dict(wbits=4, group=128, act=False, scale_dtype=jnp.bfloat16)),
     # a group that straddles the two packed halves (K = 256: K/2 = 128 < 256)
     ("w4a8-g256", K.w4a8, K.w4a8_matmul, dict(wbits=4, group=256)),
+    # integer group scales under a channel scale (QuantSpec(group_scales="int"))
+    ("w4a8-g64-int", K.w4a8, K.w4a8_matmul, dict(wbits=4, group=64, int_scales=True)),
+    ("w4a8-g256-int", K.w4a8, K.w4a8_matmul, dict(wbits=4, group=256, int_scales=True)),
+    ("w4a16-g64-int", K.w4a16, K.w4a16_matmul,
+     dict(wbits=4, group=64, act=False, int_scales=True)),
 ]
 
 
@@ -241,9 +247,10 @@ def _arrays(hlo: str, dtypes: str) -> list[tuple[str, str, int]]:
 
 
 @pytest.mark.parametrize("layout", ["kn", "nk"])
-@pytest.mark.parametrize("name,wbits,group", [("w4a8", 4, 64), ("w4a8", 4, None),
-                                              ("w8a8", 8, None)])
-def test_cpu_xla_path_runs_2d_int8_dots(name, wbits, group, layout):
+@pytest.mark.parametrize("name,wbits,group,int_scales", [
+    ("w4a8", 4, 64, False), ("w4a8", 4, None, False), ("w8a8", 8, None, False),
+    ("w4a8", 4, 64, True)])
+def test_cpu_xla_path_runs_2d_int8_dots(name, wbits, group, int_scales, layout):
   """XLA:CPU runs a batched integer dot on a slow generic loop (the grouped W4A8 path took
   578 ms that way at M = 256, K = N = 4096, g128, 20 ms as a loop of 2-D int8 dots, and
   the converted transformer's W4A8 g128 forward went from 9.1x to 0.75x of float), and it
@@ -254,7 +261,7 @@ def test_cpu_xla_path_runs_2d_int8_dots(name, wbits, group, layout):
   float64 above (g64, and g256 straddling the halves)."""
   if jax.default_backend() != "cpu":
     pytest.skip("the CPU layout of the XLA path")
-  xa, wq = make(16, 512, 128, wbits=wbits, group=group)
+  xa, wq = make(16, 512, 128, wbits=wbits, group=group, int_scales=int_scales)
   w = wq.transpose() if layout == "nk" else wq
   mod = getattr(K, name)
   out = mod.xla(xa, w, out_dtype=jnp.float32, weight_layout=layout)
@@ -475,3 +482,41 @@ def test_default_tiles_follow_the_weight_layout():
   assert _pallas.default_block_sizes("w8a8", "gpu", 1, 8192, 8192, "nk").bk == 128
   assert _pallas.default_block_sizes("w4a16", "gpu", 1, 192, 8192, "nk").bk == 32  # K/2 = 96
   assert not _pallas.resolve_block_sizes("w4a16", "tpu", 1, 8192, 8192, None, "nk").k_major
+
+
+@pytest.mark.parametrize("m", [1, 300])
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+def test_w4a8_int_group_scales_sum_all_of_k_in_int32(layout, m):
+  """Integer group scales: the XLA path's sums over all of K are the exact integers
+  ``sum_k x_q[m, k] * q[k, n] * s[k // G, n]`` (CPU loop at 1 token, one dot at 300),
+  scaled once by ``sx[m] * c[n]``; against the float-group-scale form of the same weight
+  (``_pallas.split_channel_scale``) and the dispatch's float path, within f32 rounding."""
+  xa, wq = make(m, 512, 96, wbits=4, group=64, int_scales=True)
+  w = wq.transpose() if layout == "nk" else wq
+  out = np.asarray(K.w4a8.xla(xa, w, out_dtype=jnp.float32, weight_layout=layout), np.float64)
+  q = np.asarray(wq.codes, np.int64).reshape(8, 64, 96) * np.asarray(wq.scale, np.int64)[:, None]
+  ints = np.asarray(xa.qvalue, np.int64) @ q.reshape(512, 96)
+  scale = np.asarray(xa.scale, np.float64) * np.asarray(wq.channel_scale, np.float64)
+  np.testing.assert_allclose(out, ints * scale, rtol=2e-7, atol=0)
+  stripped, c = K._pallas.split_channel_scale(w, layout)
+  assert stripped.channel_scale is None and stripped.scale.dtype == jnp.float32
+  via_float = K.w4a8.xla(xa, stripped, out_dtype=jnp.float32, weight_layout=layout) * c
+  assert rel(via_float, ints * scale) < 1e-6
+  with pytest.raises(ValueError, match="integer group scales"):
+    K._pallas.weight_operands(wq, "probe", packed=True)
+
+
+def test_dispatch_takes_int_group_scales_everywhere():
+  """qmatmul on a weight with integer group scales: every implementation, both
+  pairings, both layouts, against float64."""
+  xa, wq = make(6, 256, 64, wbits=4, group=64, int_scales=True)
+  x = jax.random.normal(fresh_key(), (6, 256), jnp.float32)
+  a8 = QuantSpec(bits=8, channel_axes=(0,))
+  want = {"w4a8": oracle(quantize(x, a8), wq), "w4a16": oracle(x, wq)}
+  for layout in ("kn", "nk"):
+    w = wq.transpose() if layout == "nk" else wq
+    for impl in ("pallas", "xla", "dequant", "reference"):
+      for name, spec in (("w4a8", a8), ("w4a16", None)):
+        assert K.kernel_for(wq, spec) == name
+        y = K.qmatmul(x, w, act_spec=spec, implementation=impl, weight_layout=layout)
+        assert rel(y, want[name]) < 1e-5, (layout, impl, name)

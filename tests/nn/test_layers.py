@@ -28,6 +28,8 @@ W_SPECS = {
                            scale_dtype=jnp.bfloat16),
     "w4g32asym": QuantSpec(bits=4, symmetric=False, channel_axes=(1,), group_size=32, pack=True),
     "w3g32": QuantSpec(bits=3, channel_axes=(1,), group_size=32),
+    "w4g64int": QuantSpec(bits=4, channel_axes=(1,), group_size=64, pack=True,
+                          group_scales="int", scale_dtype=jnp.bfloat16),
 }
 
 
@@ -55,6 +57,10 @@ def test_float_mode_is_bit_identical_to_nnx_einsum():
 @pytest.mark.parametrize("learn", [None, "scale", "clip"])
 def test_converted_equals_fake_quant(wname, act, learn):
   q = QLinear(128, 64, rngs=nnx.Rngs(0))
+  if learn is not None and W_SPECS[wname].group_scales == "int":
+    with pytest.raises(ValueError, match="calibrated, not learned"):
+      q.set_precision(W_SPECS[wname], act, learn=learn)
+    return
   q.set_precision(W_SPECS[wname], act, learn=learn)
   y_fq = q(x_())
   q.convert()
@@ -70,8 +76,8 @@ def test_converted_equals_fake_quant(wname, act, learn):
   for v in jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable)):
     assert v[...].shape != (128, 64) or v[...].dtype in (jnp.int8, jnp.uint8)
   # bytes as promised
-  held = q.qvalue[...].nbytes + q.qscale[...].nbytes + (
-      q.qzero[...].nbytes if hasattr(q, "qzero") else 0)
+  held = q.qvalue[...].nbytes + q.qscale[...].nbytes + sum(
+      getattr(q, v)[...].nbytes for v in ("qzero", "qchannel") if hasattr(q, v))
   assert held == converted_bytes((128, 64), W_SPECS[wname])
 
 

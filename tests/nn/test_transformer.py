@@ -135,7 +135,7 @@ def _check_converted_bytes(policy, cv):
       assert dtypes <= {jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8)}
 
 
-@pytest.mark.parametrize("name", ["w8a8", "w4a16", "w4a8", "w4a8-g128"])
+@pytest.mark.parametrize("name", ["w8a8", "w4a16", "w4a8", "w4a8-g128", "w4a8-g128-int"])
 def test_converted_logits_same_through_pallas_and_xla(name):
   m = Transformer(LLAMA, rngs=nnx.Rngs(1))
   policy = lowbit.policy.w4a8(128) if name == "w4a8-g128" else lowbit.policy.READY_MADE[name]()

@@ -152,3 +152,9 @@ def test_collect_requires_a_policy_and_eager_calls():
   with pytest.raises(ValueError, match="eagerly"):
     ptq.collect(q, outlier_batches(1), forward=nnx.jit(lambda m, b: m(b)), progress=False)
   assert isinstance(q.proj, QLinear) and q.proj.observer is None
+
+
+def test_gptq_refuses_integer_group_scales():
+  spec = QuantSpec(bits=4, channel_axes=(1,), group_size=32, pack=True, group_scales="int")
+  with pytest.raises(ValueError, match="not supported yet"):
+    ptq.gptq_quantize(np.ones((64, 8)), np.eye(64), spec)
