@@ -64,7 +64,15 @@ GROUP = 128
 KERNELS = (("w8a8", K.w8a8_matmul, "int8", "int8", "int8"),
            ("w4a16", K.w4a16_matmul, "int4", "bf16", "bf16"),
            ("w4a8", K.w4a8_matmul, "int4", "int8", "int8"))
-XLA_OF = {"w8a8": "xla_int8_dot", "w4a16": "xla_w4a16_g128", "w4a8": "xla_w4a8_g128"}
+XLA_OF = {"w8a8": "xla_int8_dot", "w4a16": "xla_w4a16_g128", "w4a8": "xla_w4a8_g128",
+          "w4a8_int": "xla_w4a8_g128_int"}
+
+
+def xla_of(name: str) -> str:
+  """The XLA row a lowbit row or sweep kernel is checked against: the same weight format
+  (integer group scales, ``*_int*``, against ``xla_w4a8_g128_int``)."""
+  kname = name.removeprefix("lowbit_").split("_")[0]
+  return XLA_OF["w4a8_int"] if "_int" in name else XLA_OF[kname]
 
 
 def wall(fn, args, reps: int) -> float:
@@ -124,17 +132,21 @@ def copy_bandwidth(platform: str, reps: int) -> float | None:
 
 
 def make_weights(k, n, r, key):
-  """R independent weights: bf16, int8 per-channel, int4 packed g128 (bf16 scales)."""
-  out = {"bf16": [], "int8": [], "int4": []}
+  """R independent weights: bf16, int8 per-channel, int4 packed g128 (bf16 scales), and
+  ``int4i``: int4 g128 with integer group scales under bf16 channel scales
+  (``QuantSpec(group_scales="int")``)."""
+  out = {"bf16": [], "int8": [], "int4": [], "int4i": []}
   for i in range(r):
     w = jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.float32)
     out["bf16"].append(w.astype(jnp.bfloat16))
     out["int8"].append(quantize(w, QuantSpec(bits=8, channel_axes=(1,), scale_dtype=jnp.bfloat16)))
-    out["int4"].append(quantize(w, QuantSpec(bits=4, channel_axes=(1,), group_size=GROUP,
-                                             pack=True, scale_dtype=jnp.bfloat16)))
+    for kind, gs in (("int4", "float"), ("int4i", "int")):
+      out[kind].append(quantize(w, QuantSpec(bits=4, channel_axes=(1,), group_size=GROUP,
+                                             pack=True, scale_dtype=jnp.bfloat16,
+                                             group_scales=gs)))
     del w
-  out["int8_nk"] = [q.transpose() for q in out["int8"]]  # stored K-major ahead of time
-  out["int4_nk"] = [q.transpose() for q in out["int4"]]
+  for kind in ("int8", "int4", "int4i"):  # stored K-major ahead of time
+    out[f"{kind}_nk"] = [q.transpose() for q in out[kind]]
   return out
 
 
@@ -155,6 +167,9 @@ def baselines():
                          "int4", "bf16", "bf16"),
       "xla_w4a8_g128": (many(lambda x, w: K.w4a8.xla(x, w, out_dtype=jnp.bfloat16)),
                         "int4", "int8", "int8"),
+      # integer group scales: one int8 dot over all of K, one scale per token and channel
+      "xla_w4a8_g128_int": (many(lambda x, w: K.w4a8.xla(x, w, out_dtype=jnp.bfloat16)),
+                            "int4i", "int8", "int8"),
   }
 
 
@@ -164,7 +179,8 @@ def kernel_fn(fn, bs, **kw):
 
 def bytes_of(m, k, n, wkind, akind):
   wkind = wkind.removesuffix("_nk")
-  wb = {"bf16": 2 * k * n, "int8": k * n + 2 * n, "int4": k * n // 2 + 2 * n * (k // GROUP)}[wkind]
+  wb = {"bf16": 2 * k * n, "int8": k * n + 2 * n, "int4": k * n // 2 + 2 * n * (k // GROUP),
+        "int4i": k * n // 2 + n * (k // GROUP) + 2 * n}[wkind]
   ab = {"bf16": 2 * m * k, "int8": m * k + 4 * m}[akind]
   return wb + ab + 2 * m * n
 
@@ -359,9 +375,10 @@ def main(argv=None):
                   help="M values (at K = N = 8192) where --sweep runs")
   ap.add_argument("--sweep-kernels", nargs="*",
                   default=["w8a8", "w4a16", "w4a8", "w4a16_nk", "w4a8_nk", "w8a8_hopper",
-                           "w4a16_hopper", "w4a8_hopper"],
+                           "w4a16_hopper", "w4a8_hopper", "w4a8_int_hopper"],
                   help="*_nk: Triton tiles on the K-major stored weight (M <= 16); *_hopper: "
-                       "the Mosaic GPU kernels' tiles (sm_90; W8A8 at M >= 1024, int4 at every M)")
+                       "the Mosaic GPU kernels' tiles (sm_90; W8A8 at M >= 1024, int4 at every "
+                       "M); w4a8_int_hopper: W4A8's PTX tiles on integer group scales")
   ap.add_argument("--no-hopper", nargs="*", choices=["w8a8", "w4a16", "w4a8"],
                   help="leave out the Mosaic GPU kernels named, or all of them with no name "
                        "(e.g. when their tests failed)")
@@ -441,6 +458,10 @@ def main(argv=None):
             continue
           impls[f"lowbit_{kname}_auto_nk"] = (kernel_fn(fn, None, weight_layout="nk"),
                                               f"{wk}_nk", ak, op)
+        # W4A8 with integer group scales through the same default tiles (its own step)
+        if admitted("w4a8", auto_of["w4a8"], args.no_hopper, args.skip_tiles):
+          impls["lowbit_w4a8_int_auto_nk"] = (kernel_fn(K.w4a8_matmul, None, weight_layout="nk"),
+                                              "int4i_nk", "int8", "int8")
       if hopper["w8a8"] and m >= (64 if hopper_interp else 256):
         impls["lowbit_w8a8_hopper"] = (hopper_fn(HopperTiles(), hopper_interp),
                                        "int8", "int8", "int8")
@@ -478,6 +499,14 @@ def main(argv=None):
                 continue
               jobs.append(((kname, tiles), hopper_fn(tiles, hopper_interp, "nk", kname),
                            (xs[ak], ws["int4_nk"])))
+        # integer group scales: the W4A8 candidates that convert by PTX (the ones it takes)
+        if "w4a8_int_hopper" in args.sweep_kernels and hopper["w4a8"] and (
+            m <= 16 or not hopper_interp):
+          for tiles in hopper_w4_candidates(m, "w4a8"):
+            if tiles.unpack == "ptx" and admitted("w4a8", tiles, args.no_hopper,
+                                                  args.skip_tiles):
+              jobs.append((("w4a8_int", tiles), hopper_fn(tiles, hopper_interp, "nk", "w4a8"),
+                           (xs["int8"], ws["int4i_nk"])))
       t0 = time.perf_counter()
       compiled = compile_all(jobs, args.threads if platform == "gpu" else 1)
       print(f"m={m} k={k} n={n}: compiled {len(jobs)} in {time.perf_counter() - t0:.1f} s",
@@ -512,8 +541,8 @@ def main(argv=None):
               m, k, n, wk, ak, op, bw)
         if name.startswith("lowbit_"):
           kname = name.split("_")[1]
-          if XLA_OF[kname] in outs:
-            row["rel_err_vs_xla"] = rel_err(y, outs[XLA_OF[kname]])
+          if xla_of(name) in outs:
+            row["rel_err_vs_xla"] = rel_err(y, outs[xla_of(name)])
           if "_hopper" in name:
             bs = HopperTiles() if kname == "w8a8" else HopperW4Tiles()
           else:  # the tiles the wrapper resolves for this layout
@@ -534,7 +563,7 @@ def main(argv=None):
         except Exception as e:  # a candidate the compiler rejects is data, not a crash
           print(f"sweep {kname} m={m} {bs}: {type(e).__name__}: {str(e)[:200]}", flush=True)
           continue
-        err = rel_err(y, outs[XLA_OF[kname]]) if XLA_OF[kname] in outs else None
+        err = rel_err(y, outs[XLA_OF[kname]]) if XLA_OF[kname] in outs else None  # same format
         s = dict(m=m, k=k, n=n, kernel=kname, block_sizes=str(bs) + (" nk" if nk else ""),
                  us=t * 1e6,
                  us_wall=t_wall and t_wall * 1e6, speedup_vs_bf16=base / t if base else 0.0,

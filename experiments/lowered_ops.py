@@ -51,11 +51,12 @@ def count_ops(module_text: str) -> dict[str, collections.Counter]:
 
 
 def kernel_call(kernel: str, tiles, m: int, kn: int, group: int | None, *,
-                backend: str = "mosaic_gpu"):
+                backend: str = "mosaic_gpu", group_scales: str = "float"):
   """``(f, x, w)``: the jitted call of ``kernel`` with ``tiles`` (``HopperW4Tiles`` /
   ``HopperTiles`` keyword arguments as text, or the tiles themselves: a ``BlockSizes``
   with ``backend="gpu"``, the Pallas Triton kernel), weight stored K-major (``[kn, kn]``,
-  group ``group``), and abstract ``x [m, kn]`` and ``w`` to trace it with."""
+  group ``group``; ``group_scales="int"``: integer group scales under a channel scale),
+  and abstract ``x [m, kn]`` and ``w`` to trace it with."""
   import jax
   import jax.numpy as jnp
 
@@ -68,7 +69,7 @@ def kernel_call(kernel: str, tiles, m: int, kn: int, group: int | None, *,
   # int4: bf16 scales, as the benchmark and the profile time them (f32 until 2026-11-28)
   spec = (QuantSpec(bits=8, channel_axes=(1,)) if kernel == "w8a8" else
           QuantSpec(bits=4, channel_axes=(1,), group_size=group, pack=True,
-                    scale_dtype=jnp.bfloat16))
+                    scale_dtype=jnp.bfloat16, group_scales=group_scales))
   wq = jax.eval_shape(lambda a: quantize(a, spec).transpose(), w)
   xf = jax.ShapeDtypeStruct((m, kn), jnp.float32)
   if kernel == "w4a16":

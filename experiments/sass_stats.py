@@ -193,15 +193,15 @@ def h100_mesh():
 
 
 def compile_kernel(kernel: str, tiles, m: int, kn: int, group: int | None,
-                   out: pathlib.Path) -> list[pathlib.Path]:
+                   out: pathlib.Path, group_scales: str = "float") -> list[pathlib.Path]:
   """Compile the call for an H100 without a GPU; the Mosaic GPU kernels' PTX under ``out``
-  (``tiles``: as ``lowered_ops.kernel_call`` takes them)."""
+  (``tiles``, ``group_scales``: as ``lowered_ops.kernel_call`` takes them)."""
   out.mkdir(parents=True, exist_ok=True)
   os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=str(out))
   import jax
   import lowered_ops
   on_gpu = jax.sharding.NamedSharding(h100_mesh(), jax.sharding.PartitionSpec())
-  f, x, w = lowered_ops.kernel_call(kernel, tiles, m, kn, group)
+  f, x, w = lowered_ops.kernel_call(kernel, tiles, m, kn, group, group_scales=group_scales)
   x, w = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_gpu), (x, w))
   f.trace(x, w).lower().compile()
   return sorted(out.glob("*.ptx"))
@@ -364,6 +364,9 @@ def main(argv=None) -> int:
   ap.add_argument("--m", type=int, default=1)
   ap.add_argument("--kn", type=int, default=8192)
   ap.add_argument("--group", type=int, default=128, help="0: per-channel")
+  ap.add_argument("--int-scales", action="store_true",
+                  help="W4A8: integer group scales under a channel scale "
+                       "(QuantSpec(group_scales='int'))")
   ap.add_argument("--triton", action="store_true", help="the Pallas Triton kernel (see above)")
   ap.add_argument("--block-sizes", default="",
                   help="--triton: BlockSizes keyword arguments (default: the dispatch's tiles)")
@@ -381,12 +384,13 @@ def main(argv=None) -> int:
   else:
     candidates = [args.tiles]
   root = args.keep or pathlib.Path(tempfile.mkdtemp(prefix="sass_"))
-  print(f"M = {args.m}, K = N = {args.kn}, group {args.group or 'none'}; an H100 (sm_90a, "
+  print(f"M = {args.m}, K = N = {args.kn}, group {args.group or 'none'}"
+        f"{' (integer group scales)' if args.int_scales else ''}; an H100 (sm_90a, "
         f"{SMS} SMs, {CLOCK_GHZ} GHz); ptxas {_tool('ptxas')}")
   for i, tiles in enumerate(candidates):
     try:
       ptxs = compile_kernel(args.kernel, tiles, args.m, args.kn, args.group or None,
-                            root / f"{i:02d}")
+                            root / f"{i:02d}", "int" if args.int_scales else "float")
       if not ptxs:
         raise ValueError("no Mosaic GPU kernel was compiled")
       for ptx in ptxs:

@@ -210,7 +210,9 @@ def load_slab_column(slab_smem, slab_set, h: int, col) -> jax.Array:
   def load(ctx, ref, set_, col_):
     del ctx
     column = mgpu.utils.memref_slice(ref, (index(set_), h, slice(None), index(col_)))
-    return mgpu.FragmentedArray.load_untiled(column, layout=layout.to_mgpu(), optimized=False)
+    signed = True if jnp.issubdtype(slab_smem.dtype, jnp.integer) else None  # int8 scales
+    return mgpu.FragmentedArray.load_untiled(column, layout=layout.to_mgpu(), optimized=False,
+                                             is_signed=signed)
 
   return load(slab_smem, jnp.asarray(slab_set, jnp.int32), jnp.asarray(col, jnp.int32))
 
@@ -409,8 +411,19 @@ def reorder_tokens(x: jax.Array) -> jax.Array:
   return x.reshape(m, k // 16, 4, 2, 2).transpose(0, 1, 3, 2, 4).reshape(m, k)
 
 
+def int8_row_register(idx: tuple[int, ...]) -> tuple[int, ...]:
+  """The register of a ``[rows]`` vector in the wgmma row layout (:func:`_wgmma_row_layout`,
+  registers ``(rows / 64, 1, 2, 1, 1)``) that holds the row of register ``idx`` of a
+  ``[rows, cols]`` array in ``WGMMA_LAYOUT_8BIT`` (registers ``(rows / 64, cols / 16, 1, 1,
+  2, 1, 1, 1, 1)``): both give a thread rows ``64 a + 16 warp + 8 h + lane / 4``, ``a``
+  and ``h`` the register's indices 0 and 4 (tests/kernels/test_mosaic_gpu.py checks the
+  layouts)."""
+  return (idx[0], 0, idx[4], 0, 0)
+
+
 def split_int4_ptx(w: jax.Array, act: jnp.dtype, natural: bool = False,
-                   folded: bool = False) -> tuple[jax.Array, jax.Array]:
+                   folded: bool = False, scales: tuple[jax.Array, jax.Array] | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
   """The codes of both packed halves of the bytes ``w`` (int8 ``[rows, cols]`` in
   ``plgpu.Layout.WGMMA_LAYOUT_8BIT``, or ``WGMMA_LAYOUT`` when ``natural``), ready
   for ``wgmma`` with no shuffle (inside a Mosaic GPU kernel only:
@@ -429,6 +442,10 @@ def split_int4_ptx(w: jax.Array, act: jnp.dtype, natural: bool = False,
   ``act`` int8 (W4A8): ``(16 lo, 16 hi)`` int8 in ``WGMMA_LAYOUT_8BIT`` itself,
   the natural order either way: ``(q << 4) & 0xF0F0F0F0`` and ``q & 0xF0F0F0F0``
   (lowbit.kernels._pallas' ``_ASM_I4_TO_I8X16_*``), 3 instructions per 8 codes.
+  ``scales`` (W4A8 with integer group scales): int32 ``[rows]`` vectors ``(s_lo, s_hi)``
+  in the wgmma row layout, each row's group scale of each half; then ``(lo s_lo, hi
+  s_hi)`` int8, the codes times their scales (``_pallas.ASM_I4_TO_I8_SCALED``, 7
+  instructions per 8 codes, the bias words computed once per row).
   """
   import jax.experimental.pallas.mosaic_gpu as plgpu
   from jax._src.lib.mlir import ir
@@ -436,6 +453,10 @@ def split_int4_ptx(w: jax.Array, act: jnp.dtype, natural: bool = False,
   from jax.experimental.mosaic import gpu as mgpu
   from lowbit.kernels import _pallas
   src = plgpu.Layout.WGMMA_8BIT
+  if scales is not None:
+    if jnp.dtype(act) != jnp.int8:
+      raise ValueError("split_int4_ptx(scales=...) multiplies int8 codes (W4A8) only.")
+    return _split_int4_scaled(w, *scales)
   if jnp.dtype(act) == jnp.int8:
     out = plgpu.ShapeDtypeStruct(w.shape, jnp.int8, src)
 
@@ -494,6 +515,51 @@ def split_int4_ptx(w: jax.Array, act: jnp.dtype, natural: bool = False,
     return tuple(mgpu.FragmentedArray(_registers=r, _layout=dst_layout.to_mgpu(), _is_signed=None)
                  for r in (lo, hi))
   return convert16(w)
+
+
+def _split_int4_scaled(w: jax.Array, s_lo: jax.Array, s_hi: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+  """:func:`split_int4_ptx` with integer group scales (``scales=(s_lo, s_hi)``)."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm
+  from jax.experimental.mosaic import gpu as mgpu
+  from lowbit.kernels import _pallas
+  src, row = plgpu.Layout.WGMMA_8BIT, _wgmma_row_layout()
+  out = plgpu.ShapeDtypeStruct(w.shape, jnp.int8, src)
+
+  @plgpu.inline_mgpu(arg_types=(src, row, row), return_type=(out, out))
+  def convert_scaled(_, fa, lo_s, hi_s):
+    i32 = ir.IntegerType.get_signless(32)
+    result = llvm.StructType.get_literal([i32] * 2)
+    rows = fa.registers.shape
+    if len(rows) != 9 or lo_s.registers.shape != (rows[0], 1, rows[4], 1, 1):
+      raise ValueError(f"split_int4_ptx(scales=...): registers {rows} of the codes and "
+                       f"{lo_s.registers.shape} of the scales are not the layouts "
+                       "int8_row_register maps (this jax's Mosaic GPU changed them).")
+
+    def const(v):
+      return arith.constant(i32, ir.IntegerAttr.get(i32, v - (1 << 32) if v >= 1 << 31 else v))
+    cache = {}
+
+    def scale_and_bias(fs, h, r):  # each row's scale and bias word, computed once
+      if (h, r) not in cache:
+        s = mgpu.utils.bitcast(fs.registers[r], i32)
+        bias = arith.subi(const(0x80808080), arith.muli(s, const(0x08080808)))
+        cache[h, r] = (s, bias)
+      return cache[h, r]
+
+    lo, hi = np.empty_like(fa.registers), np.empty_like(fa.registers)
+    for idx, reg in np.ndenumerate(fa.registers):
+      r = int8_row_register(idx)
+      word = mgpu.utils.bitcast(reg, i32)
+      operands = [word, *scale_and_bias(lo_s, 0, r), *scale_and_bias(hi_s, 1, r)]
+      res = llvm.inline_asm(result, operands, _pallas.ASM_I4_TO_I8_SCALED, "=r,=r,r,r,r,r,r")
+      lo[idx], hi[idx] = (mgpu.utils.bitcast(llvm.extractvalue(i32, res, (j,)), reg.type)
+                          for j in (0, 1))
+    return tuple(mgpu.FragmentedArray(_registers=r, _layout=fa.layout, _is_signed=True)
+                 for r in (lo, hi))
+  return convert_scaled(w, s_lo, s_hi)
 
 
 def mma_sync_a_registers(block: int, chunk: int) -> tuple[tuple[int, ...], ...]:
@@ -667,7 +733,7 @@ def mma_sync_bf16(a: jax.Array, x_ref, col0, tm: int, sums: bool = False):
   return run(a, x_ref, jnp.asarray(col0, jnp.int32))
 
 
-def store_transposed(z: jax.Array, ref, m: int, scale=None) -> None:
+def store_transposed(z: jax.Array, ref, m: int, scale=None, row_scale=None) -> None:
   """``ref[j, i] = z[i, j]`` for ``j < m``: ``z`` ``[rows, cols]`` in ``WGMMA_LAYOUT``
   (a warpgroup's sums, weight rows by tokens), ``ref`` a global ``[>= m, rows]`` slice
   of the output (inside a Mosaic GPU kernel only). Each thread stores its own elements,
@@ -675,29 +741,35 @@ def store_transposed(z: jax.Array, ref, m: int, scale=None) -> None:
   boxes cannot write a transposed tile), a handful of stores per thread at decode.
   ``scale``: a global f32 ``[>= m]`` ref of the tokens' scales; then ``z`` is f32 and
   ``ref[j, i] = cast(z[i, j] * scale[j])`` in ``ref``'s dtype (round to nearest even,
-  what ``astype`` does), each scale read by the threads that hold its token."""
+  what ``astype`` does), each scale read by the threads that hold its token.
+  ``row_scale`` (with ``scale``): a global f32 ``[rows]`` ref, each weight row's scale
+  (integer group scales' channel scale): ``cast(z[i, j] * scale[j] * row_scale[i])``."""
   import jax.experimental.pallas.mosaic_gpu as plgpu
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, memref, scf
 
-  def body(out, sc, value, idx):
+  def body(out, sc, rs, value, idx):
     row, col = idx
     keep = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, col, arith.constant(
         ir.IndexType.get(), m)))
     with ir.InsertionPoint(keep.then_block):
       if sc is not None:
         value = arith.mulf(value, memref.load(sc, [col]))
+        if rs is not None:
+          value = arith.mulf(value, memref.load(rs, [row]))
         out_type = ir.MemRefType(out.type).element_type
         if out_type != value.type:
           value = arith.truncf(out_type, value)
       memref.store(value, out, [col, row])
       scf.yield_([])
 
-  refs = (ref,) if scale is None else (ref, scale)
+  if row_scale is not None and scale is None:
+    raise ValueError("store_transposed: row_scale needs the tokens' scale too.")
+  refs = (ref,) + tuple(r for r in (scale, row_scale) if r is not None)
 
   @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, *[plgpu.RefType()] * len(refs)))
-  def store(_, fa, out, sc=None):
-    fa.foreach(functools.partial(body, out, sc))
+  def store(_, fa, out, sc=None, rs=None):
+    fa.foreach(functools.partial(body, out, sc, rs))
   store(z, *refs)
 
 
@@ -972,6 +1044,7 @@ class W4Plan:
   sync: bool = False  # HopperW4Tiles.mma == "sync": warp MMAs (mma.sync), not wgmma
   pingpong: bool = False  # HopperW4Tiles.pingpong: the warpgroups take turns at wgmma
   folded: bool = False  # HopperW4Tiles.offset == "folded": codes as 136 + s, sums corrected
+  int_scales: bool = False  # integer group scales: codes times them, all of K in int32
 
   @property
   def cta_n(self) -> int:
@@ -1027,17 +1100,24 @@ class W4Plan:
 
 def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
             tiles: HopperW4Tiles, act_bytes: int = 2, weight_layout: str = "kn",
-            scale_bytes: int = 4, profiled: bool = False, interpret: bool = False) -> W4Plan:
+            scale_bytes: int = 4, profiled: bool = False, interpret: bool = False,
+            int_scales: bool = False) -> W4Plan:
   """Resolve ``tiles`` for the problem, or raise a ``ValueError`` naming the misfit.
 
   A grouped ``"nk"`` weight reads its scales as stored (``nk_scales="slab"``) when
   the slab, ``W = 8 * ceil(steps / 8)`` columns for a work item's ``steps``
-  K-steps, is no wider than the weight's ``K/G`` groups and a row of scales is a
-  whole number of 16 bytes (TMA's stride unit); otherwise XLA transposes them.
+  K-steps (``W`` a multiple of 16 for int8 scales), is no wider than the weight's ``K/G``
+  groups and a row of scales is a whole number of 16 bytes (TMA's stride unit);
+  otherwise XLA transposes them.
   ``profiled`` (a call with ``profile_dir``): the pipeline leaves room for the
   profiler's buffer (:func:`profile_smem_bytes`), with fewer stages where it must.
   Compiled for a GPU (``interpret`` False), the CTA's warpgroups must fit the register
   file as the pipeline splits it (:func:`register_split`: ``compute_wgs=4`` does not).
+  ``int_scales``: W4A8 with integer group scales (int8 ``[K/G, N]``, ``scale_bytes`` 1):
+  each K-step's codes are multiplied by their group's scale in registers and every
+  K-step's ``wgmma`` accumulates into one int32 accumulator; needs split nibbles
+  converted by PTX (``unpack="ptx"``). ``halves`` and ``int_sums`` do not apply (there
+  are no group sums to scale).
   """
   if k % 2:
     raise ValueError(f"{name}: K={k} must be even (two int4 codes per byte).")
@@ -1082,6 +1162,13 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
         f"most 32, K-steps of a multiple of 128 codes (the 128-byte swizzle its loads "
         f"assume); got {'int8' if act_bytes == 1 else 'bf16'} tokens, tile_m={tile_m}, "
         f"tile_k={tile_k}. Use mma='wgmma'.")
+  if int_scales and (group is None or act_bytes != 1 or tiles.nibbles != "split"
+                     or tiles.unpack != "ptx"):
+    raise ValueError(
+        f"{name}: integer group scales are applied to int8 codes converted by PTX: "
+        f"HopperW4Tiles(nibbles='split', unpack='ptx') with int8 tokens (W4A8) and "
+        f"groups; got nibbles={tiles.nibbles!r}, unpack={tiles.unpack!r}, "
+        f"{'int8' if act_bytes == 1 else 'bf16'} tokens, group_size={group}.")
   if tiles.halves == "apart" and group is None:
     raise ValueError(f"{name}: HopperW4Tiles(halves='apart') scales each half's group sums "
                      "on its own; per-channel weights keep one accumulator per half over all "
@@ -1097,7 +1184,8 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
                      f"(K={k}, tile_k={tile_k}).")
   slab = 0
   if group is not None and weight_layout == "nk" and tiles.nk_scales == "slab":
-    slab = -(-(steps // split) // 8) * 8  # 16 bytes at least: TMA's narrowest box row
+    unit = max(8, 16 // scale_bytes)  # 16 bytes at least: TMA's narrowest box row
+    slab = -(-(steps // split) // unit) * unit
     # TMA also needs the slab inside the array and a row stride of whole 16 bytes.
     slab = slab if slab <= k // group and (k // group * scale_bytes) % 16 == 0 else 0
   # pipeline depth: up to 4 steps; wg_split="steps" carries one K-step a step where "k"
@@ -1107,9 +1195,11 @@ def plan_w4(name: str, m: int, k: int, n: int, group: int | None,
                 group is not None, tiles.wide_load, act_bytes, tiles.nibbles == "split",
                 tiles.compute_wgs, slab, scale_bytes, ptx=tiles.unpack != "ops",
                 magic=tiles.int_sums == "magic", natural=tiles.unpack == "ptx_natural",
-                ksplit=ksplit, rr=rr, final=final, apart=tiles.halves == "apart",
+                ksplit=ksplit, rr=rr, final=final,
+                apart=tiles.halves == "apart" and not int_scales,
                 per_wait=tiles.steps_per_wait, sync=tiles.mma == "sync",
-                pingpong=tiles.pingpong, folded=tiles.offset == "folded")
+                pingpong=tiles.pingpong, folded=tiles.offset == "folded",
+                int_scales=int_scales)
   if plan.folded and not plan.grouped:
     raise ValueError(f"{name}: HopperW4Tiles(offset='folded') corrects each group's sum "
                      "before its scale: it needs group scales (group_size set); use "
@@ -1147,7 +1237,8 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
               plan: W4Plan, interpret: bool = False,
               name: str = "lowbit_w4a16_hopper", profile_dir: str | None = None,
               m: int | None = None, out_dtype=None,
-              token_scale: jax.Array | None = None) -> jax.Array:
+              token_scale: jax.Array | None = None,
+              channel_scale: jax.Array | None = None) -> jax.Array:
   """``out[s, n, m] = sum_{steps t of split s} sum_h ws[t + h G', n] sum_{k in t} w_h[n, k] x_h[m, k]``.
 
   ``h`` runs over the two packed halves of K: byte ``j`` of a weight row holds
@@ -1196,6 +1287,12 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   warpgroups' sums (in shared memory, after a barrier) before writing them.
   In interpret mode each ``wgmma`` is a ``jnp.dot`` of the same register and
   shared-memory operands (the interpreter's ``wgmma`` takes no register operand).
+  ``plan.int_scales`` (W4A8, integer group scales: ``ws`` int8 in ``[1, 16]``): each
+  K-step's codes become ``q * s`` in int8 as they are converted (``split_int4_ptx``'s
+  ``scales``; interpreted, jnp), both halves' ``wgmma``s accumulate into one int32
+  accumulator over all of K, and the sums are converted to f32 once; with ``plan.final``
+  each output element is then times its token's scale and ``channel_scale[n]`` (f32
+  ``[N]``), otherwise the caller applies both.
   ``profile_dir``: see :func:`_launch`; each step's regions are ``load`` (codes from
   shared memory), ``unpack`` (to wgmma's registers), ``issue``, ``wait`` (the
   wgmmas), ``scale_load`` and ``scale`` (grouped: reading the step's scales, applying
@@ -1251,7 +1348,9 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   def kernel(*refs):
     *x_gmem, w_gmem = refs[:len(xs) + 1]
     s_gmem = refs[len(xs) + 1] if p.grouped else None
-    ts_gmem = refs[-2] if token_scale is not None else None
+    extra = list(refs[len(xs) + 1 + p.grouped:-1])  # the epilogue's scales, in order
+    ts_gmem = extra.pop(0) if token_scale is not None else None
+    cs_gmem = extra.pop(0) if channel_scale is not None else None
     out_gmem = refs[-1]
 
     def x_at(ref, mi, ks):
@@ -1401,12 +1500,16 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
             out.append((xs, w_smem.at[:, wk_cols], (wk + j) * tx))
           return out
 
-        def my_pairs(x_refs, w_smem):
-          """``pairs_of`` each of this warpgroup's K-steps, in K order."""
-          return [(a, (x, col0) if sync else x) for xs, w, col0 in my_tiles(x_refs, w_smem)
-                  for a, x in pairs_of(xs, w)]
+        def my_pairs(x_refs, w_smem, scales=None):
+          """``pairs_of`` each of this warpgroup's K-steps, in K order; ``scales`` (integer
+          group scales): ``step_scales``' list, two per K-step."""
+          out = []
+          for j, (xs, w, col0) in enumerate(my_tiles(x_refs, w_smem)):
+            sc = None if scales is None else scales[2 * j:2 * j + 2]
+            out += [(a, (x, col0) if sync else x) for a, x in pairs_of(xs, w, sc)]
+          return out
 
-        def pairs_of(x_refs, w_smem):
+        def pairs_of(x_refs, w_smem, scales=None):
           """``[(A operand thunk, token tile)]`` of one step: this warpgroup's weight rows
           in wgmma's register layout, in the tokens' dtype. Interleaved: the int4 codes
           converted once, against each token tile; split: each half's codes (times 16
@@ -1437,8 +1540,15 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
 
           if p.ptx and not interpret:  # both halves in one pass over the registers, no shuffle
             with jax.named_scope("unpack"):
-              codes = split_int4_ptx(w, act, natural=p.natural, folded=p.folded)
+              codes = split_int4_ptx(w, act, natural=p.natural, folded=p.folded,
+                                     scales=scales)
             return [(lambda c=c: c, x) for c, x in zip(codes, x_refs, strict=True)]
+          if p.int_scales:  # interpreted: the same int8 q * s of each half
+            with jax.named_scope("unpack"):
+              codes = (lax.shift_right_arithmetic(lax.shift_left(w, jnp.int8(4)), jnp.int8(4)),
+                       lax.shift_right_arithmetic(w, jnp.int8(4)))
+            return [(lambda c=c, sc=sc: (c.astype(jnp.int32) * sc[:, None]).astype(jnp.int8), x)
+                    for c, sc, x in zip(codes, scales, x_refs, strict=True)]
           if p.ptx and act == jnp.bfloat16:  # interpreted: the same codes (natural order)
             with jax.named_scope("unpack"):
               codes = (lax.shift_right_arithmetic(lax.shift_left(w, jnp.int8(4)), jnp.int8(4)),
@@ -1470,13 +1580,15 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
           if p.final:  # one token tile: [m, N] (rows past m skipped); else whole tiles
             rows_m, bound = (slice(None), m) if mt == 1 else (pl.ds(mi * tm, tm), tm)
             ts = None if ts_gmem is None else ts_gmem.at[rows_m]
+            cs = None if cs_gmem is None else cs_gmem.at[rows_n]
             if interpret:
               zs = z if ts is None else z * ts[...][None, :]
+              zs = zs if cs is None else zs * cs[...][:, None]
               out_gmem[rows_m, rows_n] = zs.astype(out_dtype).T[:bound]
             elif ts is None:
               store_transposed(z.astype(out_dtype), out_gmem.at[rows_m, rows_n], bound)
             else:
-              store_transposed(z, out_gmem.at[rows_m, rows_n], bound, scale=ts)
+              store_transposed(z, out_gmem.at[rows_m, rows_n], bound, scale=ts, row_scale=cs)
             return
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           out_smem[wg] = z
@@ -1533,16 +1645,28 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
               else:
                 copy_slab()
               plgpu.barrier_wait(slab_bar.at[slab_set])
-            store(eval_pipeline(jnp.zeros((tn, tm), jnp.float32)))
+            if not p.int_scales:
+              store(eval_pipeline(jnp.zeros((tn, tm), jnp.float32)))
+            elif interpret:  # integer group scales: one int32 sum over all of K
+              store(eval_pipeline(jnp.zeros((tn, tm), jnp.int32)).astype(jnp.float32))
+            else:
+              def _acc(acc_ref):
+                eval_pipeline(acc_ref)
+                store(acc_ref[...].astype(jnp.float32))
+              pl.run_scoped(_acc, plgpu.ACC((tn, tm), jnp.int32))
 
           def step_scales(t, s_refs):
             """Each half's f32 scales, ``[tn]``, times its factor, for each of this
-            warpgroup's K-steps of pipeline step ``t`` (the order of ``my_pairs``)."""
+            warpgroup's K-steps of pipeline step ``t`` (the order of ``my_pairs``);
+            integer group scales: the int32 scales themselves."""
+            def ready(v, h):
+              if p.int_scales:
+                return v.astype(jnp.int32)
+              return v.astype(jnp.float32) * factors[h]
             out = []
             for j in range(p.per_wait):
               if not p.slab:
-                out += [r[wk + j, wn].astype(jnp.float32) * f
-                        for r, f in zip(s_refs, factors, strict=True)]
+                out += [ready(r[wk + j, wn], h) for h, r in enumerate(s_refs)]
                 continue
               for h in (0, 1):
                 col = h * g_total // 2 + (s * steps + t) * sub + wk + j - starts[h]
@@ -1550,19 +1674,31 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
                   sl = slab_smem[slab_set, h, :, col]
                 else:
                   sl = load_slab_column(slab_smem, slab_set, h, col)
-                out.append(sl.astype(jnp.float32) * factors[h])
+                out.append(ready(sl, h))
             return out
 
           def body(idx, *refs):
             *x_refs, w_smem = refs[:n_x + 1]
             s_refs, y = refs[n_x + 1:-1], refs[-1]
+            if p.int_scales and not interpret:  # y: the int32 accumulator's ref
+              def issue():
+                with jax.named_scope("scale_load"):
+                  scales = step_scales(idx[0], s_refs)
+                pairs = my_pairs(x_refs, w_smem, scales)
+                mma(in_turn(pairs), [y] * len(pairs))
+              pl.when(my_step(idx))(issue) if p.rr else issue()
+              return y
             if p.rr:  # wg_split="steps": this warpgroup's steps only, the others passed by
               return lax.cond(my_step(idx),
                               lambda y: step(idx, x_refs, w_smem, s_refs, y), lambda y: y, y)
             return step(idx, x_refs, w_smem, s_refs, y)
 
           def step(idx, x_refs, w_smem, s_refs, y):
-            """``y`` plus this warpgroup's K-steps of pipeline step ``idx``, scaled."""
+            """``y`` plus this warpgroup's K-steps of pipeline step ``idx``, scaled
+            (integer group scales, interpreted: the int32 products of ``q * s``)."""
+            if p.int_scales:
+              pairs = my_pairs(x_refs, w_smem, step_scales(idx[0], s_refs))
+              return y + sum(dots(pairs))
             # Decode-sized token tiles with the PTX unpack read the step's scales before
             # issuing its wgmmas, so their shared-memory loads wait behind the MMAs, not
             # after them. Elsewhere the registers held across the MMAs put spill loads
@@ -1629,14 +1765,16 @@ def w4_kernel(xs: tuple[jax.Array, ...], w4: jax.Array, ws: jax.Array | None, *,
   out_type = (jax.ShapeDtypeStruct((m if mt == 1 else mt * tm, n), out_dtype) if p.final else
               jax.ShapeDtypeStruct((p.split_k, n, mt * tm), jnp.float32))
   args = ((*xs, w4) + ((ws,) if p.grouped else ())
-          + ((token_scale,) if token_scale is not None else ()))
+          + ((token_scale,) if token_scale is not None else ())
+          + ((channel_scale,) if channel_scale is not None else ()))
   return _launch(kernel, out_type, p.num_sms, name, interpret, profile_dir, p.wgs)(*args)
 
 
 def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
               tiles: HopperW4Tiles, interpret: bool, name: str, kernel_name: str,
               weight_layout: str = "kn", profile_dir: str | None = None,
-              out_dtype=None, token_scale: jax.Array | None = None) -> jax.Array:
+              out_dtype=None, token_scale: jax.Array | None = None,
+              channel_scale: jax.Array | None = None) -> jax.Array:
   """``sx[m] * sum_g ws[g, n] * sum_{k in g} x[m, k] q[k, n]`` in f32 ``[M, N]`` through
   :func:`w4_kernel`, from validated operands: ``x [M, K]`` bf16 (W4A16) or int8
   codes (W4A8), ``wq [K/2, N]`` packed, ``ws [K/G or 1, N]``, ``token_scale`` ``sx``
@@ -1655,11 +1793,19 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
   K-splits, transposes back and applies a per-channel scale in f32: one small
   XLA fusion over ``[N, M]``. With ``HopperW4Tiles(epilogue="kernel")`` the kernel
   writes the ``[M, N]`` result in ``out_dtype`` itself and nothing follows it.
+
+  ``channel_scale`` (W4A8 with integer group scales, ``ws`` int8 ``[K/G, N]``): f32
+  ``[1, N]``; the result is ``sx[m] * c[n] * sum_k x[m, k] (q[k, n] s[k // G, n])``, the
+  sum exact in int32 (``plan_w4(int_scales=True)``).
   """
   (m, k), n = x.shape, wq.shape[1]
+  int_scales = channel_scale is not None
+  if int_scales and (ws.dtype != jnp.int8 or token_scale is None):
+    raise ValueError(f"{name}: a channel_scale goes with int8 group scales and int8 tokens "
+                     f"with their scales (W4A8); got scales {ws.dtype}.")
   plan = plan_w4(name, m, k, n, group, tiles, act_bytes=jnp.dtype(x.dtype).itemsize,
                  weight_layout=weight_layout, scale_bytes=jnp.dtype(ws.dtype).itemsize,
-                 profiled=bool(profile_dir), interpret=interpret)
+                 profiled=bool(profile_dir), interpret=interpret, int_scales=int_scales)
   tm, h = plan.tile_m, k // 2
   mp = -(-m // tm) * tm
   # HopperW4Tiles.pad_tokens=False: one partial token tile read as it is (TMA fills zeros).
@@ -1688,14 +1834,18 @@ def w4_matmul(x: jax.Array, wq: jax.Array, ws: jax.Array, group: int | None, *,
     ts = token_scale.astype(jnp.float32).reshape(m)
     if not unpadded:  # whole tiles of rows (a token tile read as it is reads m scales)
       ts = jnp.pad(ts, (0, mp - m))
+  cs = None
+  if plan.final and int_scales:  # and each weight row's channel scale
+    cs = channel_scale.astype(jnp.float32).reshape(n)
   out = w4_kernel(xs, w, s, plan=plan, interpret=interpret, name=kernel_name,
                   profile_dir=profile_dir, m=m, out_dtype=out_dtype or jnp.float32,
-                  token_scale=ts)
+                  token_scale=ts, channel_scale=cs)
   if plan.final:  # HopperW4Tiles(epilogue="kernel"): already [M, N] in out_dtype
     return out if out.shape[0] == m else out[:m]
   y = out.sum(axis=0).T[:m]
   y = y * ws.astype(jnp.float32) if group is None else y
-  return y if token_scale is None else y * token_scale.astype(jnp.float32)
+  y = y if token_scale is None else y * token_scale.astype(jnp.float32)
+  return y * channel_scale.astype(jnp.float32) if int_scales else y
 
 
 #: Where a wrapper called with neither ``backend`` nor ``block_sizes`` takes a Mosaic GPU

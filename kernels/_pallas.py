@@ -287,6 +287,32 @@ _ASM_I4_TO_I8X16_HI = "{\nand.b32 $0, $1, 0xF0F0F0F0;\n}"
 #: The factor by which :func:`unpack_tile_fast`'s int8 values exceed the codes.
 I8_UNPACK_SCALE = 16
 
+#: Packed int4 -> int8 times integer group scales (``QuantSpec(group_scales="int")``), 7
+#: instructions per 8 codes: ``$0`` the low nibbles ``q`` of ``$2``'s 4 bytes times ``$3``,
+#: ``$1`` the high ones times ``$5``, each an int8 ``q * s`` (``s`` in ``[1, 16]``); ``$4``
+#: and ``$6`` are :func:`int_scale_bias` of ``$3`` and ``$5``. Per byte, ``u = q + 8`` in
+#: ``[0, 15]``, then one 32-bit ``mad`` ``u * s + (128 - 8 s)`` gives ``q * s + 128`` in
+#: ``[0, 240]`` in every byte at once (no byte carries into the next), and flipping each
+#: byte's top bit gives the two's complement ``q * s``.
+ASM_I4_TO_I8_SCALED = """{
+.reg .b32 isl, ish;
+and.b32 isl, $2, 0x0F0F0F0F;
+xor.b32 isl, isl, 0x08080808;
+mad.lo.u32 isl, isl, $3, $4;
+xor.b32 $0, isl, 0x80808080;
+shr.b32 ish, $2, 4;
+and.b32 ish, ish, 0x0F0F0F0F;
+xor.b32 ish, ish, 0x08080808;
+mad.lo.u32 ish, ish, $5, $6;
+xor.b32 $1, ish, 0x80808080;
+}"""
+
+
+def int_scale_bias(s: int) -> int:
+  """The bias word of :data:`ASM_I4_TO_I8_SCALED` for scale ``s``: ``128 - 8 s`` in every
+  byte, ``0x80808080 - s * 0x08080808`` (no byte borrows for ``s <= 16``)."""
+  return (0x80808080 - s * 0x08080808) & 0xFFFFFFFF
+
 
 def unpack_tile_fast(p: jax.Array, dtype: jnp.dtype, backend: Backend) -> tuple[jax.Array, jax.Array]:
   """Both halves of a packed uint8 tile, ready for the dot, in few instructions.

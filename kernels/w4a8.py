@@ -49,10 +49,8 @@ def w4a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
   (:func:`lowbit.kernels._pallas.split_channel_scale`).
   """
   if isinstance(w, QArray) and w.channel_scale is not None:
-    w, c = _pallas.split_channel_scale(w, weight_layout)
-    y = w4a8_matmul(x, w, out_dtype=jnp.float32, block_sizes=block_sizes, backend=backend,
-                    weight_layout=weight_layout)
-    return (y * c).astype(out_dtype)
+    return _int_scales(x, w, out_dtype=out_dtype, block_sizes=block_sizes, backend=backend,
+                       weight_layout=weight_layout)
   w = _pallas.logical_weight(w, weight_layout, "w4a8_matmul")
   if backend is None and block_sizes is None:  # Hopper: the Mosaic GPU kernel where it wins
     block_sizes = _mosaic_gpu.default_tiles("w4a8", x, w, weight_layout)
@@ -74,6 +72,35 @@ def w4a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
   return _pallas.run_matmul(xq, xs, wq, ws, k=k, n=n, packed=True, group=group,
                             int_dot=True, out_dtype=out_dtype, bs=bs, backend=backend,
                             name="lowbit_w4a8")
+
+
+def _int_scales(x: QArray, w: QArray, *, out_dtype, block_sizes, backend,
+                weight_layout: str) -> jax.Array:
+  """:func:`w4a8_matmul` for a weight with integer group scales. The Mosaic GPU kernel
+  takes them as they are (codes times their scale in registers, all of K summed in int32,
+  one scale per token and channel: ``_mosaic_gpu.w4_matmul(channel_scale=...)``); the
+  Triton and TPU kernels take the float-group-scale form (the scales exact in f32, the
+  output times the channel scales, :func:`lowbit.kernels._pallas.split_channel_scale`)."""
+  stripped, c = _pallas.split_channel_scale(w, weight_layout)
+  logical = _pallas.logical_weight(stripped, weight_layout, "w4a8_matmul")
+  if backend is None and block_sizes is None:
+    block_sizes = _mosaic_gpu.default_tiles("w4a8", x, logical, weight_layout)
+  chosen = _mosaic_gpu.select_backend("w4a8_matmul", backend, block_sizes, HopperW4Tiles)
+  if chosen not in ("mosaic_gpu", "mosaic_gpu_interpret"):
+    y = w4a8_matmul(x, stripped, out_dtype=jnp.float32, block_sizes=block_sizes,
+                    backend=backend, weight_layout=weight_layout)
+    return (y * c).astype(out_dtype)
+  xq, xs = _pallas.act_operands(x, "w4a8_matmul")
+  wq, _, group = _pallas.weight_operands(logical, "w4a8_matmul", packed=True)
+  if logical.shape[0] != xq.shape[1]:
+    raise ValueError(f"w4a8_matmul: x is {xq.shape} but w is {logical.shape}; K must match.")
+  s = _pallas.logical_weight(w, weight_layout, "w4a8_matmul").scale  # int8 [K/G, N]
+  y = _mosaic_gpu.w4_matmul(xq, wq, s, group, tiles=block_sizes or HopperW4Tiles(),
+                            interpret=chosen == "mosaic_gpu_interpret",
+                            name="w4a8_matmul(backend='mosaic_gpu')",
+                            kernel_name="lowbit_w4a8_hopper", weight_layout=weight_layout,
+                            out_dtype=out_dtype, token_scale=xs, channel_scale=c)
+  return y.astype(out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "weight_layout"))

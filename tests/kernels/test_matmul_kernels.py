@@ -488,7 +488,8 @@ def test_default_tiles_follow_the_weight_layout():
 @pytest.mark.parametrize("layout", ["kn", "nk"])
 def test_w4a8_int_group_scales_sum_all_of_k_in_int32(layout, m):
   """Integer group scales: the XLA path's sums over all of K are the exact integers
-  ``sum_k x_q[m, k] * q[k, n] * s[k // G, n]`` (CPU loop at 1 token, one dot at 300),
+  ``sum_k x_q[m, k] * q[k, n] * s[k // G, n]`` (CPU loop: the partial sums scaled at 1
+  token, the codes at 300; elsewhere one dot),
   scaled once by ``sx[m] * c[n]``; against the float-group-scale form of the same weight
   (``_pallas.split_channel_scale``) and the dispatch's float path, within f32 rounding."""
   xa, wq = make(m, 512, 96, wbits=4, group=64, int_scales=True)

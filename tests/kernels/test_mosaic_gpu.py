@@ -146,11 +146,12 @@ def hangs_compiled(kw) -> bool:
   return not mg.register_split(kw.get("compute_wgs", 2))["fits"]
 
 
-def w4_operands(m, k, n, group, *, seed, scale_dtype=jnp.float32):
+def w4_operands(m, k, n, group, *, seed, scale_dtype=jnp.float32, group_scales="float"):
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((k, n)) * rng.uniform(0.1, 2.0, (1, n)), jnp.float32)
-  spec = QuantSpec(bits=4, channel_axes=(1,), group_size=group, pack=True, scale_dtype=scale_dtype)
+  spec = QuantSpec(bits=4, channel_axes=(1,), group_size=group, pack=True, scale_dtype=scale_dtype,
+                   group_scales=group_scales)
   return x, quantize(w, spec)
 
 
@@ -482,6 +483,94 @@ def test_w4a8_matches_reference_and_float64(m, k, n, group, kw, layout):
     assert rel(out16, np.asarray(xla16, np.float64)) <= 2.0**-8
 
 
+# W4A8 with integer group scales (QuantSpec(group_scales="int")): codes times their scale
+# in registers, one int32 accumulator over all of K. The decode default's tiles (K split over
+# the warpgroups, the kernel's epilogue with each row's channel scale, slab scales: K = 1024,
+# g64: 16 groups, the 16-column int8 slab), the M = 256 default's 128-token tiles (scale rows
+# streamed), their kernel epilogue over two token tiles, and the K split over CTAs (XLA's
+# epilogue); slow: turns at wgmma, 3 warpgroups taking steps, halves="apart" (ignored).
+W4A8_INT_CASES = [
+    (5, 1024, 256, 64, dict(nibbles="split", unpack="ptx", wg_split="k", nk_scales="slab",
+                            pad_tokens=False, epilogue="kernel"), "nk"),
+    (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", tile_m=128), "nk"),
+    (130, 512, 256, 64, dict(nibbles="split", unpack="ptx", tile_m=128, epilogue="kernel",
+                             halves="apart"), "nk"),
+    (20, 1024, 256, 128, dict(nibbles="split", unpack="ptx", tile_m=16, split_k=2), "kn"),
+    pytest.param(3, 256, 128, 64, dict(nibbles="split", unpack="ptx", pingpong=True), "nk",
+                 marks=pytest.mark.slow),
+    pytest.param(5, 1536, 256, 64, dict(nibbles="split", unpack="ptx", compute_wgs=3,
+                                        wg_split="steps"), "kn", marks=pytest.mark.slow),
+]
+
+
+def _int_case_id(c):
+  return "int-" + case_id(c.values if hasattr(c, "values") else c)
+
+
+@pytest.mark.parametrize("m,k,n,group,kw,layout", W4A8_INT_CASES,
+                         ids=[_int_case_id(c) for c in W4A8_INT_CASES])
+def test_w4a8_int_group_scales_match_reference_and_float64(m, k, n, group, kw, layout):
+  if INTERPRETER_DEADLOCKS and kw.get("compute_wgs") == 3:
+    pytest.skip(INTERPRETER_DEADLOCKS)
+  x, wq = w4_operands(m, k, n, group, seed=m + k + n + 2, group_scales="int")
+  assert wq.scale.dtype == jnp.int8 and wq.channel_scale is not None
+  xa = quantize(x.astype(jnp.float32), QuantSpec(bits=8, channel_axes=(0,)))
+  w = wq.transpose() if layout == "nk" else wq
+  tiles = w4_tiles(**kw)
+  plan = mg.plan_w4("t", m, k, n, group, tiles, act_bytes=1, weight_layout=layout,
+                    scale_bytes=1, interpret=not ON_GPU, int_scales=True)
+  assert plan.int_scales and not plan.apart
+  if kw.get("nk_scales") == "slab":
+    assert plan.slab == 16  # 16 int8 columns: TMA's narrowest box row
+  out = K.w4a8_matmul(xa, w, out_dtype=jnp.float32, backend=BACKEND, block_sizes=tiles,
+                      weight_layout=layout)
+  assert out.shape == (m, n) and out.dtype == jnp.float32
+  oracle64 = np.asarray(dequantize(xa), np.float64) @ np.asarray(dequantize(wq), np.float64)
+  assert rel(out, np.asarray(K.w4a8.reference(xa, wq), np.float64)) < 1e-5
+  assert rel(out, oracle64) < 1e-5
+  # the XLA path's numbers: the same int32 sums, scaled once per token and channel
+  assert rel(out, np.asarray(K.w4a8.xla(xa, w, out_dtype=jnp.float32, weight_layout=layout),
+                             np.float64)) < 1e-6
+  if kw.get("epilogue") == "kernel":
+    out16 = K.w4a8_matmul(xa, w, backend=BACKEND, block_sizes=tiles, weight_layout=layout)
+    assert out16.dtype == jnp.bfloat16 and rel(out16, oracle64) < 1e-2
+
+
+def test_w4a8_int_group_scales_need_the_ptx_conversion():
+  x, wq = w4_operands(5, 512, 256, 64, seed=1, group_scales="int")
+  xa = quantize(x.astype(jnp.float32), QuantSpec(bits=8, channel_axes=(0,)))
+  for kw in (dict(), dict(nibbles="split"), dict(nibbles="split", unpack="ptx_natural")):
+    with pytest.raises(ValueError, match="integer group scales are applied to int8 codes"):
+      K.w4a8_matmul(xa, wq, backend=BACKEND, block_sizes=w4_tiles(**kw))
+  with pytest.raises(ValueError, match="channel_scale goes with int8 group scales"):
+    mg.w4_matmul(xa.qvalue, wq.qvalue, wq.scale.astype(jnp.float32), 64, tiles=w4_tiles(),
+                 interpret=True, name="t", kernel_name="t", token_scale=xa.scale,
+                 channel_scale=wq.channel_scale)
+
+
+def test_int8_row_register_maps_a_code_register_to_its_rows_scale():
+  """``int8_row_register``: each ``WGMMA_LAYOUT_8BIT`` register of a thread holds 4 codes
+  of one weight row, and the wgmma row layout's register it names holds that row."""
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  rows, cols = 128, 64
+  codes = _thread_registers(fa.WGMMA_LAYOUT_8BIT, (rows, cols))
+  row_layout = mg._wgmma_row_layout().to_mgpu()
+  pos = _positions(row_layout, (rows,))
+  nd = pos.ndim
+  warp = [d % nd for d in row_layout.warp_dims]
+  lane = [d % nd for d in row_layout.lane_dims if isinstance(d, int)]  # the rest replicate
+  vec = row_layout.vector_dim % nd
+  held = {}  # (warp, lane): {register: row}
+  for full in np.ndindex(pos.shape):
+    reg = tuple(0 if d in (*warp, *lane, vec) else v for d, v in enumerate(full))
+    held.setdefault((tuple(full[d] for d in warp), tuple(full[d] for d in lane)), {})[reg] = pos[full]
+  for (w_, lanes), regs in codes.items():
+    mine = held[(w_, (lanes[0],))]  # lanes of the codes' layout: (row in 8, column quad)
+    for idx, positions in regs.items():
+      r = {p // cols for p in positions}
+      assert r == {mine[mg.int8_row_register(idx)]}, (w_, lanes, idx)
+
+
 LOWERING_CASES = ([("w4a16",) + c for c in W4_CASES] + [("w4a8",) + c for c in W4A8_CASES])
 
 
@@ -507,6 +596,28 @@ def test_every_case_lowers_for_cuda_with_the_gpu_runs_tiles(kernel, m, k, n, gro
     return
   text = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
   assert f"lowbit_{kernel}_hopper" in text
+
+
+INT_LOWERING = [c.values if hasattr(c, "values") else c for c in W4A8_INT_CASES] + [
+    (256, 8192, 8192, 128, dict(nibbles="split", unpack="ptx", tile_m=128, nk_scales="slab"), "nk")]
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the cases above compile for real")
+@pytest.mark.parametrize("m,k,n,group,kw,layout", INT_LOWERING,
+                         ids=[_int_case_id(c) for c in INT_LOWERING])
+def test_int_group_scale_cases_lower_for_cuda(m, k, n, group, kw, layout):
+  """The integer-group-scale cases (and the M = 256 shape with slab scales, K = N = 8192),
+  lowered for cuda as the device script compiles them (int8 slab columns once failed only
+  there: Mosaic GPU's loads need the signedness of an integer type)."""
+  x, wq = w4_operands(m, k, n, group, seed=0, group_scales="int")
+  xa = quantize(x.astype(jnp.float32), QuantSpec(bits=8, channel_axes=(0,)))
+  w = wq.transpose() if layout == "nk" else wq
+  f = jax.jit(lambda a, b: K.w4a8_matmul(a, b, backend="mosaic_gpu", weight_layout=layout,
+                                         block_sizes=K.HopperW4Tiles(**kw)))
+  if hangs_compiled(kw):
+    pytest.skip("refused compiled (register_split)")
+  text = f.trace(xa, w).lower(lowering_platforms=("cuda",)).as_text()
+  assert "lowbit_w4a8_hopper" in text
 
 
 @pytest.mark.parametrize("nibbles,int_sums", [

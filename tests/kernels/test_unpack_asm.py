@@ -79,6 +79,8 @@ def run_ptx(asm: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
           tb = b if bit & 2 else ~b
           tc = c if bit & 1 else ~c
           out |= ta & tb & tc
+    elif op == "mad.lo.u32":
+      out = srcs[0] * srcs[1] + srcs[2]  # uint32 wraps: the low 32 bits
     elif op == "fma.rn.bf16x2":
       (a0, a1), (b0, b1), (c0, c1) = (_bf16x2_to_f32(v) for v in srcs)
       out = _f32_to_bf16x2(a0 * b0 + c0, a1 * b1 + c1)
@@ -152,6 +154,26 @@ def test_int4_to_int8x16_asm_gives_sixteen_times_the_nibbles():
     got = np.stack([((out >> U32(8 * i)) & U32(0xFF)).astype(np.uint8).view(np.int8)
                     for i in range(4)], -1).astype(np.int64)
     np.testing.assert_array_equal(got, _pallas.I8_UNPACK_SCALE * nibbles(words, high))
+
+
+def test_scaled_int4_to_int8_asm_gives_the_nibbles_times_their_integer_scales():
+  """Integer group scales (``QuantSpec(group_scales="int")``): every byte pair, every pair
+  of scales in [1, 16], the bias words from ``int_scale_bias``; 7 instructions a word."""
+  from lowbit.quant import INT_GROUP_SCALE_MAX
+  words = all_byte_pairs()[::7]  # 18725 words: every nibble in every byte, both orders
+  asm = _pallas.ASM_I4_TO_I8_SCALED
+  for s_lo in range(1, INT_GROUP_SCALE_MAX + 1):
+    for s_hi in (1, 7, 16, 17 - s_lo):
+      out = run_ptx(asm, {"$2": words, "$3": np.full_like(words, s_lo),
+                          "$4": np.full_like(words, _pallas.int_scale_bias(s_lo)),
+                          "$5": np.full_like(words, s_hi),
+                          "$6": np.full_like(words, _pallas.int_scale_bias(s_hi))})
+      for reg, high, sc in (("$0", False, s_lo), ("$1", True, s_hi)):
+        got = np.stack([((out[reg] >> U32(8 * i)) & U32(0xFF)).astype(np.uint8).view(np.int8)
+                        for i in range(4)], -1).astype(np.int64)
+        np.testing.assert_array_equal(got, sc * nibbles(words, high))
+  body = [ln for ln in asm.splitlines() if ln.strip()[:3] in ("and", "xor", "mad", "shr")]
+  assert len(body) == 9  # ptxas fuses each and + xor into one lop3: 7 instructions
 
 
 def test_the_packing_stores_twos_complement_nibbles_low_first():
