@@ -95,6 +95,11 @@ ROWS = [
     Row("w4a16 g32 gptq", W(4, 32), method="gptq"),
     Row("w4a8 per-channel, per-token", W(4), A8),
     Row("w4a8 g128, per-token", W(4, 128), A8),
+    # integer group scales under a channel scale (QServe's progressive group quantization):
+    # what the W4A8 kernels sum over all of K in int32
+    Row("w4a16 g128 int-scales", W(4, 128, group_scales="int")),
+    Row("w4a16 g32 int-scales", W(4, 32, group_scales="int")),
+    Row("w4a8 g128 int-scales, per-token", W(4, 128, group_scales="int"), A8),
     Row("mixed: w8a8 attn, w4a16 g128 mlp", policy=PrecisionPolicy((
         PrecisionRule(r".*attn/.*", W(8), A8), PrecisionRule(r".*mlp/.*", W(4, 128))))),
 ]
@@ -374,6 +379,17 @@ def checks(res: dict) -> list[tuple[str, bool | None, str]]:
                  f"{failed[0]['error'][:60]}); lowbit's best g128 vs Qwix's best int4 at any granularity")
       out.append((claim, bl["ppl"] < bq["ppl"],
                   f"lowbit {bl['name']} {bl['ppl']:.3f} vs {bq['name']} {bq['ppl']:.3f}"))
+    pairs = [(r(a), r(b)) for a, b in (
+        ("w4a16 g128", "w4a16 g128 int-scales"), ("w4a16 g32", "w4a16 g32 int-scales"),
+        ("w4a8 g128, per-token", "w4a8 g128 int-scales, per-token"))]
+    pairs = [(a, b) for a, b in pairs if a and b]
+    if pairs:
+      out.append(("SmolLM2 int4: integer group scales under a channel scale (QServe's "
+                  "progressive format, what W4A8 sums in int32) within 2% perplexity of "
+                  "float group scales",
+                  all(b["ppl"] <= 1.02 * a["ppl"] for a, b in pairs),
+                  ", ".join(f"{b['name']} {b['ppl']:.3f} vs {a['ppl']:.3f} "
+                            f"({100 * (b['ppl'] / a['ppl'] - 1):+.1f}%)" for a, b in pairs)))
     for g in ("g128", "g32", "per-channel"):
       lw, qw = r(f"w4a16 {g}"), r(f"qwix w4a16 {g}")
       if lw and qw and "error" not in qw:

@@ -84,8 +84,8 @@ split over ``model`` (Megatron's column / row parallel pairs); ``fsdp_tp``: both
 
 # lowbit layer attribute -> which kernel axes its array takes
 _DERIVED = {"kernel": "kernel", "qvalue": "kernel", "bias": "out", "qscale": "groups",
-            "qzero": "groups", "w_scale": "groups", "w_zero": "groups", "w_clip": "groups",
-            "w_clip_min": "groups", "smooth": "in", "act_scale": "none"}
+            "qzero": "groups", "qchannel": "groups", "w_scale": "groups", "w_zero": "groups",
+            "w_clip": "groups", "w_clip_min": "groups", "smooth": "in", "act_scale": "none"}
 
 
 def _kernel_axes(path: str, layer) -> tuple[str | None, str | None] | None:
@@ -112,7 +112,8 @@ def logical_axes(model: nnx.Module) -> dict[str, Axes]:
       if key not in flat:
         continue
       shape = flat[key].get_value().shape
-      if attr in ("qvalue", "qscale", "qzero") and getattr(layer, "weight_layout", "kn") == "nk":
+      if (attr in ("qvalue", "qscale", "qzero", "qchannel")
+          and getattr(layer, "weight_layout", "kn") == "nk"):
         # stored transposed (convert(weight_layout="nk")): the same axes, swapped
         out[key] = {"kernel": (n_ax, k_ax),
                     "groups": (n_ax, k_ax if shape[1] > 1 else None)}[kind]

@@ -113,6 +113,12 @@ def test_partition_specs_follow_the_kernel_and_divisibility():
   assert kn["layers/0/mlp/down_proj/qscale"] == ("mlp", "embed")  # [2, 32] groups along K
   assert nk["layers/0/mlp/down_proj/qscale"] == ("embed", "mlp")
   assert nk["layers/0/attn/q_proj/qscale"] == ("heads", None)      # [32, 1] per channel
+  # integer group scales: each channel's float scale follows the weight's N axis
+  fq_int = lowbit.quantize_model(lowbit.Transformer(cfg, rngs=nnx.Rngs(0)),
+                                 lowbit.policy.w4a8(32, "int"))
+  for layout, want in (("kn", (None, "embed")), ("nk", ("embed", None))):
+    ax = sharding.logical_axes(lowbit.convert(fq_int, weight_layout=layout))
+    assert ax["layers/0/mlp/down_proj/qchannel"] == want
 
 
 def test_per_shard_kernels_under_tensor_parallelism(result):
