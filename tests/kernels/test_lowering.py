@@ -234,24 +234,30 @@ def cuda_lowering_failures(fn, x, w, candidates, **kw) -> list[str]:
 
 @pytest.mark.slow  # the GPU run's own candidates: experiments/gpu_jax_check.sh
 @pytest.mark.parametrize("m", [1, 16, 32, 64, 128, 256, 4096])
-@pytest.mark.parametrize("name", ["w4a16", "w4a8"])
+@pytest.mark.parametrize("name", ["w4a16", "w4a8", "w4a8_int"])
 def test_every_int4_sweep_candidate_lowers_for_cuda(name, m):
   """The GPU run's sweep (experiments/bench_kernels.py) at K = N = 8192, bf16 group-128
   scales, weight stored K-major: every candidate lowers, so none spends device time on a
-  compile error that a CPU could have shown."""
+  compile error that a CPU could have shown. ``w4a8_int``: integer group scales, W4A8's
+  PTX candidates (the sweep's ``w4a8_int`` kernel)."""
   bench = _experiment("bench_kernels")
   k = n = 8192
   wq = jax.eval_shape(lambda a: quantize(a, QuantSpec(
-      bits=4, channel_axes=(1,), group_size=128, pack=True, scale_dtype=jnp.bfloat16)),
+      bits=4, channel_axes=(1,), group_size=128, pack=True, scale_dtype=jnp.bfloat16,
+      group_scales="int" if name == "w4a8_int" else "float")),
       jax.ShapeDtypeStruct((k, n), jnp.float32))
   wt = jax.eval_shape(lambda q: q.transpose(), wq)
   x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-  if name == "w4a8":
+  if name != "w4a16":
     x = jax.eval_shape(lambda a: quantize(a, QuantSpec(bits=8, channel_axes=(0,))),
                        jax.ShapeDtypeStruct((m, k), jnp.float32))
   fn = K.w4a16_matmul if name == "w4a16" else K.w4a8_matmul
-  failed = cuda_lowering_failures(fn, x, wt, [K.HopperW4Tiles()] + bench.hopper_w4_candidates(m, name),
-                                  weight_layout="nk")
+  if name == "w4a8_int":
+    tiles = [t for t in bench.hopper_w4_candidates(m, "w4a8") if t.unpack == "ptx"]
+    assert tiles
+  else:
+    tiles = [K.HopperW4Tiles()] + bench.hopper_w4_candidates(m, name)
+  failed = cuda_lowering_failures(fn, x, wt, tiles, weight_layout="nk")
   assert not failed, "\n".join(failed)
 
 
