@@ -44,9 +44,10 @@ def w4a8_matmul(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
   Returns:
     ``[M, N]`` in ``out_dtype``.
 
-  A weight with integer group scales (``QuantSpec(group_scales="int")``) runs as one with
-  float group scales ``s`` (exact), its output times the channel scales
-  (:func:`lowbit.kernels._pallas.split_channel_scale`).
+  A weight with integer group scales (``QuantSpec(group_scales="int")``): the Mosaic GPU
+  kernel multiplies the codes by their scales in registers and sums all of K in int32;
+  the Triton and TPU kernels take it as float group scales ``s`` (exact), the output times
+  the channel scales (:func:`_int_scales`).
   """
   if isinstance(w, QArray) and w.channel_scale is not None:
     return _int_scales(x, w, out_dtype=out_dtype, block_sizes=block_sizes, backend=backend,

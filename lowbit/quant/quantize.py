@@ -176,8 +176,10 @@ def calibrate(x: jax.typing.ArrayLike, spec: QuantSpec) -> QuantParams:
     ``r in linspace(mse_min_ratio, 1, mse_grid)``, chosen per scale entry,
     starting from the absmax range.
 
-  then the scale of :func:`_range_to_params`. Shapes: ``x`` any, result
-  ``Layout.scale_shape``.
+  then the scale of :func:`_range_to_params`; with ``group_scales="int"`` those group
+  scales split into a channel scale and integer group scales (:func:`_int_group_scales`).
+  Shapes: ``x`` any, result ``Layout.scale_shape`` (and the channel scale with 1 on the
+  group axis).
   """
   x = jnp.asarray(x)
   layout = spec.resolve(x.shape)
@@ -206,23 +208,26 @@ def _calibrate(x: jax.Array, spec: QuantSpec, layout: Layout) -> QuantParams:
     _, best_r = lax.fori_loop(0, spec.mse_grid, body, init)
     lo, hi = lo * best_r, hi * best_r
   p = _range_to_params(lo, hi, spec)
-  if spec.group_scales == "int":
-    return _int_group_scales(xb, p.scale.astype(jnp.float32), spec, layout)
+  if spec.group_scales == "int":  # symmetric: lo = -hi; an all-zero group has hi = 0
+    return _int_group_scales(xb, p.scale.astype(jnp.float32), hi > 0, spec, layout)
   return QuantParams(_to_scale_shape(p.scale, layout),
                      None if p.zero_point is None else _to_scale_shape(p.zero_point, layout))
 
 
-def _int_group_scales(xb: jax.Array, d: jax.Array, spec: QuantSpec,
+def _int_group_scales(xb: jax.Array, d: jax.Array, nonzero: jax.Array, spec: QuantSpec,
                       layout: Layout) -> QuantParams:
   """Two levels from the float group scales ``d`` (blocked, broadcastable to ``xb``).
 
-  ``c = max_g d / S`` per channel (``S = INT_GROUP_SCALE_MAX``, rounded to
-  ``scale_dtype``), ``s = clip(round(d / c), 1, S)``; with ``calibration="mse"``
-  the better of ``floor(d / c)`` and ``floor(d / c) + 1`` (clipped to ``[1, S]``) by
-  each group's squared error. Returns int8 ``s`` and ``c`` in ``scale_dtype``.
+  ``c = max_g d / S`` per channel over its groups with a nonzero range (``nonzero``;
+  an all-zero group's placeholder scale 1 must not set ``c``; an all-zero channel takes
+  ``c = 1 / S``), ``S = INT_GROUP_SCALE_MAX``, rounded to ``scale_dtype``;
+  ``s = clip(round(d / c), 1, S)``; with ``calibration="mse"`` the better of
+  ``floor(d / c)`` and ``floor(d / c) + 1`` (clipped to ``[1, S]``) by each group's
+  squared error. Returns int8 ``s`` and ``c`` in ``scale_dtype``.
   """
   ga = layout.group_axis  # the groups' axis in the blocked view
-  c = (jnp.max(d, axis=ga, keepdims=True) / INT_GROUP_SCALE_MAX).astype(spec.scale_dtype)
+  dmax = jnp.max(jnp.where(nonzero, d, 0.0), axis=ga, keepdims=True)
+  c = (jnp.where(dmax > 0, dmax, 1.0) / INT_GROUP_SCALE_MAX).astype(spec.scale_dtype)
   cf = c.astype(jnp.float32)
   r = d / cf
   if spec.calibration == "mse":

@@ -88,14 +88,20 @@ def test_mse_picks_the_better_integer():
   assert e["mse"] < e["absmax"]
 
 
-def test_zero_groups_and_channels_stay_finite():
-  w = np.asarray(weight((128, 8), seed=5)).copy()
+def test_zero_groups_and_channels_stay_finite_and_do_not_set_the_channel_scale():
+  w = np.asarray(weight((128, 8), seed=5)).copy() * 0.01  # scales well under 1
   w[:64, 0] = 0.0   # one zero group in channel 0
   w[:, 1] = 0.0     # a zero channel
   qa = quantize(jnp.asarray(w), spec())
   out = np.asarray(dequantize(qa))
   assert np.isfinite(out).all()
   assert (out[:64, 0] == 0).all() and (out[:, 1] == 0).all()
+  # the zero group's placeholder scale (1) does not set channel 0's scale: its other group
+  # keeps the largest integer scale and an error like float group scales'
+  assert int(qa.scale[1, 0]) == INT_GROUP_SCALE_MAX
+  ref = np.asarray(dequantize(quantize(jnp.asarray(w), spec(group_scales="float"))))
+  err = lambda o: np.linalg.norm(o[64:, 0] - w[64:, 0])  # noqa: E731
+  assert err(out) <= 1.05 * err(ref)
 
 
 def test_params_round_trip_and_checks():
