@@ -38,8 +38,11 @@ def timed(f, reps):
 
 
 def policy_of(name: str) -> lowbit.PrecisionPolicy:
-  """A ready-made policy by name (``lowbit.policy.READY_MADE``), or ``w4a8-g<G>``: W4A8
-  with weight groups of G (the ready-made ``w4a8`` is per-channel)."""
+  """A ready-made policy by name (``lowbit.policy.READY_MADE``, e.g. ``w4a8-g128-int``:
+  integer group scales), or ``w4a8-g<G>``: W4A8 with weight groups of G (the ready-made
+  ``w4a8`` is per-channel)."""
+  if name in lowbit.policy.READY_MADE:
+    return lowbit.policy.READY_MADE[name]()
   if name.startswith("w4a8-g"):
     return lowbit.policy.w4a8(int(name.removeprefix("w4a8-g")))
   return lowbit.policy.READY_MADE[name]()
