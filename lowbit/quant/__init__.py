@@ -12,6 +12,16 @@
 0.5156
 >>> bool(jnp.abs(dequantize(qw) - w).max() <= qw.scale.astype(jnp.float32).max() / 2 + 1e-6)
 True
+
+Integer group scales under a per-channel scale (``group_scales="int"``, the format whose
+W4A8 kernels sum all of K in int32): ``x ~= (q * s) * c``, ``s`` int8 in ``[1, 16]``.
+
+>>> qi = quantize(w, QuantSpec(bits=4, channel_axes=(1,), group_size=128, pack=True,
+...                            group_scales="int"))
+>>> qi.scale.dtype, qi.scale.shape, qi.channel_scale.shape
+(dtype('int8'), (2, 128), (1, 128))
+>>> int(qi.scale.min()) >= 1 and int(qi.scale.max()) == INT_GROUP_SCALE_MAX
+True
 """
 
 from lowbit.quant.fake_quant import (
