@@ -98,7 +98,10 @@ def _shape_id(s):
 
 
 def _matrix():
-  cases = [(c, sh) for c in CASES for sh in SHAPES]
+  # integer group scales reach the same kernels as float group scales (the wrapper splits the
+  # channel scale off): the split-K and the one-token shapes only
+  cases = [(c, sh) for c in CASES for sh in SHAPES
+           if not c[0].endswith("-int") or sh[0] in (1, 5)]
   cases += [(c, sh) for c in CASES if c[0] in VARIANT_CASES for sh in VARIANT_SHAPES
             if c[2] is not K.w8a8_matmul or sh[3].fast_unpack]  # nothing to unpack in W8A8
   return cases
