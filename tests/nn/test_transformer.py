@@ -90,8 +90,19 @@ def test_module_paths_are_stable_and_readable():
   assert "lm_head" in lowbit.nn.quantizable_layers(Transformer(GPT2, rngs=nnx.Rngs(0)))
 
 
-@pytest.mark.parametrize("name", list(lowbit.policy.READY_MADE))
-@pytest.mark.parametrize("cfg", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def _ready_made_cases():
+  """Every ready-made policy on both configs; integer group scales on GPT-2 run with the
+  slow set (LLaMA keeps them in the default suite: the same layers, ~10 s less)."""
+  out = []
+  for name in lowbit.policy.READY_MADE:
+    for cid, cfg in (("gpt2", GPT2), ("llama", LLAMA)):
+      slow = name.endswith("-int") and cid == "gpt2"
+      out.append(pytest.param(cfg, name, id=f"{cid}-{name}",
+                              marks=[pytest.mark.slow] if slow else []))
+  return out
+
+
+@pytest.mark.parametrize("cfg,name", _ready_made_cases())
 def test_ready_made_policies_convert_exactly(cfg, name):
   policy = lowbit.policy.READY_MADE[name]()
   m = Transformer(cfg, rngs=nnx.Rngs(0))
@@ -135,7 +146,9 @@ def _check_converted_bytes(policy, cv):
       assert dtypes <= {jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8)}
 
 
-@pytest.mark.parametrize("name", ["w8a8", "w4a16", "w4a8", "w4a8-g128", "w4a8-g128-int"])
+@pytest.mark.parametrize("name", ["w8a8", "w4a16", "w4a8", "w4a8-g128",
+                                  # the g128 kernels on the float form: slow set
+                                  pytest.param("w4a8-g128-int", marks=pytest.mark.slow)])
 def test_converted_logits_same_through_pallas_and_xla(name):
   m = Transformer(LLAMA, rngs=nnx.Rngs(1))
   policy = lowbit.policy.w4a8(128) if name == "w4a8-g128" else lowbit.policy.READY_MADE[name]()
