@@ -137,10 +137,10 @@ def xla(x: QArray, w: QArray, *, out_dtype: jnp.dtype = jnp.bfloat16,
 
 def _int_scales_xla(xq: jax.Array, xs: jax.Array, w: QArray, weight_layout: str) -> jax.Array:
   """:func:`xla` for a weight with integer group scales: f32 ``[M, N]``."""
-  stripped, c = _pallas.split_channel_scale(w, weight_layout)
-  wq, _, group = _pallas.weight_operands(
-      _pallas.logical_weight(stripped, weight_layout, "w4a8.xla"), "w4a8.xla", packed=True)
-  s = _pallas.logical_weight(w, weight_layout, "w4a8.xla").scale  # int8 [K/G, N]
+  logical = _pallas.logical_weight(w, weight_layout, "w4a8.xla")
+  stripped, c = _pallas.split_channel_scale(logical)
+  wq, _, group = _pallas.weight_operands(stripped, "w4a8.xla", packed=True)
+  s = logical.scale  # int8 [K/G, N]
   xw = _pallas.widen_single_row(xq)
   if _pallas.platform() == "cpu" and cpu_takes_loop(xq.shape[1], group):
     acc = cpu_halves_dot(xw, w.qvalue, s, group, k_major=weight_layout == "nk",

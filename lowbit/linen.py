@@ -88,9 +88,8 @@ class QDense(nn.Module):
       qzero = (None if wspec.symmetric else
                self.param("qzero", nn.initializers.zeros_init(), layout.scale_shape,
                           wspec.scale_dtype))
-      cshape = tuple(1 if a == layout.group_axis else d
-                     for a, d in enumerate(layout.scale_shape))
-      qchannel = (self.param("qchannel", nn.initializers.ones_init(), cshape, wspec.scale_dtype)
+      qchannel = (self.param("qchannel", nn.initializers.ones_init(),
+                             layout.channel_scale_shape, wspec.scale_dtype)
                   if int_scales else None)
       w = QArray(qvalue, qscale, qzero, wspec.bits, (k, n), layout.channel_axes,
                  layout.group_axis, layout.group_size, layout.pack_axis,

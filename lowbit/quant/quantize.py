@@ -240,8 +240,8 @@ def _int_group_scales(xb: jax.Array, d: jax.Array, nonzero: jax.Array, spec: Qua
     si = jnp.where(err(hi) < err(lo), hi, lo)
   else:
     si = jnp.clip(jnp.round(r), 1, INT_GROUP_SCALE_MAX)
-  cshape = tuple(1 if a == layout.group_axis else d for a, d in enumerate(layout.scale_shape))
-  return QuantParams(_to_scale_shape(si.astype(jnp.int8), layout), None, c.reshape(cshape))
+  return QuantParams(_to_scale_shape(si.astype(jnp.int8), layout), None,
+                     c.reshape(layout.channel_scale_shape))
 
 
 # The eager entry points run one compiled program per (shape, spec) instead of
@@ -329,7 +329,7 @@ def _check_params(params: QuantParams, spec: QuantSpec, layout: Layout) -> None:
         f"{'None' if params.zero_point is None else 'set'}; symmetric specs take "
         "no zero point, asymmetric ones need one.")
   if spec.group_scales == "int":
-    cshape = tuple(1 if a == layout.group_axis else d for a, d in enumerate(layout.scale_shape))
+    cshape = layout.channel_scale_shape
     c = params.channel_scale
     if c is None or tuple(c.shape) != cshape or params.scale.dtype != jnp.int8:
       raise ValueError(

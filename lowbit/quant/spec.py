@@ -255,6 +255,12 @@ class Layout:
     return tuple(out)
 
   @property
+  def channel_scale_shape(self) -> tuple[int, ...]:
+    """Shape of the channel scale of integer group scales (``group_scales="int"``):
+    :attr:`scale_shape` with 1 on the group axis."""
+    return tuple(1 if a == self.group_axis else d for a, d in enumerate(self.scale_shape))
+
+  @property
   def block_shape(self) -> tuple[int, ...]:
     """The tensor's shape with the group axis split into ``(n_groups, group_size)``."""
     if self.group_axis is None:
